@@ -1,2 +1,15 @@
 """lightning_oto: automatic structured pruning / operator erasing (OTOv3) and CompOFA for Lightning."""
+from .oto import OTO, InvalidSubnetError, SubnetMismatchError
+from .graph.trace import TraceError
+
 __version__ = "0.1.0"
+
+__all__ = ["OTO", "OTOCallback", "OTOMixin", "TraceError", "SubnetMismatchError", "InvalidSubnetError"]
+
+
+def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed for the engine
+    if name in ("OTOCallback", "OTOMixin"):
+        from . import lightning as _l
+
+        return getattr(_l, name)
+    raise AttributeError(name)

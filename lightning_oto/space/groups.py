@@ -64,6 +64,7 @@ def group_values(group: Group, params: dict[str, torch.Tensor]) -> list[torch.Te
     return out
 
 
+@torch.no_grad()
 def group_norm(group: Group, params: dict[str, torch.Tensor]) -> float:
     vals = group_values(group, params)
     if not vals:

@@ -1,0 +1,287 @@
+"""Trace a model once into an :class:`OpGraph` (ATen-level, via non-strict ``torch.export``).
+
+The graph keeps adjacency lists and, per node, the parameters it reads by their names in
+``model.named_parameters()``, so every later pass is a plain O(V+E) walk that never touches
+torch internals again.
+"""
+from __future__ import annotations
+
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message quotes the tracer's reason."""
+
+
+STEM_OPS = {
+    "conv1d", "conv2d", "conv3d", "convolution", "linear",
+    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+}
+NORM_OPS = {"batch_norm", "instance_norm", "group_norm", "layer_norm", "native_batch_norm",
+            "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional"}
+JOINT_OPS = {"add", "add_", "sub", "sub_", "mul", "mul_", "cat", "concat", "div", "div_"}
+SHAPE_OPS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze",
+             "contiguous", "clone", "_unsafe_view", "expand", "t", "alias", "detach",
+             "to", "_to_copy", "type_as", "slice", "select", "getitem", "split", "chunk",
+             "split_with_sizes", "unbind", "dropout", "feature_dropout", "identity"}
+
+
+def op_name(target: Any) -> str:
+    """Short operator name: ``aten.conv2d.default`` -> ``conv2d``; ``operator.getitem`` -> ``getitem``."""
+    if isinstance(target, str):
+        return target
+    name = getattr(target, "__name__", str(target))
+    if hasattr(target, "_schema"):
+        name = target._schema.name.split("::")[-1]
+    return name.split(".")[0]
+
+
+@dataclass
+class OpNode:
+    """One operator of the traced forward pass."""
+
+    id: int
+    name: str          # fx node name (unique)
+    op: str            # short operator name, e.g. "conv2d"; "input" / "output" for graph boundaries
+    kind: str          # stem | joint | accessory | shape | unknown | input | output
+    inputs: list[int] = field(default_factory=list)    # producer node ids (tensor args only)
+    outputs: list[int] = field(default_factory=list)   # consumer node ids
+    params: list[str] = field(default_factory=list)    # parameter names read directly
+    buffers: list[str] = field(default_factory=list)   # buffer names read directly
+    shape: tuple[int, ...] | None = None
+    module: str = ""     # innermost module path that called the op ("" = top-level forward)
+    module_type: str = ""
+    fx_node: torch.fx.Node | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class OpGraph:
+    """DAG of operators; ``nodes[i].inputs/outputs`` are the adjacency lists."""
+
+    nodes: list[OpNode]
+    input_ids: list[int]
+    output_ids: list[int]
+    param_shapes: dict[str, tuple[int, ...]]
+    buffer_shapes: dict[str, tuple[int, ...]]
+    program: Any = field(default=None, repr=False)  # the ExportedProgram
+    placeholder_to_param: dict[str, str] = field(default_factory=dict, repr=False)
+    placeholder_to_buffer: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def num_edges(self) -> int:
+        return sum(len(n.outputs) for n in self.nodes)
+
+    def topo_order(self) -> list[int]:
+        # fx graphs are already topologically ordered; ids follow that order
+        return list(range(len(self.nodes)))
+
+    def summary(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in self.nodes:
+            out[n.kind] = out.get(n.kind, 0) + 1
+        return out
+
+
+def classify(op: str) -> str:
+    if op in STEM_OPS:
+        return "stem"
+    if op in JOINT_OPS:
+        return "joint"
+    if op in SHAPE_OPS:
+        return "shape"
+    if op in NORM_OPS or op in ACCESSORY_OPS:
+        return "accessory"
+    return "unknown"
+
+
+ACCESSORY_OPS = {
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "gelu", "silu",
+    "silu_", "tanh", "hardswish", "hardswish_", "elu", "elu_", "selu", "celu", "mish", "softsign",
+    "sigmoid", "hardsigmoid", "softplus", "exp", "cos", "log_sigmoid", "softmax", "log_softmax",
+    "_softmax", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "mean", "sum", "amax", "max", "upsample_nearest2d", "upsample_bilinear2d",
+    "upsample_nearest1d", "upsample_linear1d", "pad", "constant_pad_nd", "neg", "abs", "prelu",
+    "_prelu_kernel", "max_pool2d_with_indices", "rsub", "pow", "sqrt", "square", "sin",
+}
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        raise ValueError(
+            "example_inputs is required: pass a tensor (or a tuple of tensors) shaped like one batch "
+            "of real input, e.g. OTO(model, torch.randn(1, 3, 32, 32))."
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple) or not example_inputs:
+        raise TypeError(
+            f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}."
+        )
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"example_inputs[{i}] is a {type(t).__name__}; every example input must be a torch.Tensor.")
+    return example_inputs
+
+
+def check_devices(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    devs = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    in_devs = {t.device for t in inputs}
+    if len(devs) > 1:
+        raise ValueError(f"The model's parameters live on several devices ({sorted(map(str, devs))}); "
+                         "move the whole model to one device first (model.to(device)).")
+    if devs and in_devs and devs != in_devs:
+        raise ValueError(
+            f"The model's parameters are on {next(iter(devs))} but the example input is on "
+            f"{sorted(map(str, in_devs))}: move the example input with x.to({str(next(iter(devs)))!r})."
+        )
+
+
+def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    inputs = _as_tuple(example_inputs)
+    check_devices(model, inputs)
+    return inputs
+
+
+def export_program(model: nn.Module, inputs: tuple) -> Any:
+    """Non-strict torch.export in eval mode; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, inputs, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the tracer's reason
+        reason = str(e).strip().splitlines()
+        short = "\n".join(reason[:12])
+        raise TraceError(
+            f"Could not trace {type(model).__name__} with torch.export (non-strict). The tracer said:\n"
+            f"  {type(e).__name__}: {short}\n"
+            "Make the forward pass traceable (no data-dependent Python control flow on tensor values), "
+            "or check that example_inputs match what forward() expects."
+        ) from e
+    finally:
+        model.train(was_training)
+
+
+def _module_of(node: torch.fx.Node) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", ""
+    path, typ = list(stack.values())[-1]
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    # export prefixes paths like "L['self'].layer1" in some versions; keep the dotted tail
+    if "self" in path and "]" in path:
+        path = path.split("]", 1)[-1].lstrip(".")
+    return path, typ.split(".")[-1]
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    out: list[torch.fx.Node] = []
+
+    def visit(a: Any) -> None:
+        if isinstance(a, torch.fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                visit(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                visit(b)
+
+    visit(node.args)
+    visit(node.kwargs)
+    return out
+
+
+def build_graph(program: Any) -> OpGraph:
+    """Convert an ExportedProgram into an OpGraph in one pass over its fx nodes."""
+    sig = program.graph_signature
+    ph_param = dict(sig.inputs_to_parameters)
+    ph_buffer = dict(sig.inputs_to_buffers)
+    ph_const = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+    state = program.state_dict
+    param_shapes = {name: tuple(state[name].shape) for name in ph_param.values() if name in state}
+    buffer_shapes: dict[str, tuple[int, ...]] = {}
+    for name in ph_buffer.values():
+        t = state.get(name)
+        if t is None:
+            t = program.constants.get(name) if hasattr(program, "constants") else None
+        if t is not None:
+            buffer_shapes[name] = tuple(t.shape)
+
+    nodes: list[OpNode] = []
+    index: dict[torch.fx.Node, int] = {}
+    input_ids: list[int] = []
+    output_ids: list[int] = []
+    for fx in program.graph.nodes:
+        if fx.op == "placeholder":
+            if fx.name in ph_param or fx.name in ph_buffer or fx.name in ph_const:
+                continue
+            val = fx.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            nid = len(nodes)
+            nodes.append(OpNode(nid, fx.name, "input", "input", shape=tuple(val.shape), fx_node=fx))
+            index[fx] = nid
+            input_ids.append(nid)
+            continue
+        if fx.op == "output":
+            nid = len(nodes)
+            node = OpNode(nid, "output", "output", "output", fx_node=fx)
+            nodes.append(node)
+            for a in _tensor_args(fx):
+                if a in index:
+                    node.inputs.append(index[a])
+            output_ids.append(nid)
+            continue
+        if fx.op != "call_function":
+            continue
+        op = op_name(fx.target)
+        val = fx.meta.get("val")
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+        mod, mtyp = _module_of(fx)
+        node = OpNode(len(nodes), fx.name, op, classify(op), shape=shape, module=mod, module_type=mtyp, fx_node=fx)
+        for a in _tensor_args(fx):
+            if a.op == "placeholder" and a.name in ph_param:
+                node.params.append(ph_param[a.name])
+            elif a.op == "placeholder" and a.name in ph_buffer:
+                node.buffers.append(ph_buffer[a.name])
+            elif a in index:
+                node.inputs.append(index[a])
+        nodes.append(node)
+        index[fx] = node.id
+    for n in nodes:
+        for i in n.inputs:
+            nodes[i].outputs.append(n.id)
+    return OpGraph(nodes, input_ids, output_ids, param_shapes, buffer_shapes, program, ph_param, ph_buffer)
+
+
+def trace(model: nn.Module, example_inputs: Any) -> OpGraph:
+    """Trace ``model`` on ``example_inputs`` (tensor or tuple) into an OpGraph; the model is not modified."""
+    inputs = normalize_inputs(model, example_inputs)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    program = export_program(model, inputs)
+    # non-strict export runs forward on fake tensors; make sure nothing leaked into the user's state
+    after = model.state_dict()
+    for k, v in before.items():
+        if k in after and not torch.equal(after[k], v):
+            with torch.no_grad():
+                after[k].copy_(v)
+    return build_graph(program)
+
+
+__all__ = ["OpGraph", "OpNode", "TraceError", "trace", "build_graph", "normalize_inputs", "op_name", "classify",
+           "export_program", "check_devices"]
