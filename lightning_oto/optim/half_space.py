@@ -63,7 +63,7 @@ def _distributed() -> bool:
 
 
 def _all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
-    if _distributed() and dist.get_world_size() > 1:
+    if t.numel() and _distributed() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t.div_(dist.get_world_size())
     return t
@@ -178,7 +178,8 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         G = self.num_prunable
         dev = self._index.device
         self._num_steps = 0
-        self._ema: torch.Tensor | None = None
+        # no candidates: nothing to score, the (empty) partition can happen on schedule
+        self._ema: torch.Tensor | None = torch.zeros(0, device=dev) if G == 0 else None
         self._redundant = torch.zeros(G, dtype=torch.bool, device=dev)
         self._frozen = torch.zeros(G, dtype=torch.bool, device=dev)
         self._deadline = torch.zeros(G, dtype=torch.long, device=dev)
