@@ -155,13 +155,23 @@ def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     return inputs
 
 
-def export_program(model: nn.Module, inputs: tuple) -> Any:
-    """Non-strict torch.export in eval mode; the model's mode is restored afterwards."""
+def export_program(model: nn.Module, inputs: tuple, dynamic_batch: bool = False) -> Any:
+    """Non-strict torch.export in eval mode; the model's mode is restored afterwards.
+
+    ``dynamic_batch`` lets export keep dimension 0 symbolic (for programs users will run on other
+    batch sizes); where export cannot, it falls back to the example's static shapes.
+    """
     was_training = model.training
     model.eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if dynamic_batch:
+                dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in inputs)
+                try:
+                    return torch.export.export(model, inputs, dynamic_shapes=dyn, strict=False)
+                except Exception:  # noqa: BLE001 - static shapes still give a correct program
+                    pass
             return torch.export.export(model, inputs, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the tracer's reason
         reason = str(e).strip().splitlines()

@@ -1,0 +1,297 @@
+"""Erase-mode search space: segment graph (Algorithm 2) and generalized zero-invariant groups.
+
+The trace graph is compressed into *segments*: maximal chains of operators where every inner
+operator has one input and one consumer.  *Joint* vertices (add / sub / concat with several
+inputs) are segments of their own: dropping one of their inputs is exact when that input is
+zero.  A segment is a removal structure (GeZIG) when it owns trainable variables, all of its
+consumers are joint vertices, zeroing its variables makes its output exactly zero, and its
+variables are used nowhere else.  A segment that feeds a concat additionally needs the concat's
+consumers to be separable per channel, so their input columns can be dropped (Figure 4b).
+
+Validity (the hierarchy check of Algorithm 3) is ``SegmentGraph.removal_is_valid``: after removing
+a set of segments, every joint left without inputs is dead too, no non-joint vertex may read a
+dead one, no output may be dead, and every graph input must still reach an output.  O(V_s + E_s).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from ..graph.trace import OpGraph, OpNode
+from .groups import Group, ParamSlice
+from .prune import CONV, CONVT, NONZI_UNARY, REDUCE, SPATIAL, VIEWS, ZI_UNARY, ChannelAnalysis, TInfo
+
+JOINTS = {"add", "add_", "sub", "sub_", "cat", "concat"}
+STEMS = CONV | CONVT | {"convolution", "linear"}
+NORMS = {"batch_norm", "instance_norm", "group_norm", "layer_norm"}
+PASSTHROUGH = ZI_UNARY | NONZI_UNARY | SPATIAL | {"hardtanh", "clamp", "flatten", "mean", "sum", "amax",
+                                                   "constant_pad_nd", "batch_norm", "instance_norm", "prelu"}
+
+
+@dataclass
+class Segment:
+    id: int
+    kind: str                    # "input" | "output" | "joint" | "chain"
+    nodes: list[int]             # OpNode ids, in order
+    inputs: list[int] = field(default_factory=list)    # segment ids
+    outputs: list[int] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+
+    @property
+    def last(self) -> int:
+        return self.nodes[-1]
+
+
+@dataclass
+class SegmentGraph:
+    segments: list[Segment]
+    node_segment: list[int]       # OpNode id -> segment id
+    input_segments: list[int]
+    output_segments: list[int]
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def dead_set(self, removed: Iterable[int]) -> set[int] | None:
+        """Segments that vanish with ``removed`` (removed + joints left without inputs); None if invalid."""
+        dead = set(removed)
+        for s in self.segments:  # ids follow a topological order
+            if s.id in dead or not s.inputs:
+                continue
+            n_dead = sum(1 for i in s.inputs if i in dead)
+            if n_dead == 0:
+                continue
+            if s.kind == "joint" and n_dead == len(s.inputs):
+                dead.add(s.id)
+            elif s.kind != "joint":
+                return None  # an operator would read a removed tensor
+        return dead
+
+    def removal_is_valid(self, removed: Iterable[int]) -> bool:
+        """True when removing the ``removed`` segments leaves a working network (inputs reach outputs)."""
+        removed = {r for r in removed if r is not None}
+        dead = self.dead_set(removed)
+        if dead is None:
+            return False
+        if any(o in dead for o in self.output_segments):
+            return False
+        outputs = set(self.output_segments)
+        for src in self.input_segments:
+            if not self.segments[src].outputs:
+                continue  # an input the model never used
+            seen = {src}
+            q = deque([src])
+            ok = False
+            while q and not ok:
+                s = q.popleft()
+                for t in self.segments[s].outputs:
+                    if t in dead or t in seen:
+                        continue
+                    if t in outputs:
+                        ok = True
+                        break
+                    seen.add(t)
+                    q.append(t)
+            if not ok:
+                return False
+        return True
+
+
+@dataclass
+class EraseSpace:
+    groups: list[Group]
+    segment_graph: SegmentGraph
+    unerasable: dict[str, str]
+    analysis: ChannelAnalysis | None = None
+
+
+def is_joint(node: OpNode) -> bool:
+    return node.op in JOINTS and len(set(node.inputs)) >= 2
+
+
+def build_segment_graph(graph: OpGraph) -> SegmentGraph:
+    """Algorithm 2, first phase: one pass in topological order grows chains and cuts at joints/forks."""
+    segs: list[Segment] = []
+    node_seg = [-1] * len(graph.nodes)
+    for node in graph.nodes:
+        if node.kind in ("input", "output"):
+            kind = node.kind
+        elif is_joint(node):
+            kind = "joint"
+        else:
+            kind = "chain"
+        if kind == "chain" and len(node.inputs) == 1:
+            p = graph.nodes[node.inputs[0]]
+            ps = segs[node_seg[p.id]] if node_seg[p.id] >= 0 else None
+            if ps is not None and ps.kind == "chain" and len(p.outputs) == 1 and ps.last == p.id:
+                ps.nodes.append(node.id)
+                ps.params += [x for x in node.params if x not in ps.params]
+                node_seg[node.id] = ps.id
+                continue
+        s = Segment(len(segs), kind, [node.id], params=list(dict.fromkeys(node.params)))
+        segs.append(s)
+        node_seg[node.id] = s.id
+    for node in graph.nodes:
+        t = node_seg[node.id]
+        for i in node.inputs:
+            s = node_seg[i]
+            if s != t and t not in segs[s].outputs:
+                segs[s].outputs.append(t)
+                segs[t].inputs.append(s)
+    ins = [node_seg[i] for i in graph.input_ids]
+    outs = [node_seg[i] for i in graph.output_ids]
+    return SegmentGraph(segs, node_seg, ins, outs)
+
+
+def _output_is_zero(graph: OpGraph, seg: Segment) -> bool:
+    """Does zeroing the segment's own parameters make its output exactly zero?"""
+    zero = False
+    own = set(seg.params)
+    for nid in seg.nodes:
+        n = graph.nodes[nid]
+        fx = n.fx_node
+        if n.op in STEMS:
+            zero = bool(n.params) and set(n.params) <= own and _weight_is_param(graph, n)
+        elif n.op in NORMS:
+            affine = len(n.params) >= 2
+            if affine:
+                zero = True
+            elif n.op == "batch_norm":
+                zero = False
+            elif n.op == "layer_norm":
+                zero = zero and not n.params
+        elif n.op in ZI_UNARY or n.op in SPATIAL or n.op in VIEWS or n.op in REDUCE or \
+                n.op in ("permute", "transpose", "hardtanh", "clamp", "prelu", "expand", "slice", "getitem"):
+            pass
+        elif n.op in ("constant_pad_nd", "pad"):
+            zero = zero and not (len(fx.args) > 2 and fx.args[2])
+        elif n.op in ("mul", "mul_"):
+            zero = zero or any(p in own for p in n.params)
+        elif n.op in ("div", "div_"):
+            pass
+        elif n.op in ("add", "add_", "sub", "sub_") and n.params and set(n.params) <= own:
+            pass
+        else:
+            zero = False
+    return zero
+
+
+def _weight_is_param(graph: OpGraph, n: OpNode) -> bool:
+    args = n.fx_node.args
+    w = args[1] if len(args) > 1 else None
+    return getattr(w, "op", None) == "placeholder" and w.name in graph.placeholder_to_param
+
+
+def build_erase_space(graph: OpGraph) -> EraseSpace:
+    """GeZIGs of ``graph``: Algorithm 2 plus the exactness conditions in the module docstring."""
+    sg = build_segment_graph(graph)
+    analysis = ChannelAnalysis(graph)
+    analysis.run()
+    param_segments: dict[str, set[int]] = {}
+    for s in sg.segments:
+        for nid in s.nodes:
+            for p in graph.nodes[nid].params:
+                param_segments.setdefault(p, set()).add(s.id)
+    groups: list[Group] = []
+    unerasable: dict[str, str] = {}
+    for s in sg.segments:
+        if s.kind != "chain" or not s.params:
+            continue
+        reason = None
+        if not s.outputs or any(sg.segments[o].kind != "joint" for o in s.outputs):
+            continue  # not a removal structure: part of the complement G_s^C
+        if any(len(param_segments[p]) > 1 for p in s.params):
+            reason = "its parameters are shared with another operator"
+        elif not _output_is_zero(graph, s):
+            reason = "zeroing its variables does not make its output zero"
+        deps: list[ParamSlice] = []
+        extra: list[ParamSlice] = []
+        if reason is None:
+            reason, extra, deps = _concat_dependents(graph, sg, analysis, s)
+        name = _segment_name(graph, s)
+        if reason:
+            unerasable[name] = reason
+        groups.append(Group(
+            id=len(groups), name=name, slices=[ParamSlice(p) for p in s.params] + extra, dependents=deps,
+            prunable=reason is None, reason=reason, vertex=s.id,
+        ))
+    return EraseSpace(groups, sg, unerasable, analysis)
+
+
+def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
+                       s: Segment) -> tuple[str | None, list[ParamSlice], list[ParamSlice]]:
+    """For a segment feeding a concat: the affiliated slices that go with it (or why it can't go).
+
+    Returns (reason, extra variables, dependents): per-channel norm parameters after the concat
+    are zeroed with the group (so the channel stays zero up to the consumer); the consumer's input
+    columns and running statistics are only removed at construction.
+    """
+    last = graph.nodes[s.last]
+    cat_users = [sg.segments[o] for o in s.outputs if graph.nodes[sg.segments[o].nodes[0]].op in ("cat", "concat")]
+    if not cat_users:
+        return None, [], []
+    info = an.info.get(last.name)
+    if not isinstance(info, TInfo):
+        return "its output channels are not tracked", [], []
+    for cs in cat_users:
+        cat = graph.nodes[cs.nodes[0]]
+        cinfo = an.info.get(cat.name)
+        dim = cat.fx_node.args[1] if len(cat.fx_node.args) > 1 else cat.fx_node.kwargs.get("dim", 0)
+        if not isinstance(cinfo, TInfo) or cinfo.cdim != dim % len(cat.shape):
+            return "it is concatenated along a non-channel dimension", [], []
+        bad = _unsafe_downstream(graph, cat)
+        if bad:
+            return f"channels of {cat.name} flow through {bad}", [], []
+    own = {an.uf.find(e) for e in info.elems}
+    members: dict[int, list[int]] = {}
+    for e in range(len(an.uf.parent)):
+        r = an.uf.find(e)
+        if r in own:
+            members.setdefault(r, []).append(e)
+    mine = set(info.elems)
+    own_params = set(s.params)
+    extra: list[ParamSlice] = []
+    deps: list[ParamSlice] = []
+    for r, elems in members.items():
+        for e in elems:
+            if e not in mine and any(sl.name not in own_params for sl in an.vars.get(e, [])):
+                return "its channels are coupled with another structure", [], []
+            why = an.reason.get(e, "")
+            if why:
+                return why, [], []
+            extra += [sl for sl in an.vars.get(e, []) if sl.name not in own_params]
+            deps += [sl for sl in an.deps.get(e, []) if sl.name not in own_params]
+    from .prune import _merge
+
+    return None, _merge(extra), _merge(deps)
+
+
+def _unsafe_downstream(graph: OpGraph, start: OpNode) -> str | None:
+    """Walk from a concat to its consumers; report an op that could not be re-sized (e.g. a hard-coded view)."""
+    stack = list(start.outputs)
+    seen: set[int] = set()
+    while stack:
+        nid = stack.pop()
+        if nid in seen:
+            continue
+        seen.add(nid)
+        n = graph.nodes[nid]
+        if n.kind == "output":
+            return "the model output"
+        if n.op in STEMS:
+            continue  # consumer: its input columns are sliced
+        if n.op in ("cat", "concat") or n.op in PASSTHROUGH:
+            stack += n.outputs
+            continue
+        return f"{n.op} ({n.module or 'forward'})"
+    return None
+
+
+def _segment_name(graph: OpGraph, s: Segment) -> str:
+    mods = []
+    for nid in s.nodes:
+        m = graph.nodes[nid].module
+        if m and graph.nodes[nid].params and m not in mods:
+            mods.append(m)
+    return "-".join(mods) if mods else graph.nodes[s.nodes[0]].name
