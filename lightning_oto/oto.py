@@ -208,7 +208,18 @@ class OTO:
         """Parameters and FLOPs (torch.utils.flop_counter) of the full model vs ``sub``."""
         from .subnet.report import compression_report
 
-        return compression_report(self.model, sub, self.example_inputs, self.groups, self.zero_group_ids())
+        full = self.model
+        if self.mode == "erase":
+            # the erased sub-network is an exported program: count the full model in the same form, so fused
+            # eager kernels (e.g. nn.MultiheadAttention's) are not counted differently on the two sides
+            from .graph.trace import export_program
+
+            full = export_program(self.model, self.example_inputs).module()
+        rep = compression_report(full, sub, self.example_inputs, self.groups, self.zero_group_ids())
+        rep["params_full"] = sum(p.numel() for p in self.model.parameters())
+        if sub is not None:
+            rep["param_ratio"] = rep["params_sub"] / max(1, rep["params_full"])
+        return rep
 
     def export(self, sub: nn.Module, out_dir: str | Path, formats: Iterable[str] = ("torch", "onnx"),
                check: bool = True) -> dict[str, str]:

@@ -350,3 +350,113 @@ def make(name: str, seed: int = 0):
                 m.bias.uniform_(-0.5, 0.5)
     x = inp()
     return model, x
+
+
+# ---------------------------------------------------------------- branchy models for erase mode
+class SepConv(nn.Module):
+    def __init__(self, c, k):
+        super().__init__()
+        self.op = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, k, 1, k // 2, groups=c, bias=False),
+                                nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class DartsCellNet(nn.Module):
+    """DARTS-style: every intermediate node sums all candidate ops on all incoming edges; cell output concat."""
+
+    def __init__(self, c=8, nodes=3):
+        super().__init__()
+        self.stem = cbr(3, c)
+        self.nodes = nodes
+        self.edges = nn.ModuleList()
+        for i in range(nodes):
+            for _ in range(i + 1):
+                self.edges.append(nn.ModuleList([SepConv(c, 3), SepConv(c, 5), nn.Sequential(
+                    nn.ReLU(), nn.Conv2d(c, c, 3, 1, 2, dilation=2, bias=False), nn.BatchNorm2d(c))]))
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.pre = nn.Sequential(nn.ReLU(), nn.Conv2d(c * nodes, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        states = [self.stem(x)]
+        k = 0
+        for i in range(self.nodes):
+            acc = None
+            for s in states:
+                for op in self.edges[k]:
+                    y = op(s)
+                    acc = y if acc is None else acc + y
+                acc = acc + self.pool(s)  # a parameter-free candidate is summed too
+                k += 1
+            states.append(acc)
+        out = self.pre(torch.cat(states[1:], 1))
+        return self.fc(out.mean((2, 3)))
+
+
+class UNetDown(nn.Module):
+    def __init__(self, c, strided):
+        super().__init__()
+        self.e1 = cbr(c, c)
+        self.down = nn.Conv2d(c, 2 * c, 3, 2, 1) if strided else nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(c, 2 * c, 1))
+        self.mid = cbr(2 * c, 2 * c)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.upc = cbr(2 * c, c, k=1)
+        self.fuse = cbr(2 * c, c)
+
+    def forward(self, x):
+        a = self.e1(x)
+        b = self.mid(self.down(a))
+        return self.fuse(torch.cat([self.upc(self.up(b)), a], 1))
+
+
+class StackedUNetsTiny(nn.Module):
+    """Two U-Nets with different down-samplers, stacked, each with its skip concat."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem = cbr(3, c)
+        self.u1 = UNetDown(c, strided=False)
+        self.u2 = UNetDown(c, strided=True)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.u2(self.u1(x)) + x
+        return self.head(x.mean((2, 3)))
+
+
+class DemoNetTiny(nn.Module):
+    """Figure 2a in small: conv1 fans out to conv2 / max-pool / avg-pool paths, joined by concat and add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = cbr(1, 8)
+        self.conv2 = cbr(8, 8)
+        self.mp = nn.Sequential(nn.MaxPool2d(3, 1, 1), cbr(8, 8, k=1))
+        self.ap = nn.Sequential(nn.AvgPool2d(3, 1, 1), cbr(8, 8, k=1))
+        self.conv3 = cbr(8, 8)
+        self.conv4 = cbr(16, 8)
+        self.conv5 = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8))
+        self.conv6 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x1 = self.conv1(x)
+        a = self.conv3(self.conv2(x1))
+        b = self.mp(x1)
+        c = self.ap(x1)
+        y = self.conv4(torch.cat([a + b, c], 1))
+        z = F.relu(self.conv5(y) + self.conv6(y))
+        return self.fc(z.mean((2, 3)))
+
+
+ZOO.update({
+    "darts_cell": (DartsCellNet, _img(s=12)),
+    "stacked_unets": (StackedUNetsTiny, _img()),
+    "demonet_tiny": (DemoNetTiny, _img(c=1, s=14)),
+})
+
+ERASE_ZOO = ["inception_concat", "resnet_tiny", "densenet_concat", "unet_convtranspose", "darts_cell",
+             "stacked_unets", "demonet_tiny", "resnext_groupconv", "transformer_mlp"]

@@ -14,13 +14,20 @@ from ..space.groups import Group
 def count_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     """FLOPs of one forward pass in eval mode (torch.utils.flop_counter: a multiply-add counts 2)."""
     was = model.training
-    model.eval()
+    _set_mode(model, False)
     try:
         with FlopCounterMode(display=False) as fc:
             model(*inputs)
         return int(fc.get_total_flops())
     finally:
-        model.train(was)
+        _set_mode(model, was)
+
+
+def _set_mode(model: nn.Module, training: bool) -> None:
+    try:
+        model.train(training)
+    except NotImplementedError:  # exported-program modules refuse train()/eval(); they are fixed in eval
+        pass
 
 
 def count_params(model: nn.Module) -> int:
