@@ -171,6 +171,24 @@ def test_group_index_stats_match_loop() -> None:
     assert torch.equal(params["b"][1], before["b"][1])  # unowned entry untouched
 
 
+def test_group_index_missing_grads_and_noncontiguous() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 2)
+    wt = torch.randn(3, 4, 2).transpose(0, 1)  # non-contiguous, sliced along dim 0
+    b = torch.randn(4)
+    groups = [Group(i, f"g{i}", [ParamSlice("w", 0, (i,)), ParamSlice("wt", 0, (i,)), ParamSlice("b", 0, (i,))])
+              for i in range(4)]
+    idx = GroupIndex({"w": w, "wt": wt, "b": b}, groups)
+    gw = torch.randn_like(w)
+    grads = {"w": gw, "wt": None, "b": None}
+    st = idx.stats([grads[e.name] for e in idx.entries])
+    for i in range(4):
+        x = torch.cat([w[i].flatten(), wt[i].flatten(), b[i:i + 1]])
+        assert torch.allclose(st.x_norm_sq[i], (x * x).sum(), rtol=1e-5)
+        assert torch.allclose(st.grad_norm_sq[i], (gw[i] ** 2).sum(), rtol=1e-5)
+        assert torch.allclose(st.dot[i], (gw[i] * w[i]).sum(), rtol=1e-5, atol=1e-6)
+
+
 def test_group_index_rejects_bad_groups() -> None:
     params = {"w": torch.zeros(4, 3), "v": torch.zeros(4)}
     with pytest.raises(ValueError, match="not disjoint"):
@@ -298,6 +316,20 @@ def test_partition_picks_lowest_saliency(sal) -> None:
     assert s is not None and s.shape == (14,)
     order = torch.argsort(s).tolist()
     assert sorted(opt.prunable_group_ids[i] for i in order[:4]) == tiny
+
+
+def test_saliency_steps_window_gives_same_partition() -> None:
+    """Scoring only the last N warm-up steps: same partition, EMA close to the every-step one."""
+    res = []
+    for n in (None, 40):
+        torch.manual_seed(0)
+        model = MLP()
+        opt = DHSPG(model.named_parameters(), mlp_groups(), lr=0.05, warmup_steps=60, projection_steps=5,
+                    target_group_sparsity=0.5, saliency_steps=n, saliency_ema=0.8)
+        train_mlp(model, opt, 60, mlp_data())
+        res.append((opt.redundant_group_ids, opt.saliency_scores))
+    assert res[0][0] == res[1][0]
+    assert torch.allclose(res[0][1], res[1][1], rtol=1e-3, atol=1e-4)
 
 
 def test_custom_saliency_callable_and_registered_name() -> None:
@@ -581,6 +613,7 @@ def test_lr_scheduler_drives_lr() -> None:
     (dict(lambda_scale=0.0), "lambda_scale"),
     (dict(descent_margin=1.0), "descent_margin"),
     (dict(pruning_periods=0), "pruning_periods"),
+    (dict(saliency_steps=0), "saliency_steps"),
     (dict(pruning_periods=5, projection_steps=2), "pruning_periods"),
 ])
 def test_bad_arguments(kw, msg) -> None:

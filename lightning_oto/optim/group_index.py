@@ -47,18 +47,37 @@ class IndexEntry:
             return t.view(t.shape[0], -1).sum(1)
         return t.sum(self.reduce_dims)
 
+    def _rows2d(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``[rows, -1]`` view when the slicing dim leads and ``t`` is contiguous (else ``None``)."""
+        if self.dim == 0 and self.reduce_dims and t.is_contiguous():
+            return t.view(t.shape[0], -1)
+        return None
+
     def row_dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Per-row dot product of ``a`` and ``b`` (without materialising ``a*b`` when possible)."""
+        """Per-row dot product of ``a`` and ``b`` (shaped like the entry, or a row subset of it)."""
         if not self.reduce_dims:
             return a * b
-        if self.dim == 0 and a.is_contiguous() and b.is_contiguous():
-            n = a.shape[0]
-            a2 = a.view(n, 1, -1)
-            b2 = b.view(n, -1, 1)
-            if a2.dtype in (torch.float32, torch.float64):
-                return torch.bmm(a2, b2).view(n)
-            return (a2.view(n, -1) * b2.view(n, -1)).sum(1)
+        a2, b2 = self._rows2d(a), self._rows2d(b)
+        if a2 is not None and b2 is not None:
+            return torch.linalg.vecdot(a2, b2)
         return (a * b).sum(self.reduce_dims)
+
+    def row_sq(self, a: torch.Tensor) -> torch.Tensor:
+        """Per-row sum of squares (``vector_norm`` reads ``a`` once, no temporary)."""
+        if not self.reduce_dims:
+            return a * a
+        a2 = self._rows2d(a)
+        if a2 is not None and a2.dtype in (torch.float32, torch.float64):
+            return torch.linalg.vector_norm(a2, dim=1).square_()
+        return (a * a).sum(self.reduce_dims)
+
+    def row_stats(self, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """``[rows, 3]``: per-row ``|x|^2``, ``|g|^2``, ``<g, x>`` (``g=None`` counts as zero)."""
+        xx = self.row_sq(x)
+        if g is None:
+            z = torch.zeros_like(xx)
+            return torch.stack([xx, z, z], dim=1)
+        return torch.stack([xx, self.row_sq(g), self.row_dot(g, x)], dim=1)
 
 
 @dataclass
@@ -222,17 +241,76 @@ class GroupIndex:
         """
         self._sync_device()
         G = self.num_groups
-        acc = torch.zeros(G + 1, 3, dtype=torch.float32, device=self.device)
-        for i, e in enumerate(self.entries):
+        big, small, owner_all = self._stats_layout()
+        f32 = torch.float32
+        buf = torch.empty(3, owner_all.numel(), dtype=f32, device=self.device)
+        off = 0
+        # parameters with a reduction (conv / linear rows): a few reads, written straight into buf
+        for i in big:
+            e = self.entries[i]
+            n = e.owner.numel()
             x = e.view(e.param.detach())
             g = e.param.grad if grads is None else grads[i]
-            if g is not None:
-                g = e.view(g.detach())
-                rows = torch.stack([e.row_dot(x, x), e.row_dot(g, g), e.row_dot(g, x)], dim=1)
+            g = None if g is None else e.view(g.detach())
+            x2 = e._rows2d(x) if x.dtype == f32 else None
+            g2 = None if (g is None or x2 is None or g.dtype != f32) else e._rows2d(g)
+            if x2 is not None and (g is None or g2 is not None):
+                torch.linalg.vector_norm(x2, dim=1, out=buf[0, off : off + n])
+                if g2 is None:
+                    buf[1:, off : off + n].zero_()
+                else:
+                    torch.linalg.vector_norm(g2, dim=1, out=buf[1, off : off + n])
+                    torch.linalg.vecdot(g2, x2, out=buf[2, off : off + n])
+                buf[0:2, off : off + n].square_()
             else:
-                xx = e.row_dot(x, x)
-                rows = torch.stack([xx, torch.zeros_like(xx), torch.zeros_like(xx)], dim=1)
-            acc.index_add_(0, e.owner.to(acc.device), rows.to(acc.dtype).to(acc.device))
+                buf[:, off : off + n] = e.row_stats(x, g).t().to(f32)
+            off += n
+        # 1-d parameters (biases, norm affine): concatenated, three elementwise products in total
+        if small:
+            xs = torch.cat([self.entries[i].view(self.entries[i].param.detach()).reshape(-1).to(f32) for i in small])
+            gl = []
+            for i in small:
+                e = self.entries[i]
+                g = e.param.grad if grads is None else grads[i]
+                gl.append(torch.zeros(e.owner.numel(), dtype=f32, device=self.device) if g is None
+                          else e.view(g.detach()).reshape(-1).to(f32))
+            gs = torch.cat(gl)
+            torch.mul(xs, xs, out=buf[0, off:])
+            torch.mul(gs, gs, out=buf[1, off:])
+            torch.mul(gs, xs, out=buf[2, off:])
+        acc = torch.zeros(3, G + 1, dtype=f32, device=self.device)
+        acc.index_add_(1, owner_all, buf)
+        return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids)
+
+    def _stats_layout(self) -> tuple[list[int], list[int], torch.Tensor]:
+        """Entry order used by :meth:`stats` (reduced entries, then 1-d ones) and their owners."""
+        lay = getattr(self, "_layout", None)
+        if lay is None or (lay[2].device != self.device):
+            big = [i for i, e in enumerate(self.entries) if e.reduce_dims]
+            small = [i for i, e in enumerate(self.entries) if not e.reduce_dims]
+            owners = [self.entries[i].owner for i in big + small]
+            owner_all = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long, device=self.device)
+            lay = (big, small, owner_all.to(self.device))
+            self._layout = lay
+        return lay
+
+    @torch.no_grad()
+    def stats_of_rows(
+        self,
+        gathered: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None],
+    ) -> GroupStats:
+        """Like :meth:`stats` but from row subsets: per entry ``(owners, x_rows, g_rows)`` or ``None``.
+
+        Groups whose rows are not all given get partial (meaningless) values; callers pass every
+        row of the groups they care about (see :meth:`rows_for`).
+        """
+        G = self.num_groups
+        acc = torch.zeros(G + 1, 3, dtype=torch.float32, device=self.device)
+        for e, t in zip(self.entries, gathered):
+            if t is None:
+                continue
+            owners, xr, gr = t
+            acc.index_add_(0, owners, e.row_stats(xr, gr).to(acc.dtype))
         acc = acc[:G]
         return GroupStats(acc[:, 0], acc[:, 1], acc[:, 2], self.numel, self.group_ids)
 
@@ -243,7 +321,7 @@ class GroupIndex:
         acc = torch.zeros(self.num_groups + 1, dtype=torch.float32, device=self.device)
         for i, e in enumerate(self.entries):
             t = e.view((e.param if tensors is None else tensors[i]).detach())
-            rows = e.row_dot(t, t) if square else e.row_reduce(t)
+            rows = e.row_sq(t) if square else e.row_reduce(t)
             acc.index_add_(0, e.owner, rows.to(acc.dtype))
         return acc[: self.num_groups]
 

@@ -101,6 +101,10 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         descent_margin: ``m`` in ``[0, 1)`` of the descent cap on lambda.
         saliency: registered name or callable ``GroupStats -> [G]`` (smaller = more redundant).
         saliency_ema: EMA coefficient ``beta`` in ``[0, 1)`` (``ema = beta*ema + (1-beta)*score``).
+        saliency_steps: ``None`` (default): score every warm-up step.  An integer ``N`` scores only
+            the last ``N`` steps before each partition, so earlier warm-up steps cost exactly a
+            base-optimizer step.  Older scores carry weight ``beta**age`` anyway (``0.9**66 <
+            1e-3``), so e.g. ``N = 100`` changes the EMA negligibly.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         descent_margin: float = 0.1,
         saliency: str | SaliencyFn = "default",
         saliency_ema: float = 0.9,
+        saliency_steps: int | None = None,
     ) -> None:
         named = self._check_named_params(named_params)
         self._check_args(
@@ -130,7 +135,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             weight_decay=weight_decay, target_group_sparsity=target_group_sparsity,
             warmup_steps=warmup_steps, projection_steps=projection_steps,
             pruning_periods=pruning_periods, epsilon=epsilon, lambda_scale=lambda_scale,
-            descent_margin=descent_margin, saliency_ema=saliency_ema,
+            descent_margin=descent_margin, saliency_ema=saliency_ema, saliency_steps=saliency_steps,
         )
         self._saliency_fn = get_saliency(saliency)
         groups = list(groups)
@@ -172,6 +177,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self.lambda_scale = float(lambda_scale)
         self.descent_margin = float(descent_margin)
         self.saliency_ema = float(saliency_ema)
+        self.saliency_steps = saliency_steps
         self.num_prunable = self._index.num_groups
         self.num_redundant_target = _round_half_up(self.target_group_sparsity * self.num_prunable)
 
@@ -251,6 +257,9 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"descent_margin must be in [0, 1), got {a['descent_margin']!r}")
         if not finite(a["saliency_ema"]) or not 0.0 <= a["saliency_ema"] < 1.0:
             raise ValueError(f"saliency_ema must be in [0, 1), got {a['saliency_ema']!r}")
+        ss = a["saliency_steps"]
+        if ss is not None and (isinstance(ss, bool) or not isinstance(ss, int) or ss < 1):
+            raise ValueError(f"saliency_steps must be None or an integer >= 1, got {ss!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_init_done", False):
@@ -395,20 +404,29 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
                     e.view(t).index_fill_(e.dim, r[0], 0.0)
 
     def _refresh_cache(self) -> None:
+        """Row indices / masks derived from the redundant and frozen sets (they change rarely)."""
         if not self._cache_dirty:
             return
+        entries = self._index.entries
         active = self._redundant & ~self._frozen
         self._active_count = int(active.sum())
-        self._active_rows = self._index.rows_for(active) if self._active_count else [None] * len(self._index.entries)
+        self._active_rows = self._index.rows_for(active) if self._active_count else [None] * len(entries)
         self._next_deadline = int(self._deadline[active].min()) if self._active_count else math.inf
-        if bool(self._frozen.any()):
-            self._frozen_rows = self._index.rows_for(self._frozen)
-        else:
-            self._frozen_rows = [None] * len(self._index.entries)
+        # keep masks: 0 on every redundant row, so the base update leaves them (and their state) alone
+        self._keep: dict[int, torch.Tensor] = {}
         self._fully_frozen: set[int] = set()
-        for e, r in zip(self._index.entries, self._frozen_rows):
-            if r is not None and r[0].numel() == e.owner.numel():
-                self._fully_frozen.add(id(e.param))
+        if bool(self._redundant.any()):
+            red_ext = self._index._ext(self._redundant, False)
+            frozen_ext = self._index._ext(self._frozen, False)
+            for e in entries:
+                rows_red = red_ext[e.owner]
+                if not bool(rows_red.any()):
+                    continue
+                if bool(frozen_ext[e.owner].all()):
+                    self._fully_frozen.add(id(e.param))
+                    continue
+                keep = (~rows_red).to(e.param.dtype).view(e.bshape)
+                self._keep[id(e.param)] = keep.reshape(e.param.shape) if e.scalar else keep
         self._cache_dirty = False
 
     # ------------------------------------------------------------------ redundant-group update
@@ -437,50 +455,45 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         return a, c, True
 
     @torch.no_grad()
-    def _redundant_step(self, stats: GroupStats, hp: dict[str, Any]) -> list[tuple[int, torch.Tensor, torch.Tensor] | None]:
-        """Trial values of the active redundant rows, already half-space projected.
+    def _redundant_step(self, stats: GroupStats, hp: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per entry with active redundant rows: broadcast row factors ``(A, C)``.
 
-        Computed *before* the base update (which sees the old values); written back after it.
+        Applied *after* the base update (which leaves redundant rows untouched thanks to the keep
+        masks) as ``x <- A*x - C*grad``: ``A = a_g, C = c_g`` on active redundant rows and
+        ``A = 1, C = 0`` elsewhere (exact no-op).  Half-space projected groups get ``A = C = 0``.
+        The half-space test needs no extra pass: ``<y, x> = a |x|^2 - c <grad, x>`` per group.
         """
         active = self._redundant & ~self._frozen
         a, c, half_space = self._redundant_coeffs(stats, active, hp)
-        trials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
-        dots = torch.zeros(self.num_prunable + 1, dtype=torch.float32, device=self._index.device)
-        for e, r in zip(self._index.entries, self._active_rows):
-            if r is None:
-                trials.append(None)
-                continue
-            rows, owners = r
-            x = e.view(e.param.detach())
-            shape = [1] * x.dim()
-            shape[e.dim] = rows.numel()
-            xr = x.index_select(e.dim, rows)
-            y = xr * a[owners].view(shape).to(x.dtype)
-            g = e.param.grad
-            if g is not None:
-                y.sub_(e.view(g).index_select(e.dim, rows) * c[owners].view(shape).to(x.dtype))
-            if half_space:
-                rd = (y * xr).sum(e.reduce_dims) if e.reduce_dims else y * xr
-                dots.index_add_(0, owners, rd.to(dots.dtype))
-            trials.append((rows, owners, y))
         zero_now = torch.zeros_like(active)
         if half_space:
-            zero_now = active & (dots[: self.num_prunable] <= self.epsilon * stats.x_norm_sq)
-        zero_now = _all_reduce_any(zero_now)
-        keep = (~zero_now).to(torch.float32)
-        out = []
-        for e, t in zip(self._index.entries, trials):
-            if t is None:
-                out.append(None)
+            inner = a * stats.x_norm_sq - c * stats.dot
+            zero_now = _all_reduce_any(active & (inner <= self.epsilon * stats.x_norm_sq))
+            a = torch.where(zero_now, torch.zeros_like(a), a)
+            c = torch.where(zero_now, torch.zeros_like(c), c)
+        a_ext = self._index._ext(torch.where(active, a, torch.ones_like(a)), 1.0)
+        c_ext = self._index._ext(torch.where(active, c, torch.zeros_like(c)), 0.0)
+        out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        for e, r in zip(self._index.entries, self._active_rows):
+            if r is None:
                 continue
-            rows, owners, y = t
-            shape = [1] * y.dim()
-            shape[e.dim] = rows.numel()
-            if half_space:
-                y.mul_(keep[owners].view(shape).to(y.dtype))
-            out.append((rows, y))
+            dt = e.param.dtype
+            A = a_ext[e.owner].view(e.bshape).to(dt)
+            C = None if e.param.grad is None else c_ext[e.owner].view(e.bshape).to(dt)
+            if e.scalar:
+                A = A.reshape(())
+                C = None if C is None else C.reshape(())
+            out.append((e.param, A, C))
         self._pending_zero = zero_now
         return out
+
+    @torch.no_grad()
+    def _apply_redundant(self, factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+        ps = [p for p, _, _ in factors]
+        torch._foreach_mul_(ps, [A for _, A, _ in factors])
+        with_g = [(p, C) for p, _, C in factors if C is not None]
+        if with_g:
+            torch._foreach_addcmul_([p for p, _ in with_g], [p.grad for p, _ in with_g], [C for _, C in with_g], value=-1.0)
 
     # ------------------------------------------------------------------ base variant
     def _state_tensor(self, p: torch.Tensor, key: str) -> torch.Tensor:
@@ -506,6 +519,20 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         if not params:
             return
         lr, wd, variant = float(hp["lr"]), float(hp["weight_decay"]), hp["variant"]
+        # Redundant rows are masked out by multiplying with a broadcast 0/1 "keep" row vector
+        # inside fused ops (addcmul), so they cost no extra pass; unmasked params use a scalar 1.
+        keeps: list[torch.Tensor] | None = None
+        if self._keep:
+            one = {}
+            keeps = []
+            for p in params:
+                k = self._keep.get(id(p))
+                if k is None:
+                    key = (p.dtype, p.device)
+                    if key not in one:
+                        one[key] = torch.ones((), dtype=p.dtype, device=p.device)
+                    k = one[key]
+                keeps.append(k)
         if variant == "sgd":
             m = float(hp["momentum"])
             if wd:
@@ -513,18 +540,36 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             if m:
                 bufs = [self._state_tensor(p, "momentum_buffer") for p in params]
                 torch._foreach_mul_(bufs, m)
-                torch._foreach_add_(bufs, grads)
-                grads = torch._foreach_add(grads, bufs, alpha=m) if hp["nesterov"] else bufs
-            torch._foreach_add_(params, grads, alpha=-lr)
+                if keeps is None:
+                    torch._foreach_add_(bufs, grads)
+                else:
+                    torch._foreach_addcmul_(bufs, grads, keeps)  # redundant rows of buf stay 0
+                if hp["nesterov"]:
+                    d = torch._foreach_add(grads, bufs, alpha=m)
+                    if keeps is None:
+                        torch._foreach_add_(params, d, alpha=-lr)
+                    else:
+                        torch._foreach_addcmul_(params, d, keeps, value=-lr)
+                else:
+                    torch._foreach_add_(params, bufs, alpha=-lr)
+            elif keeps is None:
+                torch._foreach_add_(params, grads, alpha=-lr)
+            else:
+                torch._foreach_addcmul_(params, grads, keeps, value=-lr)
             return
         b1, b2 = (float(b) for b in hp["betas"])
         eps = float(hp["eps"])
         t = self._num_steps + 1
         if wd:
             if variant == "adamw":
-                torch._foreach_mul_(params, 1.0 - lr * wd)
+                if keeps is None:
+                    torch._foreach_mul_(params, 1.0 - lr * wd)
+                else:  # decoupled decay only where the base update applies
+                    torch._foreach_mul_(params, [1.0 - (lr * wd) * k for k in keeps])
             else:
                 grads = torch._foreach_add(grads, params, alpha=wd)
+        if keeps is not None:
+            grads = torch._foreach_mul(grads, keeps)  # moments of redundant rows stay exactly 0
         exp_avg = [self._state_tensor(p, "exp_avg") for p in params]
         exp_avg_sq = [self._state_tensor(p, "exp_avg_sq") for p in params]
         torch._foreach_lerp_(exp_avg, grads, 1.0 - b1)
@@ -538,12 +583,15 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, exp_avg, denom, -lr / bc1)
 
     # ------------------------------------------------------------------ step
-    def _stats(self) -> GroupStats:
-        st = self._index.stats()
+    @staticmethod
+    def _all_reduce_stats(st: GroupStats) -> GroupStats:
         if _distributed() and dist.get_world_size() > 1:
             packed = _all_reduce_mean_(st.packed().contiguous())
             st = GroupStats.from_packed(packed, st.numel, st.group_ids)
         return st
+
+    def _stats(self) -> GroupStats:
+        return self._all_reduce_stats(self._index.stats())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -555,30 +603,23 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         hp = self.param_groups[0]
         self._refresh_cache()
         pending = self._selections_done < len(self._schedule)
+        if pending and self.saliency_steps is not None:
+            pending = self._num_steps >= self._schedule[self._selections_done][0] - self.saliency_steps
         stats = None
-        if self.num_prunable and (pending or self._active_count):
+        if self.num_prunable and pending:
             stats = self._stats()
-            if pending:
-                self._update_ema(stats)
-                self._maybe_select()  # warmup_steps == 0: select before the first update
-                self._refresh_cache()
-        trials = self._redundant_step(stats, hp) if (stats is not None and self._active_count) else None
+            self._update_ema(stats)
+            self._maybe_select()  # warmup_steps == 0: select before the first update
+            self._refresh_cache()
+        trials = None
+        if self._active_count:
+            if stats is None:
+                stats = self._stats()
+            trials = self._redundant_step(stats, hp)
         self._base_update(hp)
-        # redundant groups: write the projected trial values, keep their state at zero
+        # redundant groups: the base update left them untouched (keep masks); now their own step
         if trials is not None:
-            self._zero_state_rows(self._active_rows)
-            for e, t in zip(self._index.entries, trials):
-                if t is not None:
-                    e.view(e.param.data).index_copy_(e.dim, t[0], t[1])
-        # frozen groups: exactly zero, state zero (the base update touched them; undo it)
-        touched = [
-            r if (r is not None and e.param.grad is not None and id(e.param) not in self._fully_frozen) else None
-            for e, r in zip(self._index.entries, self._frozen_rows)
-        ]
-        for e, r in zip(self._index.entries, touched):
-            if r is not None:
-                e.view(e.param.data).index_fill_(e.dim, r[0], 0.0)
-        self._zero_state_rows(touched)
+            self._apply_redundant(trials)
         if trials is not None and bool(self._pending_zero.any()):
             self._frozen |= self._pending_zero
             self._cache_dirty = True
