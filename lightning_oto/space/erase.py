@@ -251,17 +251,17 @@ def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
             members.setdefault(r, []).append(e)
     mine = set(info.elems)
     own_params = set(s.params)
-    extra: list[ParamSlice] = []
-    deps: list[ParamSlice] = []
+    extra: list[tuple[str, int, int]] = []
+    deps: list[tuple[str, int, int]] = []
     for r, elems in members.items():
         for e in elems:
-            if e not in mine and any(sl.name not in own_params for sl in an.vars.get(e, [])):
+            if e not in mine and any(sl[0] not in own_params for sl in an.vars.get(e, [])):
                 return "its channels are coupled with another structure", [], []
             why = an.reason.get(e, "")
             if why:
                 return why, [], []
-            extra += [sl for sl in an.vars.get(e, []) if sl.name not in own_params]
-            deps += [sl for sl in an.deps.get(e, []) if sl.name not in own_params]
+            extra += [sl for sl in an.vars.get(e, []) if sl[0] not in own_params]
+            deps += [sl for sl in an.deps.get(e, []) if sl[0] not in own_params]
     from .prune import _merge
 
     return None, _merge(extra), _merge(deps)

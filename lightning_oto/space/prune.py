@@ -99,8 +99,9 @@ class ChannelAnalysis:
         self.g = graph
         self.uf = _UF()
         self.reason: dict[int, str] = {}
-        self.vars: dict[int, list[ParamSlice]] = {}
-        self.deps: dict[int, list[ParamSlice]] = {}
+        # element -> [(tensor name, dim, index)]; ParamSlices are only built once per group
+        self.vars: dict[int, list[tuple[str, int, int]]] = {}
+        self.deps: dict[int, list[tuple[str, int, int]]] = {}
         self.claim_var: dict[tuple[str, int, int], int] = {}
         self.claim_dep: dict[tuple[str, int, int], int] = {}
         self.var_dim: dict[str, int] = {}
@@ -130,7 +131,7 @@ class ChannelAnalysis:
         self.claim_var[key] = e
         if self.var_dim.setdefault(name, dim) != dim:
             self.mark([e], f"parameter {name} is sliced along two dimensions")
-        self.vars.setdefault(e, []).append(ParamSlice(name, dim, (idx,)))
+        self.vars.setdefault(e, []).append(key)
         self.param_elems.setdefault(name, set()).add(e)
 
     def add_dep(self, e: int, name: str, dim: int, idx: int) -> None:
@@ -139,7 +140,7 @@ class ChannelAnalysis:
             self.uf.union(self.claim_dep[key], e)
             return
         self.claim_dep[key] = e
-        self.deps.setdefault(e, []).append(ParamSlice(name, dim, (idx,)))
+        self.deps.setdefault(e, []).append(key)
         self.param_elems.setdefault(name, set()).add(e)
 
     # ----------------------------------------------------------------- helpers
@@ -846,8 +847,8 @@ class ChannelAnalysis:
         groups: list[Group] = []
         for root in sorted(comps):
             elems = comps[root]
-            vars_: list[ParamSlice] = []
-            deps: list[ParamSlice] = []
+            vars_: list[tuple[str, int, int]] = []
+            deps: list[tuple[str, int, int]] = []
             reason = None
             for e in elems:
                 vars_ += self.vars.get(e, [])
@@ -863,23 +864,23 @@ class ChannelAnalysis:
         return PruneSpace(groups, dict(self.unknown_ops))
 
 
-def _merge(slices: list[ParamSlice]) -> list[ParamSlice]:
-    """Merge single-index slices of the same (param, dim) into one slice with sorted indices."""
-    acc: dict[tuple[str, int], set[int]] = {}
-    for s in slices:
-        acc.setdefault((s.name, s.dim), set()).update(s.indices or ())
-    return [ParamSlice(n, d, tuple(sorted(ix))) for (n, d), ix in sorted(acc.items())]
+def _merge(slices: list[tuple[str, int, int]]) -> list[ParamSlice]:
+    """Merge (name, dim, index) entries of the same (name, dim) into one slice with sorted indices."""
+    acc: dict[tuple[str, int], list[int]] = {}
+    for name, dim, idx in slices:
+        acc.setdefault((name, dim), []).append(idx)
+    return [ParamSlice(n, d, tuple(sorted(set(ix)))) for (n, d), ix in sorted(acc.items())]
 
 
-def _group_name(slices: list[ParamSlice]) -> str:
+def _group_name(slices: list[tuple[str, int, int]]) -> str:
     mods: dict[str, list[int]] = {}
-    for s in slices:
-        mod = s.name.rsplit(".", 1)[0] if "." in s.name else s.name
-        mods.setdefault(mod, []).extend(s.indices or ())
+    for name, _, idx in slices:
+        mod = name.rsplit(".", 1)[0] if "." in name else name
+        mods.setdefault(mod, []).append(idx)
     parts = []
     for m, ix in list(mods.items())[:3]:
-        ix = sorted(set(ix))
-        parts.append(f"{m}[{ix[0]}]" if len(ix) == 1 else f"{m}[{ix[0]}..{ix[-1]}]")
+        lo, hi = min(ix), max(ix)
+        parts.append(f"{m}[{lo}]" if lo == hi else f"{m}[{lo}..{hi}]")
     more = "" if len(mods) <= 3 else f"+{len(mods) - 3}"
     return "+".join(parts) + more
 
