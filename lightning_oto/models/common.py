@@ -12,6 +12,7 @@ the numbers in ``models/README.md`` are directly comparable with the papers' tab
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -64,9 +65,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def count_flops(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> int:
-    """Raw ``FlopCounterMode`` total (each multiply-add counts 2) for one forward pass."""
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+def _flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     was_training = model.training
     model.eval()
     try:
@@ -77,9 +76,31 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | Sequence[torch.T
     return int(counter.get_total_flops())
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> int:
+def count_flops(
+    model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor], on_meta: bool = True
+) -> int:
+    """Raw ``FlopCounterMode`` total (each multiply-add counts 2) for one forward pass.
+
+    FLOPs depend only on shapes, so by default the count runs on a ``meta``-device copy of the model
+    (no arithmetic, no memory: large networks are counted in about the time of a trace).  Models
+    that cannot run on ``meta`` fall back to a real forward; the caller's model is never modified.
+    """
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if on_meta:
+        try:
+            meta_model = copy.deepcopy(model).to("meta")
+            meta_inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
+            return _flops(meta_model, meta_inputs)
+        except Exception:  # noqa: BLE001 - any meta failure just means "count for real"
+            pass
+    return _flops(model, inputs)
+
+
+def count_macs(
+    model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor], on_meta: bool = True
+) -> int:
     """Multiply-accumulates of conv/linear layers for one forward pass: the papers' "FLOPs" column.
 
     Use a batch of 1 to get per-image numbers comparable to the papers.
     """
-    return count_flops(model, example_input) // 2
+    return count_flops(model, example_input, on_meta) // 2
