@@ -120,7 +120,7 @@ class ImageDataModule(L.LightningDataModule):
             self.prepare_data()
         if self.has_test_split:
             x, y = self._load("train")
-            tr, va = split_indices(len(y), [self.val_fraction], self.seed)
+            va, tr = split_indices(len(y), [self.val_fraction], self.seed)
             xt, yt = self._load("test")
             parts = [(x[tr.numpy()], y[tr.numpy()]), (x[va.numpy()], y[va.numpy()]), (xt, yt)]
         else:
@@ -307,7 +307,7 @@ class ImageFolderDataModule(ImageDataModule):
             return
         paths, labels, self.classes = formats.scan_image_folder(self.data_dir / "train")
         vpaths, vlabels, _ = formats.scan_image_folder(self.data_dir / "val", self.classes)
-        tr, va = split_indices(len(labels), [self.val_fraction], self.seed)
+        va, tr = split_indices(len(labels), [self.val_fraction], self.seed)
         self._mean, self._std = self.mean, self.std
         splits = [
             ([paths[i] for i in tr.tolist()], labels[tr.numpy()], True),
