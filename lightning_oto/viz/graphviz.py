@@ -1,0 +1,619 @@
+"""Graphviz drawings of an :class:`~lightning_oto.OTO`: trace graph, search space, redundant set, sub-network.
+
+``visualize(oto, out_dir)`` writes, per drawing, ``<name>.dot`` (always) and ``<name>.svg`` /
+``<name>.pdf`` (when the Graphviz ``dot`` program is installed), and returns ``{key: path}``.
+
+Machine-readable marks (in the .dot source and, through Graphviz's ``class`` attribute, in the SVG):
+
+* erase mode: one node per GeZIG with ``id="group_<id>"`` and ``class`` tokens ``groups g-<id>``;
+  prune mode: an operator owning variables of channel groups has the token ``groups`` and lists
+  the group ids (as ranges) in its tooltip;
+* in the ``redundant`` drawing a node owning zero groups also has the token ``redundant`` and
+  ``zg-<id>`` for each zero group id; :func:`redundant_group_ids` parses them back.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..graph.trace import OpGraph, classify, op_name, trace
+from .dot import PALETTE, Dot, legend_table, render
+
+if TYPE_CHECKING:
+    from ..oto import OTO
+
+log = logging.getLogger("lightning_oto")
+
+DRAWINGS = ("trace", "space", "redundant", "subnet")
+
+KIND_COLORS = {
+    "input": "#ffffff", "output": "#ffffff", "stem": "#9ecae1", "joint": "#fdae6b",
+    "accessory": "#c7e9c0", "shape": "#eeeeee", "unknown": "#fb9a99",
+}
+KIND_SHAPES = {"input": "oval", "output": "oval", "joint": "ellipse"}
+GREY = "#e0e0e0"
+RED = "#e31a1c"
+ZERO_FILL = "#fb6a4a"
+
+
+# --------------------------------------------------------------------------- plain node list
+@dataclass
+class VNode:
+    """One operator, independent of where it came from (OpGraph or torch.fx GraphModule)."""
+
+    key: str
+    op: str
+    kind: str
+    module: str = ""
+    shape: tuple[int, ...] | None = None
+    inputs: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+
+
+def nodes_from_opgraph(graph: OpGraph) -> list[VNode]:
+    out = []
+    for n in graph.nodes:
+        out.append(VNode(f"n{n.id}", n.op, n.kind, n.module, n.shape, [f"n{i}" for i in n.inputs], list(n.params)))
+    return out
+
+
+def _fx_module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    if "]" in path and "self" in path:
+        path = path.split("]", 1)[-1].lstrip(".")
+    return path if isinstance(path, str) else ""
+
+
+@torch.no_grad()
+def fx_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> dict[str, tuple[int, ...]]:
+    """Output shape of every fx node, by running ``gm`` once on ``inputs`` (eval mode, restored after).
+
+    Surgery leaves stale shapes in ``node.meta`` (a concat that lost an input); this measures them.
+    Nothing is written to the graph or the module.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    class _Rec(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            res = super().run_node(n)
+            if isinstance(res, torch.Tensor):
+                shapes[n.name] = tuple(res.shape)
+            return res
+
+    was = gm.training
+    gm.eval()
+    try:
+        _Rec(gm).run(*inputs)
+    except Exception as e:  # noqa: BLE001 - drawing falls back to the traced shapes
+        log.info("lightning_oto.viz: could not re-measure sub-network shapes (%s); using traced ones", e)
+    finally:
+        gm.train(was)
+    return shapes
+
+
+def nodes_from_fx(gm: torch.fx.GraphModule, inputs: Sequence[Any] | None = None) -> list[VNode]:
+    """Operators of an fx GraphModule: placeholders, calls and the output (get_attr folded into params).
+
+    With ``inputs`` the shapes are measured by running the module; otherwise they come from ``node.meta``.
+    """
+    measured = fx_shapes(gm, inputs) if inputs is not None else {}
+    out: list[VNode] = []
+    keys: dict[torch.fx.Node, str] = {}
+    attrs: dict[torch.fx.Node, str] = {}
+    modules = dict(gm.named_modules())
+    for i, node in enumerate(gm.graph.nodes):
+        if node.op == "get_attr":
+            attrs[node] = str(node.target)
+            continue
+        if node.op != "output" and not node.users:
+            continue  # dead side effects (shape guards, asserts)
+        if node.op == "placeholder":
+            op, kind = "input", "input"
+        elif node.op == "output":
+            op, kind = "output", "output"
+        elif node.op == "call_module":
+            mod = modules.get(str(node.target))
+            typ = type(mod).__name__ if mod is not None else str(node.target)
+            op = "batch_norm" if "BatchNorm" in typ else typ.lower()
+            kind = classify(op)
+        else:
+            op = op_name(node.target)
+            kind = classify(op)
+        params: list[str] = []
+        inputs: list[str] = []
+        for a in node.all_input_nodes:
+            if a in attrs:
+                params.append(attrs[a])
+            elif a in keys:
+                inputs.append(keys[a])
+        if node.op == "call_module":
+            params += [f"{node.target}.{p}" for p, _ in modules[str(node.target)].named_parameters()] \
+                if str(node.target) in modules else []
+        val = node.meta.get("val")
+        shape = measured.get(node.name) or (tuple(val.shape) if isinstance(val, torch.Tensor) else None)
+        key = f"f{i}"
+        keys[node] = key
+        out.append(VNode(key, op, kind, _fx_module_path(node), shape, inputs, params))
+    return out
+
+
+# --------------------------------------------------------------------------- small helpers
+def _shape(shape: Sequence[int] | None) -> str:
+    if shape is None:
+        return ""
+    return "×".join(map(str, shape)) or "scalar"
+
+
+def _ranges(ids: Iterable[int]) -> str:
+    """[1,2,3,7,9,10] -> '1-3,7,9-10'."""
+    xs = sorted(set(ids))
+    parts: list[str] = []
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _short(text: str, n: int = 44) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _few(items: Sequence[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _module_of_param(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _classes(*tokens: str) -> str | None:
+    toks = [t for t in tokens if t]
+    return " ".join(toks) if toks else None
+
+
+def _base_label(v: VNode, with_module: bool = True) -> list[str]:
+    lines = [v.op if not with_module or not v.module else f"{v.op} · {v.module}"]
+    s = _shape(v.shape)
+    if s and v.kind != "output":
+        lines.append(s)
+    return lines
+
+
+def _new_dot(name: str, cluster_depth: int, n_nodes: int) -> Dot:
+    graph: dict[str, object] = {"labelloc": "t"}
+    if n_nodes > 400:
+        # straight segments lay out much faster on very large graphs and stay legible
+        graph.update({"splines": "line", "ranksep": "0.22", "nodesep": "0.12"})
+    return Dot(name, graph=graph, cluster_depth=cluster_depth)
+
+
+def _kind_legend(nodes: Sequence[VNode]) -> list[tuple[str, str, str]]:
+    present = {v.kind for v in nodes}
+    return [(k, KIND_COLORS[k], "") for k in ("stem", "joint", "accessory", "shape", "unknown") if k in present]
+
+
+# --------------------------------------------------------------------------- trace
+def trace_dot(nodes: Sequence[VNode], title: str, cluster_depth: int = 3,
+              extra: dict[str, dict[str, Any]] | None = None, subtitle: str = "") -> Dot:
+    """Operator graph coloured by kind; ``extra[key]`` may add label lines (``lines``) and attributes."""
+    d = _new_dot(title, cluster_depth, len(nodes))
+    d.graph_attrs["label"] = legend_table(title, _kind_legend(nodes), subtitle)
+    for v in nodes:
+        attrs: dict[str, Any] = {"fillcolor": KIND_COLORS.get(v.kind, "#ffffff"), "shape": KIND_SHAPES.get(v.kind)}
+        lines = _base_label(v)
+        tip = [f"{v.op} ({v.kind})", f"module: {v.module or '(forward)'}", f"shape: {_shape(v.shape) or '-'}"]
+        if v.params:
+            tip.append("params: " + ", ".join(v.params[:8]) + (" …" if len(v.params) > 8 else ""))
+        ex = (extra or {}).get(v.key)
+        if ex:
+            lines += ex.get("lines", [])
+            tip += ex.get("tip", [])
+            attrs.update(ex.get("attrs", {}))
+        if v.kind in ("input", "output"):
+            attrs["style"] = "bold"
+        attrs["label"] = "\n".join(lines)
+        attrs["tooltip"] = "\n".join(tip)
+        d.node(v.key, v.module, **attrs)
+    for v in nodes:
+        for i in v.inputs:
+            d.edge(i, v.key)
+    return d
+
+
+# --------------------------------------------------------------------------- prune-mode space
+class _UF:
+    def __init__(self) -> None:
+        self.p: dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.p.setdefault(a, a)
+        while self.p[a] != a:
+            self.p[a] = self.p[self.p[a]]
+            a = self.p[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.p[rb] = ra
+
+
+def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
+    """Operators coloured per coupled set of layers (modules linked by shared channel groups)."""
+    groups = oto.groups
+    owner: dict[str, set[int]] = {}     # param -> groups owning some of its entries
+    reader: dict[str, set[int]] = {}    # param -> groups whose channels it reads (dependent columns)
+    uf = _UF()
+    for g in groups:
+        mods = []
+        for s in g.slices:
+            owner.setdefault(s.name, set()).add(g.id)
+            mods.append(_module_of_param(s.name) or s.name)
+        for m in mods[1:]:
+            uf.union(mods[0], m)
+        if mods:
+            uf.find(mods[0])
+        for s in g.dependents:
+            reader.setdefault(s.name, set()).add(g.id)
+    nodes = nodes_from_opgraph(oto.graph)
+    # number the coupled sets in the order their first operator runs
+    set_index: dict[str, int] = {}
+    group_set: dict[int, int] = {}
+    for v in nodes:
+        for p in v.params:
+            if p in owner:
+                root = uf.find(_module_of_param(p) or p)
+                set_index.setdefault(root, len(set_index) + 1)
+    for g in groups:
+        if g.slices:
+            root = uf.find(_module_of_param(g.slices[0].name) or g.slices[0].name)
+            set_index.setdefault(root, len(set_index) + 1)
+            group_set[g.id] = set_index[root]
+    set_groups: dict[int, list[int]] = {}
+    for gid, k in group_set.items():
+        set_groups.setdefault(k, []).append(gid)
+    set_members: dict[int, list[str]] = {}
+    for m in list(uf.p):
+        k = set_index.get(uf.find(m))
+        if k is not None:
+            set_members.setdefault(k, []).append(m)
+
+    drawn: set[int] = set()
+    extra: dict[str, dict[str, Any]] = {}
+    for v in nodes:
+        gids = sorted(set().union(*[owner.get(p, set()) for p in v.params])) if v.params else []
+        reads = sorted(set().union(*[reader.get(p, set()) for p in v.params])) if v.params else []
+        if not gids and not reads:
+            if v.kind not in ("input", "output"):
+                extra[v.key] = {"attrs": {"fillcolor": "white", "color": "#9e9e9e", "fontcolor": "#424242"}}
+            continue
+        lines: list[str] = []
+        tip: list[str] = []
+        attrs: dict[str, Any] = {}
+        read_sets = sorted({group_set[g] for g in reads if g in group_set})
+        if gids:
+            drawn.update(gids)
+            sets = sorted({group_set[g] for g in gids})
+            pr = [g for g in gids if groups[g].prunable]
+            lines.append(f"{'S' + ','.join(map(str, sets))}: {len(gids)} groups / {len(pr)} prunable")
+            tip.append(f"coupled set(s) {', '.join('S%d' % s for s in sets)}: "
+                       + "; ".join(_few(sorted(set_members.get(s, []))) for s in sets))
+            tip.append(f"owns variables of groups {_ranges(gids)} ({len(pr)} prunable)")
+            reasons = sorted({groups[g].reason for g in gids if not groups[g].prunable and groups[g].reason})
+            if not pr:
+                attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
+                lines.append("unprunable: " + _short(reasons[0] if reasons else "unknown", 40))
+            else:
+                attrs["fillcolor"] = PALETTE[(sets[0] - 1) % len(PALETTE)]
+                if len(pr) < len(gids):
+                    lines.append(f"{len(gids) - len(pr)} unprunable")
+            if reasons:
+                tip.append("unprunable because: " + "; ".join(reasons))
+            cls = ["groups"]
+            if zero is not None:
+                zs = [g for g in gids if g in zero]
+                if zs:
+                    cls += ["redundant"] + [f"zg-{g}" for g in zs]
+                    lines.append(f"ZERO {len(zs)}/{len(gids)}")
+                    tip.append(f"redundant (zero) groups: {_ranges(zs)}")
+                    if len(zs) == len(gids):
+                        attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2")
+                    else:
+                        attrs.update(color=RED, penwidth="2.5")
+            attrs["class"] = _classes(*cls)
+        if read_sets:
+            lines.append("in ← " + ",".join(f"S{s}" for s in read_sets))
+            tip.append(f"its input columns follow groups {_ranges(reads)}")
+            if not gids:
+                attrs.setdefault("fillcolor", "white")
+        extra[v.key] = {"lines": lines, "tip": tip, "attrs": attrs}
+
+    prunable = sum(g.prunable for g in groups)
+    title = f"{type(oto.model).__name__} · prune-mode search space"
+    sub = (f"{len(groups)} channel groups ({prunable} prunable) in {len(set_groups)} coupled sets of layers "
+           "(colour = coupled set, Sk: groups / prunable owned by the operator; grey dashed = unprunable)")
+    legend = [(f"S{k}", PALETTE[(k - 1) % len(PALETTE)], "") for k in sorted(set_groups)
+              if any(groups[g].prunable for g in set_groups[k])][:16]
+    legend.append(("unprunable", GREY, "dashed"))
+    if zero is not None:
+        title = f"{type(oto.model).__name__} · redundant channel groups"
+        sub = f"{len(zero)} of {prunable} prunable groups are zero (red border: some, red fill: all of a layer's)"
+        legend.append(("ZERO", ZERO_FILL, ""))
+    d = trace_dot(nodes, title, cluster_depth, extra)
+    d.graph_attrs["label"] = legend_table(title, legend, sub)
+    _add_undrawn(d, [g for g in groups if g.id not in drawn], zero)
+    return d
+
+
+def _add_undrawn(d: Dot, groups: list, zero: set[int] | None) -> None:
+    """Groups owning no variable of a drawn operator (should not happen) still appear, in one note node."""
+    if not groups:
+        return
+    ids = [g.id for g in groups]
+    cls = ["groups"] + [f"g-{g}" for g in ids]
+    zs = [g for g in ids if zero is not None and g in zero]
+    if zs:
+        cls += ["redundant"] + [f"zg-{g}" for g in zs]
+    d.node("undrawn_groups", "", shape="note", fillcolor="#fff7bc",
+           label=f"{len(ids)} groups outside the drawn operators" + (f"\nZERO {_ranges(zs)}" if zs else ""),
+           tooltip="groups " + _ranges(ids), **{"class": _classes(*cls)})
+
+
+# --------------------------------------------------------------------------- erase-mode space
+def _common_prefix(paths: Iterable[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    pre = parts[0]
+    for p in parts[1:]:
+        n = 0
+        while n < min(len(pre), len(p)) and pre[n] == p[n]:
+            n += 1
+        pre = pre[:n]
+    return ".".join(pre)
+
+
+def _chain_text(ops: list[str], per_line: int = 3, limit: int = 9) -> list[str]:
+    # collapse runs (conv2d, conv2d) -> conv2d×2 to keep long DARTS-style chains short
+    runs: list[tuple[str, int]] = []
+    for o in ops:
+        if runs and runs[-1][0] == o:
+            runs[-1] = (o, runs[-1][1] + 1)
+        else:
+            runs.append((o, 1))
+    toks = [o if c == 1 else f"{o}×{c}" for o, c in runs]
+    if len(toks) > limit:
+        toks = toks[: limit - 1] + [f"… +{len(toks) - limit + 1}"]
+    return [" → ".join(toks[i: i + per_line]) for i in range(0, len(toks), per_line)]
+
+
+def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
+    """Segment graph: one node per segment listing its operators, coloured per GeZIG."""
+    sg = oto.segment_graph
+    g = oto.graph
+    by_vertex = {grp.vertex: grp for grp in oto.groups if grp.vertex is not None}
+    dead: set[int] = set()
+    if zero:
+        dead = sg.dead_set({oto.groups[i].vertex for i in zero}) or set()
+    title = f"{type(oto.model).__name__} · erase-mode segment graph"
+    n_erasable = sum(grp.prunable for grp in oto.groups)
+    sub = (f"{len(sg)} segments, {len(oto.groups)} GeZIGs ({n_erasable} erasable); colour = one GeZIG, "
+           "white = kept structure, orange = joint, grey dashed = not erasable")
+    if zero is not None:
+        title = f"{type(oto.model).__name__} · redundant operators (erase mode)"
+        sub = f"{len(zero)} of {n_erasable} erasable GeZIGs are zero (red, ZERO) and erased with what dies with them"
+    d = _new_dot(title, cluster_depth, len(sg))
+    for s in sg.segments:
+        ops = [g.nodes[i] for i in s.nodes]
+        module = _common_prefix(n.module for n in ops if n.module)
+        last = ops[-1]
+        attrs: dict[str, Any] = {}
+        tip = [f"segment {s.id} ({s.kind}): " + ", ".join(f"{n.op}[{n.module or 'forward'}]" for n in ops[:40])]
+        grp = by_vertex.get(s.id)
+        if s.kind in ("input", "output"):
+            lines = [s.kind if s.kind == "output" else f"input {last.name}"]
+            if s.kind == "input":
+                lines.append(_shape(last.shape))
+            attrs.update(shape="oval", style="bold")
+        elif s.kind == "joint":
+            lines = [last.op, _shape(last.shape)]
+            attrs.update(shape="ellipse", fillcolor=KIND_COLORS["joint"], fontsize="8")
+        else:
+            lines = _chain_text([n.op for n in ops])
+            if module:
+                lines.append(module)
+            if last.shape is not None:
+                lines.append(_shape(last.shape))
+        cls: list[str] = []
+        if grp is not None:
+            lines.insert(0, f"G{grp.id}")
+            tip.append(f"GeZIG {grp.id}: {grp.name} ({len(grp.slices)} variable slices"
+                       + (f", {len(grp.dependents)} dependent slices" if grp.dependents else "") + ")")
+            cls += ["groups", f"g-{grp.id}"]
+            attrs["id"] = f"group_{grp.id}"
+            if grp.prunable:
+                attrs["fillcolor"] = PALETTE[grp.id % len(PALETTE)]
+            else:
+                attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
+                lines.append("not erasable: " + _short(grp.reason or "unknown", 38))
+                tip.append("not erasable because " + (grp.reason or "unknown"))
+            if zero is not None and grp.id in zero:
+                cls += ["redundant", f"zg-{grp.id}"]
+                attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2.5")
+                lines[0] += " · ZERO"
+                tip.append("redundant: all its variables are zero; erased in the sub-network")
+        else:
+            attrs["id"] = f"seg_{s.id}"
+            if s.kind == "chain":
+                attrs.update(fillcolor="white", color="#616161")
+            if zero is not None and s.id in dead:
+                attrs.update(color=RED, style="rounded,filled,dashed", penwidth="1.5")
+                lines.append("dies (all inputs erased)")
+                cls.append("dead")
+        attrs["class"] = _classes(*cls)
+        attrs["label"] = "\n".join(x for x in lines if x)
+        attrs["tooltip"] = "\n".join(tip)
+        d.node(f"s{s.id}", module, **attrs)
+    for s in sg.segments:
+        for t in s.outputs:
+            style = {"color": RED, "style": "dashed"} if (s.id in dead) else {}
+            d.edge(f"s{s.id}", f"s{t}", **style)
+    legend = [(f"G{grp.id}", PALETTE[grp.id % len(PALETTE)], "") for grp in oto.groups if grp.prunable][:12]
+    legend += [("joint", KIND_COLORS["joint"], ""), ("kept", "#ffffff", ""), ("not erasable", GREY, "dashed")]
+    if zero is not None:
+        legend.append(("ZERO", ZERO_FILL, ""))
+    d.graph_attrs["label"] = legend_table(title, legend, sub)
+    return d
+
+
+# --------------------------------------------------------------------------- sub-network
+STEM_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "linear",
+            "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+def _channels(op: str, shape: Sequence[int]) -> tuple[int, int]:
+    """(out, in) channel counts of a conv/linear weight."""
+    if op.startswith("conv_transpose"):
+        return int(shape[1]), int(shape[0])
+    return int(shape[0]), int(shape[1]) if len(shape) > 1 else 1
+
+
+def _weight(v: VNode) -> str | None:
+    for p in v.params:
+        if p.endswith("weight"):
+            return p
+    return v.params[0] if v.params else None
+
+
+def subnet_dot(oto: "OTO", sub: nn.Module, cluster_depth: int = 3) -> Dot:
+    """What remains: erase mode the erased fx graph, prune mode the trace of the slimmed copy."""
+    full_shapes = dict(oto.graph.param_shapes)
+    if isinstance(sub, torch.fx.GraphModule):
+        nodes = nodes_from_fx(sub, oto.example_inputs)
+        kind = "erased fx graph"
+    else:
+        nodes = nodes_from_opgraph(trace(sub, oto.example_inputs))
+        kind = "slimmed copy"
+    sub_shapes = {n: tuple(p.shape) for n, p in sub.named_parameters()}
+    extra: dict[str, dict[str, Any]] = {}
+    changed = 0
+    for v in nodes:
+        if v.op not in STEM_OPS:
+            continue
+        w = _weight(v)
+        if w is None or w not in sub_shapes or w not in full_shapes:
+            continue
+        o0, i0 = _channels(v.op, full_shapes[w])
+        o1, i1 = _channels(v.op, sub_shapes[w])
+        line = f"out {o0}→{o1} · in {i0}→{i1}"
+        attrs: dict[str, Any] = {}
+        if (o0, i0) != (o1, i1):
+            changed += 1
+            attrs = {"penwidth": "2", "color": "#08519c", "class": "slimmed"}
+        extra[v.key] = {"lines": [line], "tip": [f"{w}: {list(full_shapes[w])} → {list(sub_shapes[w])}"],
+                        "attrs": attrs}
+    p_full = sum(p.numel() for p in oto.model.parameters())
+    p_sub = sum(p.numel() for p in sub.parameters())
+    n_full = sum(1 for n in oto.graph.nodes if n.kind not in ("input", "output"))
+    n_sub = sum(1 for v in nodes if v.kind not in ("input", "output"))
+    title = f"{type(oto.model).__name__} · sub-network ({oto.mode} mode, {kind})"
+    subtitle = (f"{n_sub} operators (full: {n_full}), parameters {p_full:,} → {p_sub:,} "
+                f"({100.0 * p_sub / max(1, p_full):.1f}%); {changed} conv/linear layers resized (blue border)")
+    return trace_dot(nodes, title, cluster_depth, extra, subtitle)
+
+
+# --------------------------------------------------------------------------- entry point
+def build_source(oto: "OTO", name: str, sub: nn.Module | None = None, cluster_depth: int = 3,
+                 zero: Sequence[int] | None = None) -> str:
+    """DOT source of one drawing (``name`` in :data:`DRAWINGS`)."""
+    if name == "trace":
+        nodes = nodes_from_opgraph(oto.graph)
+        summ = ", ".join(f"{k} {v}" for k, v in sorted(oto.graph.summary().items()))
+        return trace_dot(nodes, f"{type(oto.model).__name__} · traced operator graph", cluster_depth,
+                         subtitle=f"{len(oto.graph)} nodes ({summ}), {oto.graph.num_edges} edges").source()
+    if name in ("space", "redundant"):
+        zs = None
+        if name == "redundant":
+            zs = set(oto.zero_group_ids() if zero is None else zero)
+        if oto.mode == "erase" and oto.segment_graph is not None:
+            return erase_space_dot(oto, zs, cluster_depth).source()
+        return prune_space_dot(oto, zs, cluster_depth).source()
+    if name == "subnet":
+        if sub is None:
+            raise ValueError("the 'subnet' drawing needs a sub-network")
+        return subnet_dot(oto, sub, cluster_depth).source()
+    raise ValueError(f"unknown drawing {name!r}; choose from {DRAWINGS}")
+
+
+_CLASS_RE = re.compile(r'\bclass="([^"]*)"')
+
+
+def redundant_group_ids(source: str) -> set[int]:
+    """Group ids drawn as redundant in a DOT or SVG source (the ``zg-<id>`` class tokens)."""
+    ids: set[int] = set()
+    source = html.unescape(source)  # SVG writes '-' as '&#45;'
+    for m in _CLASS_RE.finditer(source):
+        toks = m.group(1).split()
+        if "redundant" in toks:
+            ids.update(int(t[3:]) for t in toks if t.startswith("zg-") and t[3:].isdigit())
+    return ids
+
+
+def visualize(oto: "OTO", out_dir: str | Path, what: Sequence[str] | str = DRAWINGS, sub: nn.Module | None = None,
+              formats: Sequence[str] = ("svg", "pdf"), cluster_depth: int = 3, prefix: str = "",
+              timeout: float = 120.0) -> dict[str, str]:
+    """Draw ``what`` (any of "trace", "space", "redundant", "subnet") of ``oto`` into ``out_dir``.
+
+    Each drawing ``name`` is written as ``<prefix><name>.dot`` and, when Graphviz's ``dot`` is
+    installed, rendered to each of ``formats`` (one layout per drawing).  Without ``dot`` only the
+    sources are written and a warning says how to install Graphviz.  ``sub`` is the sub-network for
+    "subnet" (built with ``oto.construct_subnet()`` when omitted).  Returns ``{name: path}`` with the
+    first rendered format of each drawing (the .dot source when nothing was rendered) plus
+    ``{"<name>.<ext>": path}`` for every file written.
+    """
+    if isinstance(what, str):
+        what = (what,)
+    bad = [w for w in what if w not in DRAWINGS]
+    if bad:
+        raise ValueError(f"unknown drawing(s) {bad}; choose from {DRAWINGS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if "subnet" in what and sub is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sub = oto.construct_subnet()
+    zero = oto.zero_group_ids() if "redundant" in what else None
+    result: dict[str, str] = {}
+    warned = False
+    for name in dict.fromkeys(what):
+        src = build_source(oto, name, sub=sub, cluster_depth=cluster_depth, zero=zero)
+        dot_path = out / f"{prefix}{name}.dot"
+        dot_path.write_text(src, encoding="utf-8")
+        files = render(dot_path, formats, timeout=timeout, warn=not warned)
+        if not files and formats:
+            warned = True
+        result[name] = next(iter(files.values()), str(dot_path))
+        result[f"{name}.dot"] = str(dot_path)
+        for fmt, p in files.items():
+            result[f"{name}.{fmt}"] = p
+    return result
+
+
+__all__ = ["visualize", "build_source", "redundant_group_ids", "trace_dot", "prune_space_dot", "erase_space_dot",
+           "subnet_dot", "nodes_from_fx", "nodes_from_opgraph", "DRAWINGS"]
