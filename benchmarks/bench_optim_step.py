@@ -48,17 +48,6 @@ def set_grads(model: nn.Module, seed: int = 0) -> None:
         p.grad = torch.randn(p.shape, generator=g) * 1e-2
 
 
-def time_steps(opt: torch.optim.Optimizer, reps: int, warm: int = 3) -> float:
-    for _ in range(warm):
-        opt.step()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        opt.step()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=30)
@@ -70,35 +59,41 @@ def main() -> None:
     model, groups = build()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, groups {len(groups)}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, reps {args.reps} (median ms)")
+          f"threads {torch.get_num_threads()}, reps {args.reps} (median ms, round-robin so load "
+          "fluctuations hit every optimizer alike)")
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def fresh() -> nn.Module:
-        model.load_state_dict(state)
-        set_grads(model)
-        return model
+        m, _ = build()
+        m.load_state_dict(state)
+        set_grads(m)
+        return m
 
-    results: dict[str, float] = {}
-    results["SGD(momentum=0.9)"] = time_steps(torch.optim.SGD(fresh().parameters(), lr=1e-3, momentum=0.9), args.reps)
-    results["SGD(momentum=0.9, foreach)"] = time_steps(
-        torch.optim.SGD(fresh().parameters(), lr=1e-3, momentum=0.9, foreach=True), args.reps)
     big = 10**9
-    # Random (fixed) saliency spreads the redundant channels over all layers, like a trained net;
-    # a global magnitude ranking on a fresh init would remove whole wide layers instead.
+    # Random (fixed) saliency spreads the redundant channels over all layers, like a trained net.
     scores = torch.rand(len(groups), generator=torch.Generator().manual_seed(1))
     kw = dict(lr=1e-3, momentum=0.9, target_group_sparsity=0.5, saliency=lambda st: scores)
-    results["DHSPG warmup"] = time_steps(
-        DHSPG(fresh().named_parameters(), groups, warmup_steps=big, projection_steps=big, **kw), args.reps)
-    opt = DHSPG(fresh().named_parameters(), groups, warmup_steps=1, projection_steps=big, **kw)
-    opt.step()
-    assert opt.phase == "projection"
-    results["DHSPG projection"] = time_steps(opt, args.reps)
-    opt = DHSPG(fresh().named_parameters(), groups, warmup_steps=1, projection_steps=1, **kw)
-    opt.step()
-    opt.step()
-    assert opt.phase == "hybrid" and len(opt.zero_group_ids()) == len(groups) // 2
-    results["DHSPG hybrid"] = time_steps(opt, args.reps)
-
+    opts: dict[str, torch.optim.Optimizer] = {
+        "SGD(momentum=0.9)": torch.optim.SGD(fresh().parameters(), lr=1e-3, momentum=0.9),
+        "SGD(momentum=0.9, foreach)": torch.optim.SGD(fresh().parameters(), lr=1e-3, momentum=0.9, foreach=True),
+        "DHSPG warmup": DHSPG(fresh().named_parameters(), groups, warmup_steps=big, projection_steps=big, **kw),
+        "DHSPG projection": DHSPG(fresh().named_parameters(), groups, warmup_steps=1, projection_steps=big, **kw),
+        "DHSPG hybrid": DHSPG(fresh().named_parameters(), groups, warmup_steps=1, projection_steps=1, **kw),
+    }
+    for _ in range(3):  # warm-up; moves the DHSPG instances into their phases
+        for o in opts.values():
+            o.step()
+    assert opts["DHSPG warmup"].phase == "warmup"
+    assert opts["DHSPG projection"].phase == "projection"
+    assert opts["DHSPG hybrid"].phase == "hybrid"
+    assert len(opts["DHSPG hybrid"].zero_group_ids()) == len(groups) // 2
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(args.reps):
+        for k, o in opts.items():
+            t = time.perf_counter()
+            o.step()
+            times[k].append(time.perf_counter() - t)
+    results = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     base = results["SGD(momentum=0.9)"]
     base_fe = results["SGD(momentum=0.9, foreach)"]
     for k, v in results.items():

@@ -158,6 +158,15 @@ def test_group_index_stats_match_loop() -> None:
         assert torch.allclose(st.grad_norm_sq[pos], (gr * gr).sum(), rtol=1e-5)
         assert torch.allclose(st.dot[pos], (x * gr).sum(), rtol=1e-5, atol=1e-6)
         assert st.numel[pos].item() == x.numel()
+    # yardstick: rows at their parameter's mean squared row norm
+    ref = torch.zeros(4)
+    for pos, g in enumerate(groups):
+        for sl in g.slices:
+            t = params[sl.name]
+            rows = t.movedim(sl.dim, 0).reshape(t.shape[sl.dim], -1)
+            mean = (rows * rows).sum(1).mean()
+            ref[pos] += mean * (t.shape[sl.dim] if sl.indices is None else len(sl.indices))
+    assert torch.allclose(st.x_ref_sq, ref, rtol=1e-5)
     # zero_ touches exactly the groups asked for, nothing else
     before = {k: v.clone() for k, v in params.items()}
     idx.zero_(idx.mask_from_ids([10, 12]))
@@ -332,6 +341,24 @@ def test_saliency_steps_window_gives_same_partition() -> None:
     assert torch.allclose(res[0][1], res[1][1], rtol=1e-3, atol=1e-4)
 
 
+def test_default_saliency_is_layer_scale_invariant() -> None:
+    """A layer with a 100x smaller weight scale is not wiped out by the default proxy."""
+    counts = {}
+    for sal in ("magnitude", "default"):
+        torch.manual_seed(0)
+        model = ConvNet()
+        with torch.no_grad():
+            for p in (model.c1.weight, model.c1.bias, model.b1.weight, model.b1.bias):
+                p.mul_(0.01)
+        opt = DHSPG(model.named_parameters(), conv_groups(), lr=1e-3, warmup_steps=3, projection_steps=3,
+                    target_group_sparsity=0.5, saliency=sal)
+        train_conv(model, opt, conv_batches(3))
+        red = opt.redundant_group_ids
+        counts[sal] = (sum(1 for g in red if g < 8), sum(1 for g in red if g >= 8))
+    assert counts["magnitude"] == (7, 0)  # global raw magnitude: (almost) the whole first layer
+    assert 1 <= counts["default"][1] and counts["default"][0] <= 6
+
+
 def test_custom_saliency_callable_and_registered_name() -> None:
     seen = []
 
@@ -375,8 +402,10 @@ def test_saliency_formulas() -> None:
         group_ids=(0, 1, 2, 3),
     )
     d = get_saliency("default")(st)
-    # rms = [1, 1, .05, 0]; cos = [1, -1, 1, 0]
+    # no yardstick: m = rms / max rms = [1, 1, .05, 0]; cos = [1, -1, 1, 0]
     assert torch.allclose(d, torch.tensor([0.5, 1.5, 0.025, 0.0]))
+    st.x_ref_sq = torch.tensor([16.0, 1.0, 0.01, 1.0])  # layer-relative: m = [0.5, 2, 1, 0]
+    assert torch.allclose(get_saliency("default")(st), torch.tensor([0.25, 3.0, 0.5, 0.0]))
     assert torch.allclose(get_saliency("magnitude")(st), torch.tensor([1.0, 1.0, 0.05, 0.0]))
     assert torch.allclose(get_saliency("taylor")(st), torch.tensor([2.0, 2.0, 0.1, 0.0]))
     with pytest.raises(ValueError, match="valid names: default, magnitude, taylor"):
@@ -695,3 +724,29 @@ def test_ddp_ranks_agree_on_redundant_set(tmp_path) -> None:
         train_mlp(model, opt, 4, mlp_data(seed=10 + rank))
         local.append(opt.redundant_group_ids)
     assert local[0] != local[1]
+
+
+# ---------------------------------------------------------------------------- device
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["sgd", "adamw"])
+def test_cuda_matches_cpu_and_follows_model_to(variant) -> None:
+    """Optimizer built on CPU, model moved to CUDA afterwards: same partition as a CPU run."""
+    torch.manual_seed(0)
+    ref = MLP()
+    model = copy.deepcopy(ref)
+    kw = dict(lr=0.05, variant=variant, warmup_steps=4, projection_steps=4, target_group_sparsity=0.5)
+    o_ref = DHSPG(ref.named_parameters(), mlp_groups(), **kw)
+    opt = DHSPG(model.named_parameters(), mlp_groups(), **kw)
+    model.cuda()
+    x, y = mlp_data()
+    train_mlp(ref, o_ref, 12, (x, y))
+    train_mlp(model, opt, 12, (x.cuda(), y.cuda()))
+    assert opt.redundant_group_ids == o_ref.redundant_group_ids
+    assert opt.zero_group_ids() == o_ref.zero_group_ids() and len(opt.zero_group_ids()) == 6
+    for p, q in zip(ref.parameters(), model.parameters()):
+        assert torch.allclose(p, q.cpu(), atol=1e-4)
+    sd = opt.state_dict()
+    opt2 = DHSPG(model.named_parameters(), mlp_groups(), **kw)
+    opt2.load_state_dict(sd)
+    train_mlp(model, opt2, 2, (x.cuda(), y.cuda()))
+    assert opt2.zero_group_ids() == o_ref.zero_group_ids()

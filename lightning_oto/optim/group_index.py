@@ -84,7 +84,10 @@ class IndexEntry:
 class GroupStats:
     """Per-group statistics at the current iterate (each tensor has shape ``[G]``).
 
-    Saliency functions receive this object.  ``dot`` is ``<grad_g, x_g>``.
+    Saliency functions receive this object.  ``dot`` is ``<grad_g, x_g>``.  ``x_ref_sq`` is the
+    squared norm the group *would* have if each of its rows (entries along the slicing dim) had
+    the mean squared row norm of its parameter — the yardstick that makes magnitudes comparable
+    across layers of different scale (``None`` when unknown).
     """
 
     x_norm_sq: torch.Tensor
@@ -92,6 +95,7 @@ class GroupStats:
     dot: torch.Tensor
     numel: torch.Tensor
     group_ids: tuple[int, ...]
+    x_ref_sq: torch.Tensor | None = None
 
     @property
     def x_norm(self) -> torch.Tensor:
@@ -107,13 +111,31 @@ class GroupStats:
         den = self.x_norm * self.grad_norm
         return torch.where(den > 0, self.dot / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
 
+    @property
+    def relative_magnitude(self) -> torch.Tensor:
+        """``sqrt(x_norm_sq / x_ref_sq)``: 1 for a group of typical size within its layers.
+
+        Falls back to ``rms / max(rms)`` when ``x_ref_sq`` is unknown.
+        """
+        if self.x_ref_sq is None:
+            rms = self.x_norm / self.numel.clamp_min(1).sqrt()
+            if rms.numel() == 0:
+                return rms
+            return rms / rms.max().clamp_min(torch.finfo(rms.dtype).tiny)
+        ref = self.x_ref_sq
+        ratio = self.x_norm_sq / ref.clamp_min(torch.finfo(ref.dtype).tiny)
+        return torch.where(ref > 0, ratio, torch.zeros_like(ratio)).clamp_min(0).sqrt()
+
     def packed(self) -> torch.Tensor:
-        """``[G, 3]`` tensor (x_norm_sq, grad_norm_sq, dot) — one buffer for all-reduce."""
-        return torch.stack([self.x_norm_sq, self.grad_norm_sq, self.dot], dim=1)
+        """``[G, 4]`` tensor (x_norm_sq, grad_norm_sq, dot, x_ref_sq) — one buffer for all-reduce."""
+        ref = self.x_ref_sq if self.x_ref_sq is not None else torch.full_like(self.x_norm_sq, float("nan"))
+        return torch.stack([self.x_norm_sq, self.grad_norm_sq, self.dot, ref], dim=1)
 
     @classmethod
     def from_packed(cls, packed: torch.Tensor, numel: torch.Tensor, group_ids: tuple[int, ...]) -> "GroupStats":
-        return cls(packed[:, 0], packed[:, 1], packed[:, 2], numel, group_ids)
+        ref = packed[:, 3]
+        return cls(packed[:, 0], packed[:, 1], packed[:, 2], numel, group_ids,
+                   None if bool(torch.isnan(ref).any()) else ref)
 
 
 class GroupIndex:
@@ -278,9 +300,25 @@ class GroupIndex:
             torch.mul(xs, xs, out=buf[0, off:])
             torch.mul(gs, gs, out=buf[1, off:])
             torch.mul(gs, xs, out=buf[2, off:])
-        acc = torch.zeros(3, G + 1, dtype=f32, device=self.device)
-        acc.index_add_(1, owner_all, buf)
-        return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids)
+        # yardstick: each row's parameter-mean squared row norm (4 vectorized ops in total)
+        row_entry, entry_rows = self._row_entry()
+        means = torch.zeros(entry_rows.numel(), dtype=f32, device=self.device).index_add_(0, row_entry, buf[0])
+        means.div_(entry_rows)
+        acc = torch.zeros(4, G + 1, dtype=f32, device=self.device)
+        acc[:3].index_add_(1, owner_all, buf)
+        acc[3].index_add_(0, owner_all, means[row_entry])
+        return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids, acc[3, :G])
+
+    def _row_entry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the :meth:`stats` layout: entry number of every row, and rows per entry."""
+        big, small, owner_all = self._stats_layout()
+        re = getattr(self, "_row_entry_cache", None)
+        if re is None or re[0].device != self.device:
+            sizes = [self.entries[i].owner.numel() for i in big + small]
+            row_entry = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+            re = (row_entry.to(self.device), torch.tensor(sizes, dtype=torch.float32, device=self.device))
+            self._row_entry_cache = re
+        return re
 
     def _stats_layout(self) -> tuple[list[int], list[int], torch.Tensor]:
         """Entry order used by :meth:`stats` (reduced entries, then 1-d ones) and their owners."""
@@ -293,26 +331,6 @@ class GroupIndex:
             lay = (big, small, owner_all.to(self.device))
             self._layout = lay
         return lay
-
-    @torch.no_grad()
-    def stats_of_rows(
-        self,
-        gathered: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None],
-    ) -> GroupStats:
-        """Like :meth:`stats` but from row subsets: per entry ``(owners, x_rows, g_rows)`` or ``None``.
-
-        Groups whose rows are not all given get partial (meaningless) values; callers pass every
-        row of the groups they care about (see :meth:`rows_for`).
-        """
-        G = self.num_groups
-        acc = torch.zeros(G + 1, 3, dtype=torch.float32, device=self.device)
-        for e, t in zip(self.entries, gathered):
-            if t is None:
-                continue
-            owners, xr, gr = t
-            acc.index_add_(0, owners, e.row_stats(xr, gr).to(acc.dtype))
-        acc = acc[:G]
-        return GroupStats(acc[:, 0], acc[:, 1], acc[:, 2], self.numel, self.group_ids)
 
     @torch.no_grad()
     def group_sums(self, tensors: Sequence[torch.Tensor] | None = None, *, square: bool = True) -> torch.Tensor:

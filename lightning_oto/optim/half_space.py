@@ -583,6 +583,19 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, exp_avg, denom, -lr / bc1)
 
     # ------------------------------------------------------------------ step
+    def _follow_device(self) -> None:
+        """Move the bookkeeping tensors if the parameters moved (``model.to(device)`` after construction)."""
+        self._index._sync_device()
+        dev = self._index.device
+        if self._redundant.device != dev:
+            self._redundant = self._redundant.to(dev)
+            self._frozen = self._frozen.to(dev)
+            self._deadline = self._deadline.to(dev)
+            self._lambdas = self._lambdas.to(dev)
+            if self._ema is not None:
+                self._ema = self._ema.to(dev)
+            self._cache_dirty = True
+
     @staticmethod
     def _all_reduce_stats(st: GroupStats) -> GroupStats:
         if _distributed() and dist.get_world_size() > 1:
@@ -601,6 +614,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hp = self.param_groups[0]
+        self._follow_device()
         self._refresh_cache()
         pending = self._selections_done < len(self._schedule)
         if pending and self.saliency_steps is not None:

@@ -10,14 +10,18 @@ which equals the cosine between the negative gradient and the projection directi
 
 * ``"default"`` (OTO/DHSPG style)::
 
-      score_g = (rms_g / max_h rms_h) * (1 - 0.5 * cos_g)
+      score_g = m_g * (1 - 0.5 * cos_g),     m_g = sqrt(|x_g|^2 / ref_g)
 
-  The normalised magnitude (in ``[0, 1]``) measures the distance to the origin; the factor
-  ``1 - 0.5*cos_g`` (in ``[0.5, 1.5]``) discounts groups whose projection direction ``-x_g``
-  agrees with the descent direction ``-grad_g`` (moving them to zero *decreases* the loss to
-  first order) and inflates groups for which the gradient pushes away from zero.  Groups with
-  tiny magnitude always rank as redundant, whatever the (noisy) gradient direction.
-* ``"magnitude"``: ``rms_g``.
+  ``m_g`` is the group's *layer-relative* magnitude: ``ref_g`` is the squared norm the group
+  would have if each of its rows had the mean squared row norm of its parameter
+  (:attr:`GroupStats.x_ref_sq`), so ``m_g = 1`` for a typical channel of its layer whatever
+  the layer's scale (a global ranking of raw magnitudes would strip whole layers with large
+  fan-in, since initial weight scale ~ 1/sqrt(fan_in)).  The factor ``1 - 0.5*cos_g`` (in
+  ``[0.5, 1.5]``) discounts groups whose projection direction ``-x_g`` agrees with the descent
+  direction ``-grad_g`` (moving them to zero *decreases* the loss to first order) and inflates
+  groups for which the gradient pushes away from zero.  Groups with tiny magnitude always rank
+  as redundant, whatever the (noisy) gradient direction.
+* ``"magnitude"``: ``rms_g`` (global, not layer-normalised).
 * ``"taylor"``: ``|<grad_g, x_g>|`` — the first-order estimate of the loss change caused by
   setting the group to zero.
 
@@ -52,17 +56,12 @@ def _rms(stats: GroupStats) -> torch.Tensor:
 
 
 def make_default_saliency(cos_weight: float = 0.5) -> SaliencyFn:
-    """DHSPG-style proxy ``(rms/max rms) * (1 - cos_weight * cos)``; ``cos_weight`` in ``[0, 1)``."""
+    """DHSPG-style proxy ``m * (1 - cos_weight * cos)``; ``cos_weight`` in ``[0, 1)``."""
     if not 0.0 <= cos_weight < 1.0:
         raise ValueError(f"cos_weight must be in [0, 1), got {cos_weight}")
 
     def fn(stats: GroupStats) -> torch.Tensor:
-        rms = _rms(stats)
-        if rms.numel() == 0:
-            return rms
-        top = rms.max()
-        mag = rms / top.clamp_min(torch.finfo(rms.dtype).tiny)  # all-zero groups → 0, no host sync
-        return mag * (1.0 - cos_weight * stats.cosine)
+        return stats.relative_magnitude * (1.0 - cos_weight * stats.cosine)
 
     fn.__name__ = f"default_saliency(cos_weight={cos_weight})"
     return fn
