@@ -1,0 +1,399 @@
+"""OTOCallback / OTOMixin end to end on a tiny CNN and synthetic 8x8 images (CPU, a few seconds each)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_oto import OTOCallback, OTOMixin
+from lightning_oto.lightning import PHASE_CODES, load_compressed
+from lightning_oto.lightning._common import rebind_scheduler, user_hparams
+from lightning_oto.optim import DHSPG, H2SPG
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+N, BATCH = 64, 16  # 4 batches per epoch
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int, residual: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.conv(x)))
+        return x + y if self.residual else y
+
+
+class TinyNet(nn.Module):
+    """Prune mode: stem/residual channels + mid channels; erase mode: the residual blocks."""
+
+    def __init__(self, blocks: int = 2, residual: bool = True) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(*[ResBlock(8, residual) for _ in range(blocks)])
+        self.mid = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mid(self.blocks(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class LitTiny(L.LightningModule):
+    def __init__(self, opt: str = "sgd", scheduler: bool = False, blocks: int = 2, example: bool = True,
+                 residual: bool = True) -> None:
+        super().__init__()
+        self.net = TinyNet(blocks, residual)
+        self.opt, self.scheduler = opt, scheduler
+        if example:
+            self.example_input_array = torch.randn(2, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, batch_size=len(x))
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("test_loss", F.cross_entropy(logits, y), batch_size=len(x))
+        self.log("test_acc", (logits.argmax(1) == y).float().mean(), batch_size=len(x))
+
+    def configure_optimizers(self):
+        if self.opt == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.8, weight_decay=1e-4)
+        elif self.opt == "adam":
+            opt = torch.optim.Adam(self.parameters(), lr=3e-3, betas=(0.8, 0.99), weight_decay=1e-5)
+        else:
+            return None
+        if self.scheduler:
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+        return opt
+
+
+def data(n: int = N, seed: int = 0) -> DataLoader:
+    """Random 8x8 images whose labels are a fixed linear function of the pixels (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    w = torch.randn(64, 4, generator=g)
+    y = (x.flatten(1) @ w).argmax(1)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+
+
+def trainer(root: Path, callbacks: list, logger=False, **kw) -> L.Trainer:
+    kw.setdefault("max_epochs", 4)
+    return L.Trainer(default_root_dir=str(root), accelerator="cpu", devices=1, callbacks=callbacks, logger=logger,
+                     enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                     enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, **kw)
+
+
+def outputs_equal(a: nn.Module, b, x: torch.Tensor, atol: float = 1e-5) -> float:
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    err = float((ya - yb).abs().max())
+    assert err <= atol, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------- prune
+def test_prune_end_to_end_metrics_scheduler_carry_over(tmp_path):
+    """SGD(lr=0.05, momentum=0.8, wd=1e-4) + StepLR: carried over, scheduler steps DHSPG, export + report."""
+    torch.manual_seed(0)
+    model = LitTiny(opt="sgd", scheduler=True)
+    out = tmp_path / "export"
+    cb = OTOCallback(mode="prune", target_group_sparsity=0.5, warmup_steps=4, projection_steps=4, export_dir=out)
+    tr = trainer(tmp_path, [cb], logger=CSVLogger(str(tmp_path), name="csv"))
+    tr.fit(model, data())
+
+    opt = tr.optimizers[0]
+    assert isinstance(opt, DHSPG) and opt is cb.optimizer
+    hp = opt.param_groups[0]
+    assert (hp["variant"], hp["momentum"], hp["weight_decay"], hp["nesterov"]) == ("sgd", 0.8, 1e-4, False)
+    assert hp["initial_lr"] == 0.05
+    assert math.isclose(hp["lr"], 0.05 * 0.5 ** 4)  # StepLR stepped the new optimizer once per epoch
+    assert tr.lr_scheduler_configs[0].scheduler.optimizer is opt
+    assert set(cb.settings["carried_over"]) >= {"lr", "momentum", "weight_decay", "variant"}
+
+    # files
+    for f in ("subnet.pt2", "subnet.onnx", "subnet_state_dict.pt", "oto_report.json", "oto_summary.txt"):
+        assert (out / f).exists(), f
+    x = torch.randn(5, 1, 8, 8)
+    sub = cb.subnet.eval()
+    outputs_equal(sub, load_compressed(out / "subnet.pt2"), x)
+    outputs_equal(sub, load_compressed(out / "subnet.onnx"), x, atol=1e-4)
+    outputs_equal(sub, OTOMixin.load_compressed(out), x)  # directory: the .pt2 program
+    model.eval()
+    outputs_equal(model, sub, x, atol=1e-4)  # full model with zero groups == sub-network
+
+    # report
+    rep = json.loads((out / "oto_report.json").read_text())
+    K = round(0.5 * rep["num_prunable_groups"])
+    assert rep["mode"] == "prune" and rep["optimizer"] == "DHSPG" and rep["target_group_sparsity"] == 0.5
+    assert rep["num_zero_groups"] == K and math.isclose(rep["group_sparsity"], K / rep["num_prunable_groups"])
+    assert rep["params_sub"] < rep["params_full"] and rep["flops_sub"] < rep["flops_full"]
+    assert rep["verification_max_abs_error"] <= 1e-4 and rep["phase"] == "hybrid"
+    assert sorted(g["id"] for g in rep["removed_groups"]) == sorted(cb.oto.zero_group_ids())
+    assert all(g["name"] == cb.oto.groups[g["id"]].name for g in rep["removed_groups"])
+    assert rep["params_sub"] == sum(p.numel() for p in sub.parameters())
+    assert "OTO compression summary" in (out / "oto_summary.txt").read_text()
+
+    # progress metrics: progress bar / callback_metrics and the CSV file
+    m = tr.callback_metrics
+    assert float(m["oto/phase"]) == PHASE_CODES["hybrid"] == 2
+    assert math.isclose(float(m["oto/group_sparsity"]), K / rep["num_prunable_groups"], rel_tol=1e-6)
+    assert float(m["oto/params"]) == rep["params_sub"]  # the live estimate is exact here
+    assert float(m["oto/flops"]) == rep["flops_sub"] and float(m["oto/flops_ratio"]) < 1
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    sp = [float(r["oto/group_sparsity"]) for r in rows if r.get("oto/group_sparsity")]
+    phases = [float(r["oto/phase"]) for r in rows if r.get("oto/phase")]
+    assert sp[0] == 0.0 and sp[-1] == pytest.approx(0.5) and all(b >= a for a, b in zip(sp, sp[1:]))
+    assert phases[0] == 0 and phases[-1] == 2 and 1 in phases and phases == sorted(phases)
+
+
+def test_swap_subnet_test_accuracy_equals_full_model(tmp_path):
+    torch.manual_seed(1)
+    model = LitTiny(opt="sgd")
+    cb = OTOCallback(mode="prune", target_group_sparsity=0.4, warmup_steps=3, projection_steps=3,
+                     export_formats=(), export_dir=tmp_path / "e", swap_subnet=True, network_attr="net")
+    tr = trainer(tmp_path, [cb], max_epochs=2)
+    tr.fit(model, data())
+    full = cb.full_network
+    assert model.net is cb.subnet and full is not None and full is cb.oto.model
+    n_sub = sum(p.numel() for p in model.net.parameters())
+    n_full = sum(p.numel() for p in full.parameters())
+    assert n_sub < n_full and cb.report["params_sub"] == n_sub
+    test_dl = data(32, seed=7)
+    sub_res = tr.test(model, test_dl, verbose=False)[0]
+    model.net = full
+    full_res = tr.test(model, test_dl, verbose=False)[0]
+    assert sub_res["test_acc"] == full_res["test_acc"]
+    assert sub_res["test_loss"] == pytest.approx(full_res["test_loss"], abs=1e-5)
+
+
+def test_swap_in_place_when_the_lightning_module_is_the_network(tmp_path):
+    torch.manual_seed(2)
+    model = LitTiny(opt="sgd")
+    n_full = sum(p.numel() for p in model.parameters())
+    cb = OTOCallback(mode="prune", target_group_sparsity=0.5, warmup_steps=2, projection_steps=2,
+                     export_formats=(), export_dir=tmp_path / "e", swap_subnet=True)
+    tr = trainer(tmp_path, [cb], max_epochs=2)
+    tr.fit(model, data())
+    assert sum(p.numel() for p in model.parameters()) == cb.report["params_sub"] < n_full
+    x = torch.randn(4, 1, 8, 8)
+    model.eval()
+    cb.full_network.eval()
+    outputs_equal(model, cb.full_network, x, atol=1e-4)
+    assert tr.test(model, data(16, seed=3), verbose=False)[0]["test_acc"] >= 0.0
+
+
+# ---------------------------------------------------------------------------------------------- erase
+def test_erase_end_to_end_adam_carry_over_and_swap(tmp_path):
+    torch.manual_seed(0)
+    model = LitTiny(opt="adam", blocks=4)
+    out = tmp_path / "erase"
+    cb = OTOCallback(mode="erase", target_group_sparsity=0.5, warmup_epochs=1, projection_epochs=1,
+                     export_dir=out, network_attr="net", swap_subnet=True)
+    tr = trainer(tmp_path, [cb], max_epochs=3)
+    tr.fit(model, data())
+    opt = cb.optimizer
+    assert isinstance(opt, H2SPG) and (opt.warmup_steps, opt.projection_steps) == (4, 4)
+    hp = opt.param_groups[0]
+    assert (hp["variant"], hp["lr"], tuple(hp["betas"]), hp["weight_decay"]) == ("adam", 3e-3, (0.8, 0.99), 1e-5)
+    rep = json.loads((out / "oto_report.json").read_text())
+    assert rep["mode"] == "erase" and rep["optimizer"] == "H2SPG"
+    assert rep["num_prunable_groups"] == 4 and rep["num_zero_groups"] == 2
+    assert all(g["name"].startswith("blocks.") for g in rep["removed_groups"])
+    assert rep["params_sub"] < rep["params_full"] and rep["verification_max_abs_error"] <= 1e-4
+    x = torch.randn(3, 1, 8, 8)
+    cb.subnet.eval()
+    outputs_equal(cb.subnet, load_compressed(out / "subnet.pt2"), x)
+    outputs_equal(cb.subnet, load_compressed(out / "subnet.onnx"), x, atol=1e-4)
+    # swapped: the GraphModule now runs inside the LightningModule
+    assert model.net is cb.subnet
+    full = cb.full_network.eval()
+    outputs_equal(model.eval(), full, x, atol=1e-4)
+    assert "test_acc" in tr.test(model, data(16, seed=5), verbose=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def _resume_cb(out: Path) -> OTOCallback:
+    return OTOCallback(mode="prune", target_group_sparsity=0.5, warmup_steps=6, projection_steps=4,
+                       export_dir=out, export_formats=("torch",))
+
+
+def test_resume_mid_search_matches_uninterrupted_run(tmp_path):
+    # uninterrupted: 4 epochs x 4 steps; selection at step 6, projection until step 10, then hybrid
+    torch.manual_seed(0)
+    full_cb = _resume_cb(tmp_path / "full")
+    trainer(tmp_path / "a", [full_cb], max_epochs=4).fit(LitTiny(), data())
+
+    # interrupted after 2 epochs (step 8: in the projection phase), then resumed from the checkpoint
+    torch.manual_seed(0)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = _resume_cb(tmp_path / "part")
+    trainer(tmp_path / "b", [first, ck], max_epochs=2).fit(LitTiny(), data())
+    assert first.optimizer.phase == "projection" and first.optimizer.num_steps == 8
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    cb_state = ckpt["callbacks"][first.state_key]
+    assert cb_state["phase"] == "projection" and cb_state["redundant"] == first.optimizer.redundant_group_ids
+    assert ckpt["optimizer_states"][0]["oto"]["num_steps"] == 8
+
+    torch.manual_seed(123)  # different init: everything must come from the checkpoint
+    resumed = _resume_cb(tmp_path / "resumed")
+    trainer(tmp_path / "c", [resumed], max_epochs=4).fit(LitTiny(), data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+    assert resumed.optimizer.num_steps == full_cb.optimizer.num_steps == 16
+    assert resumed.optimizer.redundant_group_ids == full_cb.optimizer.redundant_group_ids
+    assert resumed.report["removed_groups"] == full_cb.report["removed_groups"]
+    sa = torch.load(tmp_path / "full" / "subnet_state_dict.pt")
+    sb = torch.load(tmp_path / "resumed" / "subnet_state_dict.pt")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_rejects_a_different_search_space(tmp_path):
+    """Same parameter names (the weights load) but different wiring: the search space differs."""
+    ck = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = OTOCallback(mode="prune", warmup_steps=2, projection_steps=2, export_formats=(), export_dir=tmp_path / "e")
+    trainer(tmp_path, [cb, ck], max_epochs=1).fit(LitTiny(), data())
+    cb2 = OTOCallback(mode="prune", warmup_steps=2, projection_steps=2, export_formats=(), export_dir=tmp_path / "e")
+    with pytest.raises(RuntimeError, match="different search space"):
+        trainer(tmp_path, [cb2], max_epochs=2).fit(LitTiny(residual=False), data(),
+                                                   ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------- mixin
+class MixinNet(OTOMixin, L.LightningModule):
+    def __init__(self, lr: float = 0.05, target_group_sparsity: float = 0.5, oto_mode: str = "prune",
+                 warmup_steps: int = 3, projection_steps: int = 3, momentum: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = TinyNet()
+        self.example_input_array = torch.randn(2, 1, 8, 8)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+def test_mixin_optimizer_report_export_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = MixinNet()
+    tr = trainer(tmp_path, [], max_epochs=2)
+    tr.fit(model, data())
+    opt = tr.optimizers[0]
+    assert isinstance(opt, DHSPG) and opt.param_groups[0]["momentum"] == 0.5 and opt.param_groups[0]["lr"] == 0.05
+    assert opt.phase == "hybrid" and opt.group_sparsity() == pytest.approx(0.5)
+    rep = model.compression_report
+    assert rep["group_sparsity"] == pytest.approx(0.5) and rep["params_sub"] < rep["params_full"]
+    assert rep["verification_max_abs_error"] <= 1e-4 and len(rep["removed_groups"]) == 10
+    paths = model.export_compressed(tmp_path / "mx")
+    x = torch.randn(3, 1, 8, 8)
+    model.eval()
+    outputs_equal(model, MixinNet.load_compressed(paths["program"]), x, atol=1e-4)
+    outputs_equal(model, MixinNet.load_compressed(paths["onnx"]), x, atol=1e-4)
+    with pytest.raises(ValueError, match="structure"):
+        MixinNet.load_compressed(paths["state_dict"])
+
+
+def test_mixin_with_callback_reuses_its_optimizer(tmp_path):
+    torch.manual_seed(0)
+    model = MixinNet(warmup_steps=2, projection_steps=2)
+    cb = OTOCallback(mode="prune", export_formats=(), export_dir=tmp_path / "e")
+    tr = trainer(tmp_path, [cb], max_epochs=2)
+    tr.fit(model, data())
+    assert cb.optimizer is model._oto_optimizer is tr.optimizers[0] and cb.oto is model.oto
+    assert cb.report["group_sparsity"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- errors, units
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"target_group_sparsity must be a number in \[0, 1\)"):
+        OTOCallback(target_group_sparsity=1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        OTOCallback(target_group_sparsity=-0.1)
+    with pytest.raises(ValueError, match="does not fit mode 'erase'"):
+        OTOCallback(mode="erase", optimizer="dhspg")
+    with pytest.raises(ValueError, match="mode must be"):
+        OTOCallback(mode="shrink")
+    with pytest.raises(ValueError, match="not both"):
+        OTOCallback(warmup_steps=3, warmup_epochs=1)
+    with pytest.raises(ValueError, match="needs network_attr"):
+        OTOCallback(mode="erase", swap_subnet=True)
+    with pytest.raises(ValueError, match="export_formats"):
+        OTOCallback(export_formats=("tflite",))
+
+    cb = OTOCallback(warmup_steps=1, projection_steps=1, export_formats=())
+    with pytest.raises(ValueError, match="example_input_array"):
+        trainer(tmp_path, [cb], max_steps=1).fit(LitTiny(example=False), data())
+
+    class NoParams(LitTiny):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.ReLU())
+
+        def configure_optimizers(self):
+            return None
+
+        def training_step(self, batch, batch_idx):
+            return None
+
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        trainer(tmp_path, [OTOCallback(lr=0.1, export_formats=())], max_steps=1).fit(NoParams(), data())
+    with pytest.raises(AttributeError, match="network_attr='backbone'"):
+        trainer(tmp_path, [OTOCallback(network_attr="backbone")], max_steps=1).fit(LitTiny(), data())
+    with pytest.raises(ValueError, match="pass lr="):  # configure_optimizers returned None, no lr given
+        trainer(tmp_path, [OTOCallback(warmup_steps=1, projection_steps=1)], max_steps=1).fit(
+            LitTiny(opt="none"), data())
+
+
+def test_user_hparams_mapping():
+    p = [nn.Parameter(torch.zeros(2))]
+    h = user_hparams(torch.optim.SGD(p, lr=0.05, momentum=0.8, weight_decay=1e-4, nesterov=True))
+    assert (h["lr"], h["variant"], h["momentum"], h["nesterov"], h["weight_decay"]) == (0.05, "sgd", 0.8, True, 1e-4)
+    h = user_hparams(torch.optim.AdamW(p, lr=1e-3, betas=(0.8, 0.9), weight_decay=0.01))
+    assert (h["variant"], h["betas"], h["weight_decay"], "momentum" in h) == ("adamw", (0.8, 0.9), 0.01, False)
+    assert user_hparams(torch.optim.Adam(p, lr=1e-3))["variant"] == "adam"
+
+
+def test_rebind_scheduler_with_several_param_groups():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    old = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.01}], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(old, [lambda e: 0.5 ** e, lambda e: 1.0])
+    new = torch.optim.SGD([a, b], lr=0.1)
+    rebind_scheduler(sched, old, new, None)
+    new.param_groups[0]["initial_lr"] = 0.1
+    assert sched.optimizer is new and len(sched.base_lrs) == 1 and len(sched.lr_lambdas) == 1
+    new.step()
+    sched.step()
+    assert new.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_epochs_convert_to_steps_with_gradient_accumulation(tmp_path):
+    cb = OTOCallback(warmup_epochs=1, projection_epochs=0.5, export_formats=(), export_dir=tmp_path / "e")
+    trainer(tmp_path, [cb], max_epochs=1, accumulate_grad_batches=3).fit(LitTiny(), data())
+    # 4 batches, accumulate 3 -> ceil(4/3) = 2 optimizer steps per epoch
+    assert (cb.optimizer.warmup_steps, cb.optimizer.projection_steps) == (2, 1)
+    assert cb.optimizer.num_steps == 2
