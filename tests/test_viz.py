@@ -226,3 +226,12 @@ def test_training_curves_from_records_with_boundaries(tmp_path):
     assert _is_png(Path(out))
     # nothing plottable still gives a picture, not an error
     assert _is_png(Path(curves.plot_training_curves([{"step": 0}], tmp_path / "c.png")))
+
+
+def test_subnet_before_any_zero_draws_full_model(tmp_path, monkeypatch):
+    oto = OTO(ResCatNet(), torch.randn(1, 3, 8, 8), mode="prune")
+    monkeypatch.setattr(OTO, "construct_subnet", lambda self, **k: pytest.fail("nothing to construct yet"))
+    paths = visualize(oto, tmp_path, what=("subnet", "redundant"), formats=())
+    src = Path(paths["subnet.dot"]).read_text()
+    assert "no group is zero yet" in src and "out 8→8 · in 3→3" in src
+    assert redundant_group_ids(Path(paths["redundant.dot"]).read_text()) == set()

@@ -21,11 +21,12 @@ INSTALL_HINT = ("install Graphviz to get SVG/PDF drawings: `apt-get install grap
                 "`brew install graphviz` (macOS) or `conda install graphviz`; then e.g. "
                 "`dot -Tsvg {dot} -o {svg}` renders a written source by hand")
 
-# Qualitative pastel palette (ColorBrewer Set3 + Pastel1 + a few extra), readable with black text.
+# Qualitative pastel palette (from ColorBrewer Set3 / Pastel1 / Set2), readable with black text.  Reds and
+# oranges are left out on purpose: orange marks joint operators and red marks redundant (zero) structures.
 PALETTE = (
-    "#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#fdb462", "#b3de69", "#fccde5", "#bc80bd",
-    "#ccebc5", "#ffed6f", "#a6cee3", "#b2df8a", "#cab2d6", "#fbb4ae", "#b3cde3", "#decbe4",
-    "#fed9a6", "#e5d8bd", "#66c2a5", "#e78ac3", "#a6d854", "#ffd92f", "#e5c494", "#8da0cb",
+    "#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#b3de69", "#fccde5", "#bc80bd", "#ccebc5",
+    "#ffed6f", "#a6cee3", "#b2df8a", "#cab2d6", "#b3cde3", "#decbe4", "#e5d8bd", "#66c2a5",
+    "#e78ac3", "#a6d854", "#ffd92f", "#e5c494", "#8da0cb",
 )
 
 

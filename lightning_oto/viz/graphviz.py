@@ -349,7 +349,9 @@ def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
     sub = (f"{len(groups)} channel groups ({prunable} prunable) in {len(set_groups)} coupled sets of layers "
            "(colour = coupled set, Sk: groups / prunable owned by the operator; grey dashed = unprunable)")
     legend = [(f"S{k}", PALETTE[(k - 1) % len(PALETTE)], "") for k in sorted(set_groups)
-              if any(groups[g].prunable for g in set_groups[k])][:16]
+              if any(groups[g].prunable for g in set_groups[k])]
+    if len(legend) > 8:
+        legend = [("coupled set Sk (one colour each)", PALETTE[0], "")]
     legend.append(("unprunable", GREY, "dashed"))
     if zero is not None:
         title = f"{type(oto.model).__name__} · redundant channel groups"
@@ -474,8 +476,8 @@ def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
         for t in s.outputs:
             style = {"color": RED, "style": "dashed"} if (s.id in dead) else {}
             d.edge(f"s{s.id}", f"s{t}", **style)
-    legend = [(f"G{grp.id}", PALETTE[grp.id % len(PALETTE)], "") for grp in oto.groups if grp.prunable][:12]
-    legend += [("joint", KIND_COLORS["joint"], ""), ("kept", "#ffffff", ""), ("not erasable", GREY, "dashed")]
+    legend = [("erasable GeZIG Gk (one colour each)", PALETTE[0], ""), ("joint", KIND_COLORS["joint"], ""),
+              ("kept structure", "#ffffff", ""), ("not erasable", GREY, "dashed")]
     if zero is not None:
         legend.append(("ZERO", ZERO_FILL, ""))
     d.graph_attrs["label"] = legend_table(title, legend, sub)
@@ -501,10 +503,17 @@ def _weight(v: VNode) -> str | None:
     return v.params[0] if v.params else None
 
 
-def subnet_dot(oto: "OTO", sub: nn.Module, cluster_depth: int = 3) -> Dot:
-    """What remains: erase mode the erased fx graph, prune mode the trace of the slimmed copy."""
+def subnet_dot(oto: "OTO", sub: nn.Module | None, cluster_depth: int = 3) -> Dot:
+    """What remains: erase mode the erased fx graph, prune mode the trace of the slimmed copy.
+
+    ``sub=None`` means nothing is removed yet: the full model's trace is drawn as the sub-network.
+    """
     full_shapes = dict(oto.graph.param_shapes)
-    if isinstance(sub, torch.fx.GraphModule):
+    if sub is None:
+        nodes = nodes_from_opgraph(oto.graph)
+        kind = "no group is zero yet: the full model"
+        sub = oto.model
+    elif isinstance(sub, torch.fx.GraphModule):
         nodes = nodes_from_fx(sub, oto.example_inputs)
         kind = "erased fx graph"
     else:
@@ -555,8 +564,6 @@ def build_source(oto: "OTO", name: str, sub: nn.Module | None = None, cluster_de
             return erase_space_dot(oto, zs, cluster_depth).source()
         return prune_space_dot(oto, zs, cluster_depth).source()
     if name == "subnet":
-        if sub is None:
-            raise ValueError("the 'subnet' drawing needs a sub-network")
         return subnet_dot(oto, sub, cluster_depth).source()
     raise ValueError(f"unknown drawing {name!r}; choose from {DRAWINGS}")
 
@@ -583,7 +590,8 @@ def visualize(oto: "OTO", out_dir: str | Path, what: Sequence[str] | str = DRAWI
     Each drawing ``name`` is written as ``<prefix><name>.dot`` and, when Graphviz's ``dot`` is
     installed, rendered to each of ``formats`` (one layout per drawing).  Without ``dot`` only the
     sources are written and a warning says how to install Graphviz.  ``sub`` is the sub-network for
-    "subnet" (built with ``oto.construct_subnet()`` when omitted).  Returns ``{name: path}`` with the
+    "subnet" (built with ``oto.construct_subnet()`` when omitted; while no group is zero, e.g. at the
+    start of training, the full model is drawn instead and nothing is constructed).  Returns ``{name: path}`` with the
     first rendered format of each drawing (the .dot source when nothing was rendered) plus
     ``{"<name>.<ext>": path}`` for every file written.
     """
@@ -594,11 +602,11 @@ def visualize(oto: "OTO", out_dir: str | Path, what: Sequence[str] | str = DRAWI
         raise ValueError(f"unknown drawing(s) {bad}; choose from {DRAWINGS}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if "subnet" in what and sub is None:
+    zero = oto.zero_group_ids() if ("redundant" in what or ("subnet" in what and sub is None)) else None
+    if "subnet" in what and sub is None and zero:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sub = oto.construct_subnet()
-    zero = oto.zero_group_ids() if "redundant" in what else None
     result: dict[str, str] = {}
     warned = False
     for name in dict.fromkeys(what):
