@@ -187,7 +187,7 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
     """GeZIGs of ``graph``: Algorithm 2 plus the exactness conditions in the module docstring."""
     sg = build_segment_graph(graph)
     analysis = ChannelAnalysis(graph)
-    analysis.run()
+    analysis.walk()
     param_segments: dict[str, set[int]] = {}
     for s in sg.segments:
         for nid in s.nodes:
@@ -243,12 +243,8 @@ def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
         bad = _unsafe_downstream(graph, cat)
         if bad:
             return f"channels of {cat.name} flow through {bad}", [], []
-    own = {an.uf.find(e) for e in info.elems}
-    members: dict[int, list[int]] = {}
-    for e in range(len(an.uf.parent)):
-        r = an.uf.find(e)
-        if r in own:
-            members.setdefault(r, []).append(e)
+    comps = _components(an)
+    members = {r: comps[r] for r in {an.uf.find(e) for e in info.elems}}
     mine = set(info.elems)
     own_params = set(s.params)
     extra: list[tuple[str, int, int]] = []
@@ -265,6 +261,17 @@ def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
     from .prune import _merge
 
     return None, _merge(extra), _merge(deps)
+
+
+def _components(an: ChannelAnalysis) -> dict[int, list[int]]:
+    """Union-find root -> member elements, computed once per analysis (O(elements))."""
+    cached = getattr(an, "_components_cache", None)
+    if cached is None:
+        cached = {}
+        for e in range(len(an.uf.parent)):
+            cached.setdefault(an.uf.find(e), []).append(e)
+        an._components_cache = cached  # type: ignore[attr-defined]
+    return cached
 
 
 def _unsafe_downstream(graph: OpGraph, start: OpNode) -> str | None:

@@ -143,6 +143,11 @@ class ChannelAnalysis:
         self.deps.setdefault(e, []).append(key)
         self.param_elems.setdefault(name, set()).add(e)
 
+    def pin(self, name: str, dim: int, n: int, reason: str) -> None:
+        """Columns 0..n-1 of ``name`` along ``dim`` must stay: whoever else claims them becomes unprunable."""
+        for i in range(n):
+            self.add_dep(self.new_elem(reason), name, dim, i)
+
     # ----------------------------------------------------------------- helpers
     def arg(self, fx: torch.fx.Node, i: int, name: str | None = None, default: Any = None) -> Any:
         if len(fx.args) > i:
@@ -200,6 +205,11 @@ class ChannelAnalysis:
 
     # ----------------------------------------------------------------- main walk
     def run(self) -> PruneSpace:
+        self.walk()
+        return self.make_groups()
+
+    def walk(self) -> None:
+        """Assign channel elements to every tensor (no groups yet); erase mode stops here."""
         for node in self.g.nodes:
             if node.kind == "input":
                 self.info[node.name] = None
@@ -213,7 +223,6 @@ class ChannelAnalysis:
                 continue
             self.visit(node)
         self.check_param_uses()
-        return self.make_groups()
 
     def visit(self, node: OpNode) -> None:
         op = node.op
@@ -290,26 +299,43 @@ class ChannelAnalysis:
             reason = f"grouped transposed convolution {self.describe(node)}"
         outs = [self.new_elem(reason) for _ in range(cout)]
         if wname is not None:
+            # a transposed weight is (C_in, C_out / groups, ...): output o of every group reads column o % per
+            per = cout // groups if transposed else cout
             for o in range(cout):
-                self.add_var(outs[o], wname, 1 if transposed else 0, o)
+                self.add_var(outs[o], wname, 1 if transposed else 0, o % per)
         if bname is not None:
             for o in range(cout):
                 self.add_var(outs[o], bname, 0, o)
         self.info[node.name] = TInfo(1, outs, [True] * cout)
+        grouped = groups > 1 and not transposed
+        in_dim = 0 if transposed else 1
         if inp is None:
+            if grouped:
+                # removing a conv group means removing its input channels too, and these are not ours
+                self.mark(outs, f"grouped convolution {self.describe(node)} reads an untracked tensor")
+            elif wname is not None:
+                self.pin(wname, in_dim, cin, f"{self.describe(node)} also reads an untracked tensor")
             return
         if inp.cdim != 1 or len(inp.elems) != cin:
-            self.mark(inp.elems, f"{self.describe(node)} reads a tensor whose channels moved")
+            why = f"{self.describe(node)} reads a tensor whose channels moved"
+            self.mark(inp.elems, why)
+            if grouped:
+                self.mark(outs, why)
+            elif wname is not None:
+                self.pin(wname, in_dim, cin, why)
             return
         if groups == 1 or transposed:
             if reason:
                 self.mark(inp.elems, reason)
+                if wname is not None:
+                    self.pin(wname, in_dim, wshape[in_dim], reason)
                 return
             for c, e in enumerate(inp.elems):
                 if not inp.zi[c]:
                     self.mark([e], f"non-zero-invariant input ({inp.taint}) to {self.describe(node)}")
-                elif wname is not None:
-                    self.add_dep(e, wname, 0 if transposed else 1, c)
+                if wname is not None:
+                    # claimed even when unprunable: a shared weight's other call must not drop the column
+                    self.add_dep(e, wname, in_dim, c)
         else:
             in_per, out_per = cin // groups, cout // groups
             for gi in range(groups):
@@ -344,19 +370,26 @@ class ChannelAnalysis:
         self.info[node.name] = TInfo(len(out_shape) - 1, outs, [True] * nout)
         inp = self.tinfo(x)
         if inp is None:
+            if wname is not None:
+                self.pin(wname, 1, wshape[1], f"{self.describe(node)} also reads an untracked tensor")
             return
         xs = self.shape(x)
         if xs is None or inp.cdim != len(xs) - 1 or len(inp.elems) != wshape[1]:
-            self.mark(inp.elems, f"{self.describe(node)} mixes a dimension other than the channels")
+            why = f"{self.describe(node)} mixes a dimension other than the channels"
+            self.mark(inp.elems, why)
+            if wname is not None:
+                self.pin(wname, 1, wshape[1], why)
             return
         if reason:
             self.mark(inp.elems, reason)
+            if wname is not None:
+                self.pin(wname, 1, wshape[1], reason)
             return
         for c, e in enumerate(inp.elems):
             if not inp.zi[c]:
                 self.mark([e], f"non-zero-invariant input ({inp.taint}) to {self.describe(node)}")
-            else:
-                self.add_dep(e, wname, 1, c)
+            # claimed even when unprunable: a shared weight's other call must not drop the column
+            self.add_dep(e, wname, 1, c)
 
     # ----------------------------------------------------------------- norms
     def batch_norm(self, node: OpNode) -> None:
