@@ -224,6 +224,9 @@ def test_training_curves_from_records_with_boundaries(tmp_path):
     assert _is_png(Path(out))
     out = curves.plot_training_curves(recs, tmp_path / "b.png", phase_boundaries=[20, 60])
     assert _is_png(Path(out))
+    named = [dict(r, **{"oto/phase": "warmup" if r["step"] < 30 else "hybrid"}) for r in recs]
+    assert curves.phase_starts(named, [float(r["step"]) for r in named]) == [(0.0, "warm-up"), (30.0, "hybrid")]
+    assert _is_png(Path(curves.plot_training_curves(named, tmp_path / "n.png")))
     # nothing plottable still gives a picture, not an error
     assert _is_png(Path(curves.plot_training_curves([{"step": 0}], tmp_path / "c.png")))
 

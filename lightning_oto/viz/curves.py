@@ -223,7 +223,7 @@ def plot_training_curves(metrics_csv_or_records: str | Path | Sequence[Mapping[s
     ends = [s for s, _ in bounds[1:]] + [max(x_max, bounds[-1][0]) if bounds else x_max]
     for (start, name), end in zip(bounds, ends):
         for a in (ax, ax_sp):
-            a.axvspan(start, end, color=PHASE_COLORS.get(name, "#eeeeee"), alpha=0.45, lw=0, zorder=0)
+            a.axvspan(start, end, color=PHASE_COLORS.get(name, "#eeeeee"), alpha=0.35, lw=0, zorder=0)
             if start > x_min:
                 a.axvline(start, color="#444444", ls="--", lw=1.0, zorder=1)
         ax.text(start, 1.005, f" {name}", transform=ax.get_xaxis_transform(), ha="left", va="bottom",

@@ -438,8 +438,11 @@ def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
             attrs.update(shape="ellipse", fillcolor=KIND_COLORS["joint"], fontsize="8")
         else:
             lines = _chain_text([n.op for n in ops])
+            mods = list(dict.fromkeys(n.module for n in ops if n.module))
             if module:
                 lines.append(module)
+            elif mods:
+                lines.append(_few(mods, 3))
             if last.shape is not None:
                 lines.append(_shape(last.shape))
         cls: list[str] = []
