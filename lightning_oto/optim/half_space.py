@@ -1,22 +1,28 @@
 """Half-space projected gradient optimizers: DHSPG (pruning), H2SPG (erasing), HESSO.
 
+They see only removal groups (:class:`~lightning_oto.space.groups.Group`), never the graph.
+
 Phases (``optimizer.phase``), counted in optimizer steps:
 
 ``"warmup"``
     Steps ``0 .. warmup_steps-1``: the base variant (SGD / Adam / AdamW) updates every variable
-    while the per-group saliency (smaller = more redundant) is exponentially averaged.  At the end
-    of step ``warmup_steps-1`` (or at the start of the first step when ``warmup_steps == 0``) the
-    redundant set is chosen: ``K = round_half_up(target_group_sparsity * #prunable groups)``
-    groups (DHSPG: the K smallest scores; H2SPG: the smallest ones that pass ``hierarchy_check``).
+    while the per-group saliency (smaller = more redundant, see :mod:`.saliency`) is
+    exponentially averaged.  At the end of step ``warmup_steps-1`` (at the start of the first
+    step when ``warmup_steps == 0``) the redundant set is chosen:
+    ``K = floor(target_group_sparsity * #prunable groups + 0.5)`` groups — DHSPG: the K
+    smallest scores; H2SPG: ascending scores, accepting a candidate only if ``hierarchy_check``
+    passes.  Under DDP the EMA is averaged over ranks first, so every rank picks the same set.
 ``"projection"``
     The next ``projection_steps`` steps: important groups and ungrouped variables get base-variant
-    updates; redundant groups get a plain gradient step plus an adaptive group-sparsity push, then
-    the half-space projection (HESSO: a shrink schedule instead).  A redundant group that reaches
-    zero is frozen at zero.  At the end of the window every redundant group still non-zero is
-    forced to zero, so exactly K prunable groups are zero.
+    updates; redundant groups get a plain gradient step plus an adaptive group-sparsity push,
+    then the half-space projection (HESSO: a linear shrink instead).  A redundant group that
+    reaches zero is frozen at zero.  At the end of the window every redundant group still
+    non-zero is forced to zero, so exactly K prunable groups are zero.
 ``"hybrid"``
-    Afterwards: redundant groups stay exactly zero forever (values and optimizer state), every
-    other variable trains with the base variant.
+    Afterwards: redundant groups stay exactly zero forever — values and optimizer state
+    (momentum, Adam moments); the base update multiplies their rows by a 0/1 keep mask inside
+    fused ``addcmul`` ops, so this costs no extra pass — and every other variable trains with the
+    base variant.
 
 Redundant-group step of DHSPG / H2SPG (``g`` = gradient + ``weight_decay * x``, ``lr`` the current
 learning rate, ``R_g`` the number of projection steps left for the group, this one included)::
@@ -33,10 +39,14 @@ The second term of the ``min`` is the adaptive part: with ``d = -(g + lam x/|x|)
 the step remains a descent direction of the loss with margin ``m``.  When the gradient already
 points toward the origin (``cos >= 0``) the push is unconstrained.  The first term makes the push
 just strong enough to reach zero by the end of the window, independent of the learning-rate scale
-(so it works for Adam learning rates too).
+(so it works for Adam learning rates too); ``lambda_scale > 1`` reaches zero earlier (through the
+half-space test).  Where the descent cap binds, a group may still be non-zero at the deadline
+and is then forced to zero.  The half-space test costs no pass over the data:
+``<y, x> = a|x|^2 - c<grad, x>`` with the per-group scalars of ``y = a x - c grad``.
 
-Everything (step counter, saliency EMA, redundant/frozen sets, deadlines, momentum / Adam moments,
-last lambdas) is in ``state_dict()``; a resumed run reproduces an uninterrupted one.
+Everything (step counter, saliency EMA, redundant/frozen sets, deadlines, schedule, momentum /
+Adam moments, last lambdas) is in ``state_dict()``; a resumed run reproduces an uninterrupted one.
+One parameter group only (learning-rate schedulers work on it as usual).
 """
 from __future__ import annotations
 
@@ -656,6 +666,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             "deadline": self._deadline.detach().clone(),
             "lambdas": self._lambdas.detach().clone(),
             "schedule": list(self._schedule),
+            "warmup_steps": self.warmup_steps,
+            "projection_steps": self.projection_steps,
+            "pruning_periods": self.pruning_periods,
+            "target_group_sparsity": self.target_group_sparsity,
+            "num_redundant_target": self.num_redundant_target,
         }
         return sd
 
@@ -681,6 +696,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._deadline = oto["deadline"].detach().clone().to(device=dev, dtype=torch.long)
         self._lambdas = oto["lambdas"].detach().clone().to(device=dev, dtype=torch.float32)
         self._schedule = [tuple(s) for s in oto.get("schedule", self._schedule)]
+        # the checkpoint's schedule wins (like the param-group hyper-parameters torch restores)
+        for key in ("warmup_steps", "projection_steps", "pruning_periods", "target_group_sparsity",
+                    "num_redundant_target"):
+            if key in oto:
+                setattr(self, key, oto[key])
         self._cache_dirty = True
 
 
