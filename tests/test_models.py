@@ -17,6 +17,7 @@ from lightning_oto.models import (
     StackedUnets,
     SuperResNet,
     build_model,
+    calibrate_batchnorm,
     count_macs,
     count_params,
 )
@@ -132,3 +133,17 @@ def test_small_variants_run() -> None:
         with torch.no_grad():
             assert m(m.example_input(2)).shape == (2, m.num_classes)
     assert count_params(small[0]) < count_params(StackedUnets())
+
+
+def test_calibrate_batchnorm_tames_untrained_darts() -> None:
+    """Un-averaged DARTS node sums blow up in eval mode with fresh BN statistics; calibration fixes it."""
+    model = DartsNetwork(C=4, layers=6, steps=3, stem_stride=2, image_size=32).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x).abs().max().item()
+    calibrate_batchnorm(model, x)
+    assert not model.training
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        after = model(x).abs().max().item()
+    assert after < 1e3 < before, (before, after)

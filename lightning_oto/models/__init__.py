@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .common import ConvBN, count_flops, count_macs, count_params
+from .common import ConvBN, calibrate_batchnorm, count_flops, count_macs, count_params
 from .darts import PRIMITIVES, DartsNetwork
 from .demonet import DemoNet
 from .regnet import REGNETX_CONFIGS, RegNet
@@ -70,6 +70,7 @@ __all__ = [
     "SuperResNet",
     "UNet",
     "build_model",
+    "calibrate_batchnorm",
     "count_flops",
     "count_macs",
     "count_params",

@@ -17,6 +17,11 @@ STL-10 adaptation: the paper gives only the totals (8 cells, 4.05M params, 614M 
 default stem (3x3 conv stride 3: 96x96 -> 32x32, the CIFAR resolution DARTS was designed for; stem
 width 3C) with C=24 lands on them (4.08M / 600M); ``stem_stride`` and ``C`` are arguments.
 ``DartsNetwork(layers=14)`` is the 14-cell variant.
+
+Numerics: with no architecture weights, node sums are not averaged, so an *untrained* network in eval
+mode (BN running stats still 0/1) grows ~40x per cell (~1e13 at the output of 8 cells).  Training mode
+and trained networks are fine; to compare untrained full and sub-networks use a relative tolerance or
+call ``lightning_oto.models.calibrate_batchnorm(model, x)`` first (output back to O(100)).
 """
 
 from __future__ import annotations
