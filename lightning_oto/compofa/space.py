@@ -46,7 +46,7 @@ class SupernetConfig:
     stem_channels: int = 16
     stem_stride: int = 2
     stage_channels: list[int] = field(default_factory=lambda: [16, 24, 32, 48, 64])
-    stage_strides: list[int] = field(default_factory=lambda: [1, 2, 1, 2, 1])
+    stage_strides: list[int] = field(default_factory=lambda: [2, 1, 2, 1, 1])
     stage_kernels: list[int] = field(default_factory=lambda: [3, 3, 5, 3, 5])
     stage_se: list[bool] = field(default_factory=lambda: [False, False, True, True, True])
     stage_act: list[str] = field(default_factory=lambda: ["relu", "relu", "hswish", "hswish", "hswish"])

@@ -1,0 +1,301 @@
+"""End-to-end CompOFA run: train (teacher -> compound) -> search -> extract -> export -> report.
+
+``run_compofa`` takes a flat, serializable :class:`CompOFARunConfig` (or a dict of its fields) so a
+Hydra config can call it directly.  Defaults finish in a few minutes on 2 CPU cores with the
+offline digits data; scale epochs/search sizes up for real runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from .data import build_loaders
+from .extract import export_subnet, extract_subnet, max_abs_diff_vs_supernet
+from .latency import LatencyTable, supernet_latency_fn
+from .report import plot_pareto, write_table
+from .search import EvolutionConfig, best_under, default_targets, exhaustive_evaluation, pareto_front, search_pareto
+from .space import DesignSpace, SupernetConfig
+from .supernet import CompOFASupernet, count_params
+from .training import AccuracyEvaluator, compofa_phases, evaluate_accuracy, recalibrate_bn, train_phases
+
+
+@dataclass
+class CompOFARunConfig:
+    """Everything ``run_compofa`` needs; flat and YAML-serializable (lists, not tuples)."""
+
+    output_dir: str = "outputs/compofa"
+    seed: int = 0
+    num_threads: int = 1  # small convs: 1 thread is as fast and immune to oversubscription
+    # data
+    dataset: str = "digits"  # digits | mnist | synthetic
+    data_source: str = "auto"  # auto | local | shared (lightning_oto.data)
+    batch_size: int = 64
+    num_samples: int | None = None
+    # supernet (see SupernetConfig)
+    input_size: int = 28
+    stem_channels: int = 16
+    stage_channels: list[int] = field(default_factory=lambda: [16, 24, 32, 48, 64])
+    stage_strides: list[int] = field(default_factory=lambda: [2, 1, 2, 1, 1])
+    stage_kernels: list[int] = field(default_factory=lambda: [3, 3, 5, 3, 5])
+    stage_se: list[bool] = field(default_factory=lambda: [False, False, True, True, True])
+    stage_act: list[str] = field(default_factory=lambda: ["relu", "relu", "hswish", "hswish", "hswish"])
+    depth_choices: list[int] = field(default_factory=lambda: [2, 3, 4])
+    expand_choices: list[int] = field(default_factory=lambda: [3, 4, 6])
+    head_channels: int = 128
+    resolutions: list[int] | None = None  # elastic resolution for search; default [input_size]
+    # training (paper: teacher 180 ep, compound 25 + 125 ep; scaled down)
+    teacher_epochs: int = 3
+    compound_warmup_epochs: int = 1
+    compound_epochs: int = 2
+    teacher_lr: float = 0.1
+    compound_warmup_lr: float = 0.02
+    compound_lr: float = 0.05
+    n_sample: int = 4
+    kd_ratio: float = 1.0
+    kd_temperature: float = 1.0
+    teacher_mode: str = "copy"  # copy (frozen trained full net) | inplace (largest subnet, no grad)
+    momentum: float = 0.9
+    weight_decay: float = 3e-5
+    # BN recalibration / evaluation
+    calib_size: int = 256
+    calib_batches: int = 2
+    # latency
+    latency_threads: int = 1
+    latency_warmup: int = 3
+    latency_runs: int = 10
+    latency_table: str | None = None  # JSON to load (and update); default <output_dir>/latency_table.json
+    # search
+    latency_targets_ms: list[float] | None = None  # default: spread between min and max network
+    num_latency_targets: int = 3
+    exhaustive: bool = False  # evaluate all 243 instead of evolutionary search
+    population_size: int = 20
+    num_iterations: int = 10
+    parent_ratio: float = 0.25
+    mutation_ratio: float = 0.5
+    mutate_prob: float = 0.1
+    # extraction / export
+    export_formats: list[str] = field(default_factory=lambda: ["torch", "onnx"])
+
+    def supernet_config(self, num_classes: int = 10) -> SupernetConfig:
+        return SupernetConfig(
+            input_size=self.input_size,
+            in_channels=1,
+            num_classes=num_classes,
+            stem_channels=self.stem_channels,
+            stage_channels=list(self.stage_channels),
+            stage_strides=list(self.stage_strides),
+            stage_kernels=list(self.stage_kernels),
+            stage_se=list(self.stage_se),
+            stage_act=list(self.stage_act),
+            depth_choices=list(self.depth_choices),
+            expand_choices=list(self.expand_choices),
+            head_channels=self.head_channels,
+        )
+
+    def evolution_config(self) -> EvolutionConfig:
+        return EvolutionConfig(
+            population_size=self.population_size,
+            num_iterations=self.num_iterations,
+            parent_ratio=self.parent_ratio,
+            mutation_ratio=self.mutation_ratio,
+            mutate_prob=self.mutate_prob,
+            seed=self.seed,
+        )
+
+    @classmethod
+    def from_any(cls, cfg: "CompOFARunConfig | Mapping[str, Any] | None") -> "CompOFARunConfig":
+        """Accept the dataclass, a plain dict, or a DictConfig-like mapping (unknown keys rejected)."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        if dataclasses.is_dataclass(cfg):
+            cfg = asdict(cfg)  # type: ignore[arg-type]
+        d = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)  # type: ignore[arg-type]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown CompOFA config keys: {unknown}")
+        d = {k: (list(v) if isinstance(v, (tuple,)) or type(v).__name__ == "ListConfig" else v) for k, v in d.items()}
+        return cls(**d)
+
+
+def _flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        module(x)
+    return int(fc.get_total_flops())
+
+
+def run_compofa(cfg_like: "CompOFARunConfig | Mapping[str, Any] | None" = None) -> dict[str, Any]:
+    """Train the supernet (teacher -> compound), search per latency target, extract, export, report.
+
+    Writes into ``output_dir``: ``supernet.pt``, ``latency_table.json``, ``pareto.{csv,md,png}``,
+    ``subnets/`` (state_dict, ``.pt2``, ``.onnx`` per selected network) and ``summary.json``
+    (also returned).
+    """
+    cfg = CompOFARunConfig.from_any(cfg_like)
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.num_threads)))
+    t_start = time.perf_counter()
+    try:
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        loaders = build_loaders(
+            cfg.dataset,
+            cfg.input_size,
+            cfg.batch_size,
+            calib_size=cfg.calib_size,
+            seed=cfg.seed,
+            num_samples=cfg.num_samples,
+            source=cfg.data_source,
+        )
+        sn_cfg = cfg.supernet_config(loaders.num_classes)
+        supernet = CompOFASupernet(sn_cfg)
+        space = DesignSpace.compound(sn_cfg, resolutions=cfg.resolutions or [cfg.input_size])
+        ofa_space = DesignSpace.ofa(sn_cfg)
+
+        # ---- train: teacher -> compound (one config, chained phases) ---------------------------
+        phases = compofa_phases(
+            sn_cfg,
+            teacher_epochs=cfg.teacher_epochs,
+            warmup_epochs=cfg.compound_warmup_epochs,
+            epochs=cfg.compound_epochs,
+            teacher_lr=cfg.teacher_lr,
+            warmup_lr=cfg.compound_warmup_lr,
+            lr=cfg.compound_lr,
+            n_sample=cfg.n_sample,
+        )
+        train = train_phases(
+            supernet,
+            phases,
+            loaders.train,
+            teacher="inplace" if cfg.teacher_mode == "inplace" else None,
+            kd_ratio=cfg.kd_ratio,
+            kd_temperature=cfg.kd_temperature,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+        )
+        torch.save(supernet.state_dict(), os.path.join(out, "supernet.pt"))
+
+        # ---- search --------------------------------------------------------------------------
+        acc_fn = AccuracyEvaluator(supernet, loaders.calib, loaders.val, cfg.calib_batches)
+        lat_path = cfg.latency_table or os.path.join(out, "latency_table.json")
+        measure = supernet_latency_fn(
+            supernet, num_threads=cfg.latency_threads, warmup=cfg.latency_warmup, runs=cfg.latency_runs
+        )
+        meta = {"threads": cfg.latency_threads, "batch": 1, "warmup": cfg.latency_warmup, "runs": cfg.latency_runs}
+        if os.path.exists(lat_path):
+            lat_table = LatencyTable.load(lat_path, measure)
+        else:
+            lat_table = LatencyTable(measure, meta=meta)
+        t_search = time.perf_counter()
+        lat_lo = min(lat_table(space.min_config().with_resolution(r)) for r in space.resolutions)
+        lat_hi = max(lat_table(space.max_config().with_resolution(r)) for r in space.resolutions)
+        targets = list(cfg.latency_targets_ms or default_targets(lat_lo, lat_hi, cfg.num_latency_targets))
+        if cfg.exhaustive:
+            rows = exhaustive_evaluation(space, acc_fn, lat_table)
+            results = []
+            from .search import SearchResult
+
+            for t in targets:
+                b = best_under(rows, t)
+                results.append(
+                    SearchResult(t, b is not None, b["config"] if b else None,
+                                 b["accuracy"] if b else float("nan"), b["latency_ms"] if b else float("nan"),
+                                 candidates_checked=len(rows))
+                )
+        else:
+            results = search_pareto(space, acc_fn, lat_table, targets, cfg.evolution_config())
+        search_time = time.perf_counter() - t_search
+        lat_table.save(lat_path)
+
+        # ---- extract, verify, export ---------------------------------------------------------
+        sub_dir = os.path.join(out, "subnets")
+        pareto_rows = []
+        exported: dict[str, Any] = {}
+        for res in results:
+            row = res.row()
+            if res.feasible and res.config is not None:
+                c = res.config
+                recalibrate_bn(supernet, c, loaders.calib, cfg.calib_batches)
+                sub = extract_subnet(supernet, c).eval()
+                x = torch.randn(2, 1, c.resolution, c.resolution)
+                row["extract_max_abs_diff"] = max_abs_diff_vs_supernet(supernet, sub, c, x)
+                row["test_accuracy"] = round(evaluate_accuracy(sub, c, loaders.test), 4)
+                row["params"] = count_params(sub)
+                row["mflops"] = round(_flops(sub, x[:1]) / 1e6, 3)
+                name = c.short().replace("@", "_r")
+                if name not in exported:
+                    exported[name] = export_subnet(sub, sub_dir, x[:1], cfg.export_formats, name=name)
+                    with open(os.path.join(sub_dir, f"{name}.json"), "w") as f:
+                        json.dump(c.to_dict(), f)
+                row["export"] = name
+            pareto_rows.append(row)
+        front_idx = pareto_front([(r["latency_ms"], r["accuracy"]) for r in pareto_rows if r["feasible"]])
+        feas = [r for r in pareto_rows if r["feasible"]]
+        for i, r in enumerate(feas):
+            r["pareto_optimal"] = i in front_idx
+        write_table(pareto_rows, os.path.join(out, "pareto.csv"), os.path.join(out, "pareto.md"),
+                    title="CompOFA: best sub-network per latency target")
+        cloud = [
+            {"latency_ms": lat_table.table[k], "accuracy": a}
+            for k, a in acc_fn.cache.items()
+            if k in lat_table.table
+        ]
+        plot_pareto(os.path.join(out, "pareto.png"), pareto_rows, cloud, targets)
+
+        # ---- summary -----------------------------------------------------------------------
+        full = space.max_config()
+        recalibrate_bn(supernet, full, loaders.calib, cfg.calib_batches)
+        summary: dict[str, Any] = {
+            "config": asdict(cfg),
+            "data_source": loaders.source,
+            "num_architectures": space.num_architectures(),
+            "num_configs_with_resolution": space.num_configs(),
+            "ofa_num_architectures": ofa_space.num_architectures(),
+            "supernet_params": count_params(supernet),
+            "training": {
+                "phases": train.phases,
+                "wall_time_s": round(train.wall_time_s, 2),
+                "compound_wall_time_s": round(train.time_excluding("teacher"), 2),
+            },
+            "teacher_val_accuracy": acc_fn(full),
+            "teacher_test_accuracy": evaluate_accuracy(supernet, full, loaders.test),
+            "search": {
+                "mode": "exhaustive" if cfg.exhaustive else "evolutionary",
+                "targets_ms": targets,
+                "time_s": round(search_time, 3),
+                "latency_table": lat_table.stats(),
+                "accuracy_evaluations": acc_fn.evaluations,
+                "accuracy_eval_time_s": round(acc_fn.eval_time_s, 3),
+            },
+            "pareto": pareto_rows,
+            "exported": exported,
+            "files": {
+                "supernet": os.path.join(out, "supernet.pt"),
+                "latency_table": lat_path,
+                "csv": os.path.join(out, "pareto.csv"),
+                "md": os.path.join(out, "pareto.md"),
+                "png": os.path.join(out, "pareto.png"),
+                "summary": os.path.join(out, "summary.json"),
+            },
+        }
+        summary["total_time_s"] = round(time.perf_counter() - t_start, 2)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        return summary
+    finally:
+        torch.set_num_threads(prev_threads)
