@@ -229,6 +229,9 @@ class OTOCallback(Callback):
                 raise ValueError(f"{self._who()}: the LightningModule's OTOMixin uses mode {self.oto.mode!r}.")
         else:
             self.oto = OTO(net, C.to_device(x, net), mode=self.mode)
+        if "torch" in self.export_formats and all(t.dim() and t.shape[0] == 1 for t in self.oto.example_inputs):
+            rank_zero_warn("OTO: the example input has batch size 1, which torch.export specializes: the exported "
+                           "program will only accept batch size 1. Use an example input with a batch of 2 or more.")
         self.space_id = C.space_hash(self.oto.groups, self.mode)
         ids = _gather(self.space_id)
         if len(set(ids)) > 1:
