@@ -69,33 +69,41 @@ class SegmentGraph:
         return dead
 
     def removal_is_valid(self, removed: Iterable[int]) -> bool:
-        """True when removing the ``removed`` segments leaves a working network (inputs reach outputs)."""
+        """True when removing the ``removed`` segments leaves a working network (inputs reach outputs).
+
+        Only inputs that reach an output in the full network count: an input the model never uses, or
+        uses only in dead code, cannot be disconnected by a removal.
+        """
         removed = {r for r in removed if r is not None}
         dead = self.dead_set(removed)
         if dead is None:
             return False
         if any(o in dead for o in self.output_segments):
             return False
+        live = self._live_inputs()
+        return all(self._reaches_output(src, dead) for src in live)
+
+    def _live_inputs(self) -> list[int]:
+        cached = getattr(self, "_live_cache", None)
+        if cached is None:
+            cached = [src for src in self.input_segments if self._reaches_output(src, set())]
+            self._live_cache = cached
+        return cached
+
+    def _reaches_output(self, src: int, dead: set[int]) -> bool:
         outputs = set(self.output_segments)
-        for src in self.input_segments:
-            if not self.segments[src].outputs:
-                continue  # an input the model never used
-            seen = {src}
-            q = deque([src])
-            ok = False
-            while q and not ok:
-                s = q.popleft()
-                for t in self.segments[s].outputs:
-                    if t in dead or t in seen:
-                        continue
-                    if t in outputs:
-                        ok = True
-                        break
-                    seen.add(t)
-                    q.append(t)
-            if not ok:
-                return False
-        return True
+        seen = {src}
+        q = deque([src])
+        while q:
+            s = q.popleft()
+            for t in self.segments[s].outputs:
+                if t in dead or t in seen:
+                    continue
+                if t in outputs:
+                    return True
+                seen.add(t)
+                q.append(t)
+        return False
 
 
 @dataclass
@@ -234,13 +242,14 @@ def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
     info = an.info.get(last.name)
     if not isinstance(info, TInfo):
         return "its output channels are not tracked", [], []
+    downstream: set[int] = set()
     for cs in cat_users:
         cat = graph.nodes[cs.nodes[0]]
         cinfo = an.info.get(cat.name)
         dim = cat.fx_node.args[1] if len(cat.fx_node.args) > 1 else cat.fx_node.kwargs.get("dim", 0)
         if not isinstance(cinfo, TInfo) or cinfo.cdim != dim % len(cat.shape):
             return "it is concatenated along a non-channel dimension", [], []
-        bad = _unsafe_downstream(graph, cat)
+        bad = _unsafe_downstream(graph, cat, downstream)
         if bad:
             return f"channels of {cat.name} flow through {bad}", [], []
     comps = _components(an)
@@ -258,6 +267,13 @@ def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
                 return why, [], []
             extra += [sl for sl in an.vars.get(e, []) if sl[0] not in own_params]
             deps += [sl for sl in an.deps.get(e, []) if sl[0] not in own_params]
+    # affiliated slices live after the concat: a tensor also read before it (the segment passes
+    # channels through from an upstream producer, e.g. a norm or activation segment) cannot go along
+    readers = _readers(graph)
+    allowed = downstream | set(s.nodes)
+    for name, _, _ in extra + deps:
+        if not readers.get(name, set()) <= allowed:
+            return f"its channels come from {name} upstream of the concat", [], []
     from .prune import _merge
 
     return None, _merge(extra), _merge(deps)
@@ -274,10 +290,25 @@ def _components(an: ChannelAnalysis) -> dict[int, list[int]]:
     return cached
 
 
-def _unsafe_downstream(graph: OpGraph, start: OpNode) -> str | None:
-    """Walk from a concat to its consumers; report an op that could not be re-sized (e.g. a hard-coded view)."""
+def _readers(graph: OpGraph) -> dict[str, set[int]]:
+    """Parameter / buffer name -> ids of the nodes that read it (computed once per graph)."""
+    cached = getattr(graph, "_readers_cache", None)
+    if cached is None:
+        cached = {}
+        for n in graph.nodes:
+            for name in n.params + n.buffers:
+                cached.setdefault(name, set()).add(n.id)
+        graph._readers_cache = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _unsafe_downstream(graph: OpGraph, start: OpNode, seen: set[int] | None = None) -> str | None:
+    """Walk from a concat to its consumers; report an op that could not be re-sized (e.g. a hard-coded view).
+
+    ``seen`` collects the ids of the nodes walked (the consumers included).
+    """
     stack = list(start.outputs)
-    seen: set[int] = set()
+    seen = set() if seen is None else seen
     while stack:
         nid = stack.pop()
         if nid in seen:

@@ -1,0 +1,163 @@
+"""Minimized fixtures of engine bugs found by the random-architecture property tests.
+
+Each class is the smallest model that reproduced one failure; the docstring names the generator
+seed it came from (``python tests/random_models.py SEED`` prints the original) and what went wrong.
+``REGRESSIONS`` maps a name to (factory, example-inputs factory, modes to check).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DepthwiseOnInput(nn.Module):
+    """Seeds 13, 26, 58 (prune): a depthwise conv (channel multiplier 2) reads the model input.
+
+    The input's channels are not ours to remove, so the per-conv-group coupling was skipped and each
+    output channel became its own group: zeroing one left 11 rows in a groups=6 conv (crash).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(3, 6, 3, padding=1, groups=3, bias=False)
+        self.pw = nn.Conv2d(6, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.pw(F.relu(self.dw(x)))))
+
+
+class GroupConvOnFlatFeatures(nn.Module):
+    """Seed 26 family (prune): a group conv whose input arrives with its channels in another dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Conv1d(4, 8, 3, padding=1, groups=2)
+        self.mid = nn.Conv1d(8, 6, 1)
+        self.head = nn.Conv1d(6, 2, 1)
+
+    def forward(self, x):  # x: (B, L, C) -> channels moved by a transpose
+        return self.head(F.silu(self.mid(torch.tanh(self.g(x.transpose(1, 2))))))
+
+
+class SharedConvOnInputAndFeatures(nn.Module):
+    """Seeds 44, 60 (prune): one conv module called on the model input and on a conv's output.
+
+    The second call made the hidden conv's channels prunable together with the shared conv's input
+    columns; the first call still feeds it all input channels (crash: expected 4 channels, got 3).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.hidden = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a = self.shared(x)
+        b = self.shared(F.relu(self.hidden(x)))
+        return self.head(a + b)
+
+
+class SharedLinearOnInputAndFeatures(nn.Module):
+    """Same bug through nn.Linear: shared by the model input and a hidden layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.hidden = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.shared(x) * torch.sigmoid(self.shared(F.gelu(self.hidden(x)))))
+
+
+class GroupedConvTranspose(nn.Module):
+    """Seed 116 (prune): a grouped ConvTranspose2d(4, 8, groups=2) has a (4, 4, k, k) weight.
+
+    Its (unprunable) group listed columns 4..7 of weight dim 1: indices out of range.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 8, 3, groups=2)
+        self.gate = nn.Conv2d(8, 8, 1, bias=False)
+        self.down = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        u = self.up(x)
+        return u * torch.sigmoid(self.gate(u)), self.down(x)
+
+
+class DeadInputBranch(nn.Module):
+    """Seed 14 (erase): the second input feeds only dead code (computed, never returned).
+
+    The validity check asked every input to reach an output, so on this model *every* removal was
+    rejected and erase mode found nothing to do.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(3, 4, 3, padding=1)
+        self.b = nn.Conv1d(4, 4, 3, padding=1)
+        self.c = nn.Conv1d(4, 4, 1)
+        self.dead = nn.Linear(5, 5)
+
+    def forward(self, x, y):
+        h = F.relu(self.a(x))
+        _ = self.dead(y)  # dead code: nobody reads it
+        return self.c(h + self.b(h))
+
+
+class NormSegmentIntoConcat(nn.Module):
+    """Seed 168 (erase): a GroupNorm segment and its own input concatenated.
+
+    The GroupNorm segment passes the conv's channels through, so its concat affiliates took the
+    conv's rows along: zeroing the norm also zeroed (and construction removed) the conv, leaving a
+    weight of size [0, 4, 3] (the original seed had a depthwise conv there).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv1d(4, 4, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(1, 4)
+        self.post = nn.Conv1d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        a = self.dw(x)
+        return self.post(F.avg_pool1d(torch.cat([a, self.gn(a)], 1), 3, 1, 1))
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and \
+                    getattr(m, "weight", None) is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+REGRESSIONS = {
+    "depthwise_on_input": (DepthwiseOnInput, lambda: torch.randn(2, 3, 8, 8), ("prune", "erase")),
+    "groupconv_on_moved_channels": (GroupConvOnFlatFeatures, lambda: torch.randn(2, 9, 4), ("prune", "erase")),
+    "shared_conv_on_input_and_features": (SharedConvOnInputAndFeatures, lambda: torch.randn(2, 4, 6, 6),
+                                          ("prune", "erase")),
+    "shared_linear_on_input_and_features": (SharedLinearOnInputAndFeatures, lambda: torch.randn(2, 6),
+                                            ("prune", "erase")),
+    "grouped_convtranspose": (GroupedConvTranspose, lambda: torch.randn(2, 4, 5, 5), ("prune", "erase")),
+    "dead_input_branch": (DeadInputBranch, lambda: (torch.randn(2, 3, 8), torch.randn(2, 5)), ("prune", "erase")),
+    "norm_segment_into_concat": (NormSegmentIntoConcat, lambda: torch.randn(2, 4, 9), ("prune", "erase")),
+}
+
+
+def make_regression(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    factory, inp, _ = REGRESSIONS[name]
+    model = _randomize(factory())
+    x = inp()
+    return model, (x if isinstance(x, tuple) else (x,))
