@@ -326,6 +326,7 @@ class OTOCallback(Callback):
                     f"{len(opt.redundant_group_ids)} redundant groups) does not match the callback state saved in the "
                     f"checkpoint (step {st.get('num_steps')}, {len(st['redundant'])} redundant groups). The checkpoint's "
                     "optimizer state was not restored into the half-space optimizer (weights-only checkpoint?).")
+        self._loaded_state = None  # checked; a later fit without ckpt_path starts fresh
         self._last_phase = opt.phase
 
     # ------------------------------------------------------------------ hooks: progress
@@ -412,6 +413,9 @@ class OTOCallback(Callback):
         if opt.phase != "hybrid":
             rank_zero_warn(f"OTO: fit ended in the {opt.phase} phase (step {opt.num_steps} of "
                            f"{opt.warmup_steps + opt.projection_steps}); exporting the groups that are zero now.")
+        swap = self.swap_subnet and self._can_swap(trainer)
+        if not trainer.is_global_zero and not swap:
+            return  # only rank 0 builds and writes the export
         oto.example_inputs = C.to_device(oto.example_inputs, oto.model)  # the strategy may have moved the model
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -442,8 +446,8 @@ class OTOCallback(Callback):
                                 ("group_sparsity", "params_sub", "flops_sub", "param_ratio", "flop_ratio",
                                  "verification_max_abs_error") if isinstance(self.report.get(k), (int, float))},
                                step=trainer.global_step)
-        if self.swap_subnet:
-            self._swap(trainer, pl_module, sub)
+        if swap:
+            self._swap(pl_module, sub)
 
     def _export_dir(self, trainer: "pl.Trainer") -> Path:
         if self.export_dir is not None:
@@ -531,12 +535,15 @@ class OTOCallback(Callback):
         out.append(line)
         return "\n".join(out)
 
-    def _swap(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", sub: nn.Module) -> None:
+    def _can_swap(self, trainer: "pl.Trainer") -> bool:
         start_method = getattr(trainer.strategy, "_start_method", None)
         if start_method in ("spawn", "fork", "forkserver") and trainer.world_size > 1:
             rank_zero_warn("OTO: swap_subnet is ignored with ddp_spawn/fork: the main process only gets the full "
                            "model's weights back. Load the export with OTOMixin.load_compressed(export_dir).")
-            return
+            return False
+        return True
+
+    def _swap(self, pl_module: "pl.LightningModule", sub: nn.Module) -> None:
         assert self.oto is not None
         if self.network_attr is not None:
             self.full_network = self.oto.model
@@ -557,7 +564,10 @@ class OTOCallback(Callback):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Destroy the DDP process group we trained in (clean exit; a later fit re-initializes it)."""
-        if stage != "fit" or not self.destroy_process_group:
+        if stage != "fit":
+            return
+        self._loaded_state = None
+        if not self.destroy_process_group:
             return
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             dist.destroy_process_group()
