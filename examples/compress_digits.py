@@ -98,7 +98,7 @@ def digits_datamodule(batch_size: int, seed: int) -> L.LightningDataModule:
         return build_datamodule("digits", batch_size=batch_size, seed=seed)
     except ImportError:
         from sklearn.datasets import load_digits
-        from torch.utils.data import DataLoader, TensorDataset, random_split
+        from torch.utils.data import TensorDataset, random_split
 
         d = load_digits()
         x = torch.tensor(d.images[:, None] / 16.0, dtype=torch.float32)

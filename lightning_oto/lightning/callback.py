@@ -324,8 +324,9 @@ class OTOCallback(Callback):
                 raise RuntimeError(
                     f"{self._who()}: the restored optimizer state (step {opt.num_steps}, "
                     f"{len(opt.redundant_group_ids)} redundant groups) does not match the callback state saved in the "
-                    f"checkpoint (step {st.get('num_steps')}, {len(st['redundant'])} redundant groups). The checkpoint's "
-                    "optimizer state was not restored into the half-space optimizer (weights-only checkpoint?).")
+                    f"checkpoint (step {st.get('num_steps')}, {len(st['redundant'])} redundant groups). The "
+                    "checkpoint's optimizer state was not restored into the half-space optimizer (weights-only "
+                    "checkpoint?).")
         self._loaded_state = None  # checked; a later fit without ckpt_path starts fresh
         self._last_phase = opt.phase
 
