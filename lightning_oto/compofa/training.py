@@ -216,6 +216,7 @@ class CompOFAModule(L.LightningModule):
         self.warmup_steps, self.grad_clip, self.seed = warmup_steps, grad_clip, seed
         self.loss_history: list[float] = []
         self.sampled_subnets = 0
+        self.step_time_s = 0.0  # time inside training_step (excludes Lightning's loop overhead)
 
     @property
     def distill(self) -> bool:
@@ -241,6 +242,7 @@ class CompOFAModule(L.LightningModule):
         return None
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        t_step = time.perf_counter()
         x, y = batch[0], batch[1]
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -268,6 +270,7 @@ class CompOFAModule(L.LightningModule):
         self.supernet.set_max()
         mean = total / self.n_sample
         self.loss_history.append(float(mean))
+        self.step_time_s += time.perf_counter() - t_step
         self.log("train_loss", mean, on_step=True, on_epoch=False, prog_bar=False, batch_size=x.shape[0])
         return mean
 
@@ -418,6 +421,10 @@ class TrainResult:
     def wall_time_s(self) -> float:
         return sum(p["wall_time_s"] for p in self.phases)
 
+    @property
+    def step_time_s(self) -> float:
+        return sum(p["step_time_s"] for p in self.phases)
+
     def time_excluding(self, *names: str) -> float:
         return sum(p["wall_time_s"] for p in self.phases if p["name"] not in names)
 
@@ -467,12 +474,14 @@ def train_phases(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*number of training batches.*")
+            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen teacher
             t0 = time.perf_counter()
             trainer.fit(module, train_dataloaders=train_loader)
             wall = time.perf_counter() - t0
         rec = {
             **ph.describe(),
             "wall_time_s": wall,
+            "step_time_s": module.step_time_s,
             "steps": int(trainer.global_step),
             "sampled_subnets": module.sampled_subnets,
             "first_loss": module.loss_history[0] if module.loss_history else float("nan"),
