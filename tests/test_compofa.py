@@ -443,12 +443,15 @@ def test_run_compofa_end_to_end_smoke(tmp_path):
             "num_iterations": 1,
             "calib_batches": 1,
             "export_formats": ["torch"],
+            "resolutions": [12, 16],  # elastic resolution: latency keyed per resolution
         }
     )
     assert out["num_architectures"] == 243
     assert [p["name"] for p in out["training"]["phases"]] == ["teacher", "compound-2"]
     stats = out["search"]["latency_table"]
-    assert 0 < stats["distinct_per_resolution"][16] <= 243 and stats["hits"] > 0
+    per_res = stats["distinct_per_resolution"]
+    assert set(per_res) <= {12, 16} and all(0 < n <= 243 for n in per_res.values()) and stats["hits"] > 0
+    assert out["num_configs_with_resolution"] == 486
     for r in out["pareto"]:
         if r["feasible"]:
             assert r["latency_ms"] <= r["target_ms"] and r["extract_max_abs_diff"] <= 1e-5

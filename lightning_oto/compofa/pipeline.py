@@ -7,6 +7,7 @@ offline digits data; scale epochs/search sizes up for real runs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from .data import build_loaders
 from .extract import export_subnet, extract_subnet, max_abs_diff_vs_supernet
 from .latency import LatencyTable, supernet_latency_fn
 from .report import plot_pareto, write_table
-from .search import EvolutionConfig, best_under, default_targets, exhaustive_evaluation, pareto_front, search_pareto
+from .search import EvolutionConfig, SearchResult, best_under, default_targets, exhaustive_evaluation, pareto_front, search_pareto
 from .space import DesignSpace, SupernetConfig
 from .supernet import CompOFASupernet, count_params
 from .training import AccuracyEvaluator, compofa_phases, evaluate_accuracy, recalibrate_bn, train_phases
@@ -68,8 +69,8 @@ class CompOFARunConfig:
     calib_batches: int = 2
     # latency
     latency_threads: int = 1
-    latency_warmup: int = 3
-    latency_runs: int = 10
+    latency_warmup: int = 2
+    latency_runs: int = 5
     latency_table: str | None = None  # JSON to load (and update); default <output_dir>/latency_table.json
     # search
     latency_targets_ms: list[float] | None = None  # default: spread between min and max network
@@ -118,6 +119,10 @@ class CompOFARunConfig:
             return cfg
         if dataclasses.is_dataclass(cfg):
             cfg = asdict(cfg)  # type: ignore[arg-type]
+        if type(cfg).__name__ == "DictConfig":  # Hydra / OmegaConf
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         d = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)  # type: ignore[arg-type]
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -196,11 +201,19 @@ def run_compofa(cfg_like: "CompOFARunConfig | Mapping[str, Any] | None" = None) 
         measure = supernet_latency_fn(
             supernet, num_threads=cfg.latency_threads, warmup=cfg.latency_warmup, runs=cfg.latency_runs
         )
-        meta = {"threads": cfg.latency_threads, "batch": 1, "warmup": cfg.latency_warmup, "runs": cfg.latency_runs}
+        meta = {
+            "supernet": hashlib.sha1(json.dumps(sn_cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12],
+            "threads": cfg.latency_threads,
+            "batch": 1,
+            "warmup": cfg.latency_warmup,
+            "runs": cfg.latency_runs,
+        }
+        lat_table = LatencyTable(measure, meta=meta)
+        reused = False
         if os.path.exists(lat_path):
-            lat_table = LatencyTable.load(lat_path, measure)
-        else:
-            lat_table = LatencyTable(measure, meta=meta)
+            old = LatencyTable.load(lat_path, measure)
+            if all(old.meta.get(k) == v for k, v in lat_table.meta.items()):
+                lat_table, reused = old, True  # same machine kind, supernet and protocol
         t_search = time.perf_counter()
         lat_lo = min(lat_table(space.min_config().with_resolution(r)) for r in space.resolutions)
         lat_hi = max(lat_table(space.max_config().with_resolution(r)) for r in space.resolutions)
@@ -208,8 +221,6 @@ def run_compofa(cfg_like: "CompOFARunConfig | Mapping[str, Any] | None" = None) 
         if cfg.exhaustive:
             rows = exhaustive_evaluation(space, acc_fn, lat_table)
             results = []
-            from .search import SearchResult
-
             for t in targets:
                 b = best_under(rows, t)
                 results.append(
@@ -279,6 +290,7 @@ def run_compofa(cfg_like: "CompOFARunConfig | Mapping[str, Any] | None" = None) 
                 "targets_ms": targets,
                 "time_s": round(search_time, 3),
                 "latency_table": lat_table.stats(),
+                "latency_table_reused": reused,
                 "accuracy_evaluations": acc_fn.evaluations,
                 "accuracy_eval_time_s": round(acc_fn.eval_time_s, 3),
             },

@@ -8,6 +8,7 @@ teacher -> elastic depth -> elastic width (OFA progressive shrinking) on the sam
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -122,20 +123,15 @@ def evaluate_accuracy(
     was_training = model.training
     model.eval()
     correct = total = 0
+    use_cfg = isinstance(model, CompOFASupernet) and config is not None
     try:
-        ctx = model.active(config) if isinstance(model, CompOFASupernet) and config is not None else None
-        if ctx is not None:
-            ctx.__enter__()
-        try:
+        with model.active(config) if use_cfg else contextlib.nullcontext():  # type: ignore[union-attr]
             for x, y, *_ in _batches(loader, num_batches):
                 if config is not None:
                     x = resize_to(x, config.resolution)
                 pred = model(x).argmax(1)
                 correct += int((pred == y).sum())
                 total += int(y.numel())
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
     finally:
         model.train(was_training)
     return correct / max(total, 1)
