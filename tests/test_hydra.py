@@ -1,0 +1,89 @@
+"""Hydra: every experiment composes and runs tiny; a 3-point multirun sweep aggregates into table + plot."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf, open_dict
+
+EXPERIMENTS = ["demonet", "stackedunets", "superresnet", "darts", "regnet"]
+TINY = {
+    "demonet": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
+    "stackedunets": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
+    "superresnet": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
+    "darts": ["++model.kwargs.layers=2", "++model.kwargs.C=4", "++model.kwargs.stem_stride=1", "model.image_size=16"],
+    "regnet": ["model.name=regnet_200m", "++model.kwargs.width_mult=0.25", "model.image_size=16"],
+}
+FAST = ["data=synthetic", "+data.num_samples=96", "data.batch_size=16", "trainer.max_epochs=2",
+        "oto.warmup_epochs=null", "oto.projection_epochs=null", "+oto.warmup_steps=3", "+oto.projection_steps=3",
+        "oto.export_formats=[]", "callbacks=none", "threads=1"]
+
+
+def _compose(overrides):
+    with initialize_config_module(config_module="lightning_oto.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS + ["compofa"])
+def test_experiment_configs_compose(name):
+    cfg = _compose([f"experiment={name}"])
+    assert cfg.experiment_name == name
+    if name == "compofa":
+        assert cfg.task == "compofa"
+    else:
+        assert cfg.oto.mode in ("prune", "erase") and 0 <= cfg.oto.target_group_sparsity < 1
+        assert cfg.trainer._target_.endswith("Trainer")
+
+
+def test_launcher_and_trainer_configs_compose():
+    cfg = _compose(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=4"])
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.num_nodes == 4
+    sim = _compose(["trainer=ddp_sim"])
+    assert sim.trainer.strategy == "ddp_spawn" and sim.trainer.devices == 2 and sim.trainer.accelerator == "cpu"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_tiny(name, tmp_path):
+    from lightning_oto.train import run
+
+    cfg = _compose([f"experiment={name}", *FAST, *TINY[name]])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    OmegaConf.resolve(cfg.trainer)
+    result = run(cfg)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["model"] == cfg.model.name and saved["valid"]
+    assert saved["verification_max_abs_error"] <= 1e-3
+    assert saved["params_sub"] <= saved["params_full"]
+    assert 0.0 <= result["test_acc"] <= 1.0
+
+
+def test_multirun_sweep_and_aggregation(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lightning_oto.train", "-m", "experiment=demonet", *FAST, *TINY["demonet"],
+           "logger=none", "run_test=true", "oto.target_group_sparsity=0.2,0.5,0.8", f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(sweep_dir.rglob("result.json"))
+    assert len(results) == 3
+    out = subprocess.run([sys.executable, "-m", "lightning_oto.sweep", str(sweep_dir)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = (sweep_dir / "sweep.csv").read_text().strip().splitlines()
+    assert len(rows) == 4  # header + 3 runs
+    sparsities = sorted(float(r.split(",")[0]) for r in rows[1:])
+    assert sparsities == [0.2, 0.5, 0.8]
+    assert (sweep_dir / "sweep.md").read_text().count("\n") == 5
+    png = sweep_dir / "pareto.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    params = {float(json.loads(p.read_text())["target_group_sparsity"]): json.loads(p.read_text())["params_sub"]
+              for p in results}
+    assert params[0.8] <= params[0.2]
