@@ -44,7 +44,7 @@ class Residual(nn.Module):
 
 
 class DigitsCNN(nn.Module):
-    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = conv_bn(1, width)
         self.stage1 = nn.Sequential(Residual(width), Residual(width))
@@ -58,7 +58,7 @@ class DigitsCNN(nn.Module):
 
 
 class DigitsClassifier(L.LightningModule):
-    def __init__(self, lr: float = 0.1, width: int = 32) -> None:
+    def __init__(self, lr: float = 0.1, width: int = 16) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = DigitsCNN(width)
@@ -114,7 +114,7 @@ def main() -> dict:
     p.add_argument("--mode", choices=("prune", "erase"), default="prune")
     p.add_argument("--sparsity", type=float, default=0.5, help="target group sparsity in [0, 1)")
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--width", type=int, default=16)
     p.add_argument("--out", default="runs/compress_digits")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
