@@ -404,3 +404,14 @@ def test_default_phase_lengths_follow_the_planned_steps(tmp_path):
     trainer(tmp_path, [cb], max_steps=10).fit(LitTiny(), data())
     assert (cb.optimizer.warmup_steps, cb.optimizer.projection_steps) == (2, 3)
     assert cb.optimizer.phase == "hybrid" and cb.report["group_sparsity"] == pytest.approx(0.5)
+
+
+def test_fit_end_raises_loudly_when_the_subnet_differs(tmp_path, monkeypatch):
+    """A (simulated) engine mismatch must stop the export with SubnetMismatchError, not write wrong files."""
+    from lightning_oto import OTO, SubnetMismatchError
+
+    monkeypatch.setattr(OTO, "verify", lambda self, sub, inputs=None, return_scale=False: (0.5, 1.0))
+    cb = OTOCallback(warmup_steps=1, projection_steps=1, export_dir=tmp_path / "e")
+    with pytest.raises(SubnetMismatchError, match="differ from the trained full model"):
+        trainer(tmp_path, [cb], max_steps=3).fit(LitTiny(), data())
+    assert not (tmp_path / "e").exists()

@@ -85,7 +85,8 @@ class OTOCallback(Callback):
             ``trainer.validate/test`` run on the compressed module.
         example_inputs: tensor or tuple; default ``pl_module.example_input_array``.
         network_attr: dotted attribute of the module to compress (default: the LightningModule itself).
-        verify_atol: largest accepted |sub(x) - full(x)|; above it fit end raises ``SubnetMismatchError``.
+        verify_atol, verify_rtol: largest accepted |sub(x) - full(x)| is ``atol + rtol * max|full(x)|``; above
+            it fit end raises ``SubnetMismatchError`` (nothing is exported).
         destroy_process_group: destroy the default process group in ``teardown`` (DDP).
 
     After ``fit``: ``oto``, ``optimizer``, ``subnet``, ``report`` (dict) and ``export_paths``.
@@ -119,6 +120,7 @@ class OTOCallback(Callback):
         example_inputs: Any = None,
         network_attr: str | None = None,
         verify_atol: float = 1e-4,
+        verify_rtol: float = 1e-5,
         destroy_process_group: bool = True,
     ) -> None:
         super().__init__()
@@ -160,6 +162,7 @@ class OTOCallback(Callback):
         self.example_inputs = example_inputs
         self.network_attr = network_attr
         self.verify_atol = float(verify_atol)
+        self.verify_rtol = float(verify_rtol)
         self.destroy_process_group = bool(destroy_process_group)
 
         self.oto: OTO | None = None
@@ -422,12 +425,14 @@ class OTOCallback(Callback):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="construct_subnet: no group is zero yet")
             sub = oto.construct_subnet(verify=False)
-        err = oto.verify(sub)
-        if not err <= self.verify_atol:
+        err, scale = oto.verify(sub, return_scale=True)
+        allowed = self.verify_atol + self.verify_rtol * scale
+        if not err <= allowed:
             raise SubnetMismatchError(
                 f"{self._who()}: the constructed sub-network's outputs differ from the trained full model by "
-                f"{err:.3g} (> verify_atol={self.verify_atol}). This is an engine bug or an operator it mis-handles; "
-                "nothing was exported. Please report it with the model.")
+                f"{err:.3g} (outputs up to {scale:.3g}; allowed verify_atol + verify_rtol x scale = {allowed:.3g}). "
+                "This is an engine bug or an operator it mis-handles; nothing was exported. Please report it "
+                "with the model.")
         self.subnet = sub
         construct_s = time.perf_counter() - t0
         out_dir = self._export_dir(trainer)
@@ -486,6 +491,7 @@ class OTOCallback(Callback):
             "flop_ratio": comp.get("flop_ratio"),
             "verification_max_abs_error": err,
             "verify_atol": self.verify_atol,
+            "verify_rtol": self.verify_rtol,
             "network": type(oto.model).__name__,
             "network_attr": self.network_attr,
             "space_hash": self.space_id,

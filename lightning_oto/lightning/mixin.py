@@ -115,13 +115,13 @@ class OTOMixin:
         return self.oto_optimizer()
 
     # ------------------------------------------------------------------ results
-    def construct_compressed(self, verify: bool = True, atol: float = 1e-4) -> nn.Module:
+    def construct_compressed(self, verify: bool = True, atol: float = 1e-4, rtol: float = 1e-5) -> nn.Module:
         """The physically smaller sub-network for the groups that are zero now (verified against the full one)."""
         oto = self.oto
         oto.example_inputs = C.to_device(oto.example_inputs, oto.model)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="construct_subnet: no group is zero yet")
-            return oto.construct_subnet(verify=verify, atol=atol)
+            return oto.construct_subnet(verify=verify, atol=atol, rtol=rtol)
 
     @property
     def compression_report(self) -> dict[str, Any]:
