@@ -129,6 +129,37 @@ class NormSegmentIntoConcat(nn.Module):
         return self.post(F.avg_pool1d(torch.cat([a, self.gn(a)], 1), 3, 1, 1))
 
 
+class GroupNormWithoutAffine(nn.Module):
+    """Seeds 516, 1044, 1128 of the soak (prune): ``GroupNorm(3, 6, affine=False)`` after a conv.
+
+    Construction re-derives ``num_groups`` from the sliced weight; without a weight it kept 3 groups
+    for 4 channels (crash: "channels divisible by num_groups").
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3, padding=1)
+        self.gn = nn.GroupNorm(3, 6, affine=False)
+        self.c2 = nn.Conv1d(6, 2, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.gn(self.c1(x))))
+
+
+class FunctionalGroupNorm(nn.Module):
+    """Same family: ``F.group_norm`` with raw parameters and a group count written in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+        self.b = nn.Parameter(torch.rand(8) - 0.5)
+        self.c2 = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c2(F.silu(F.group_norm(self.c1(x), 4, self.w, self.b)))
+
+
 def _randomize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
@@ -152,6 +183,8 @@ REGRESSIONS = {
     "grouped_convtranspose": (GroupedConvTranspose, lambda: torch.randn(2, 4, 5, 5), ("prune", "erase")),
     "dead_input_branch": (DeadInputBranch, lambda: (torch.randn(2, 3, 8), torch.randn(2, 5)), ("prune", "erase")),
     "norm_segment_into_concat": (NormSegmentIntoConcat, lambda: torch.randn(2, 4, 9), ("prune", "erase")),
+    "groupnorm_without_affine": (GroupNormWithoutAffine, lambda: torch.randn(2, 3, 10), ("prune", "erase")),
+    "functional_groupnorm": (FunctionalGroupNorm, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
 }
 
 

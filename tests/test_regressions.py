@@ -97,3 +97,10 @@ def test_pass_through_segment_into_concat_keeps_upstream_producer():
     sub = oto.construct_subnet(atol=ATOL)
     with torch.no_grad():
         assert sub(*oto.example_inputs).shape == oto.model(*oto.example_inputs).shape
+
+
+@pytest.mark.parametrize("name,conv", [("groupnorm_without_affine", "c1.weight"), ("functional_groupnorm", "c1.weight")])
+def test_groupnorm_without_module_weight_is_unprunable(name, conv):
+    oto = _oto(name, "prune")
+    gs = _groups_of(oto, conv)
+    assert gs and all(not g.prunable and "group count" in g.reason for g in gs)

@@ -451,6 +451,10 @@ class ChannelAnalysis:
             for c in range(gi * block + 1, (gi + 1) * block):
                 self.uf.union(inp.elems[gi * block], inp.elems[c])
         wn, bn = self.pname(w), self.pname(b)
+        if not wn or node.module_type != "GroupNorm":
+            # construction re-derives num_groups from the sliced weight of an nn.GroupNorm; without one
+            # (affine=False, or a functional call with a hard-coded group count) it cannot follow
+            self.mark(inp.elems, f"{self.describe(node)} has no weight to carry a smaller group count")
         for c, e in enumerate(inp.elems):
             if wn:
                 self.add_var(e, wn, 0, c)
