@@ -167,6 +167,9 @@ def export_program(model: nn.Module, inputs: tuple, dynamic_batch: bool = False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if dynamic_batch:
+                # a batch of 1 would be specialized (0/1 rule): trace a batch of 2 made of copies instead
+                inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() > 0 and t.shape[0] == 1 else t
+                               for t in inputs)
                 dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in inputs)
                 try:
                     return torch.export.export(model, inputs, dynamic_shapes=dyn, strict=False)

@@ -39,15 +39,22 @@ def check_target(target: Any) -> float:
     return float(target)
 
 
-def check_mode_optimizer(mode: str, optimizer: str | None) -> str:
-    """Resolve the optimizer name for ``mode`` and reject mismatches (e.g. DHSPG in erase mode)."""
+def check_mode_optimizer(mode: str, optimizer: str | None, erase_ablation: bool = False) -> str:
+    """Resolve the optimizer name for ``mode`` and reject mismatches (e.g. DHSPG in erase mode).
+
+    ``erase_ablation`` admits DHSPG on the erase search space (no hierarchy check) for the erasing
+    paper's Table 4; construction then reports an invalid sub-network instead of building one.
+    """
     if mode not in DEFAULT_OPTIMIZER:
         raise ValueError(f"mode must be 'prune' or 'erase', got {mode!r}.")
     name = DEFAULT_OPTIMIZER[mode] if optimizer is None else str(optimizer).lower()
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
+    if erase_ablation and mode == "erase" and name == "dhspg":
+        return name
     if name not in ALLOWED_OPTIMIZERS[mode]:
-        hint = ("erase mode needs H2SPG, whose hierarchy check keeps the network connected"
+        hint = ("erase mode needs H2SPG, whose hierarchy check keeps the network connected (erase_ablation=True "
+                "runs DHSPG without it, for the Table 4 ablation)"
                 if mode == "erase" else "H2SPG works on the erase-mode search space; use mode='erase'")
         raise ValueError(f"optimizer {name!r} does not fit mode {mode!r}: {hint}.")
     return name

@@ -88,6 +88,8 @@ class OTOCallback(Callback):
         verify_atol, verify_rtol: largest accepted |sub(x) - full(x)| is ``atol + rtol * max|full(x)|``; above
             it fit end raises ``SubnetMismatchError`` (nothing is exported).
         destroy_process_group: destroy the default process group in ``teardown`` (DDP).
+        erase_ablation: allow ``optimizer="dhspg"`` in erase mode (the erasing paper's Table 4 ablation: no
+            hierarchy check, so fit end may raise ``InvalidSubnetError`` instead of exporting).
 
     After ``fit``: ``oto``, ``optimizer``, ``subnet``, ``report`` (dict) and ``export_paths``.
     """
@@ -122,10 +124,11 @@ class OTOCallback(Callback):
         verify_atol: float = 1e-4,
         verify_rtol: float = 1e-5,
         destroy_process_group: bool = True,
+        erase_ablation: bool = False,
     ) -> None:
         super().__init__()
         self.mode = mode
-        self.optimizer_name = C.check_mode_optimizer(mode, optimizer)
+        self.optimizer_name = C.check_mode_optimizer(mode, optimizer, erase_ablation)
         self.target_group_sparsity = C.check_target(target_group_sparsity)
         if warmup_steps is not None and warmup_epochs is not None:
             raise ValueError("give warmup_steps or warmup_epochs, not both.")

@@ -677,6 +677,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         oto = state_dict.pop("oto", None)
+        if oto is None and state_dict.get("state"):
+            raise ValueError(
+                f"this optimizer state was not saved by a {type(self).__name__} (no 'oto' entry): it probably comes "
+                "from the plain optimizer of an earlier run. Resume from a checkpoint written while the OTO optimizer "
+                "was installed, or start the search fresh.")
         if oto is not None and list(oto["group_ids"]) != list(self._index.group_ids):
             raise ValueError(
                 "optimizer state was saved for different groups "

@@ -35,6 +35,20 @@ def _quiet_onnx():
             lg.setLevel(lv)
 
 
+def _onnx_export(sub: nn.Module, inputs: tuple, path: Path) -> None:
+    """ONNX via the dynamo exporter with a dynamic batch dimension (static shapes if that fails)."""
+    names = [f"input_{i}" for i in range(len(inputs))]
+    with warnings.catch_warnings(), _quiet_onnx():
+        warnings.simplefilter("ignore")
+        try:
+            program = export_program(sub, inputs, dynamic_batch=True)
+            torch.onnx.export(program, inputs, str(path), dynamo=True, verbose=False, input_names=names)
+            return
+        except Exception:  # noqa: BLE001 - fall back to the example's static shapes
+            pass
+        torch.onnx.export(sub, inputs, str(path), dynamo=True, verbose=False, input_names=names)
+
+
 def _outputs(fn, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     with torch.no_grad():
         return [t for t in tree_leaves(fn(*inputs)) if isinstance(t, torch.Tensor)]
@@ -75,10 +89,7 @@ def export_subnet(sub: nn.Module, example_inputs: Sequence[torch.Tensor], out_di
                 paths["program_check_error"] = f"{err:.3g}"
         if "onnx" in formats:
             onnx_path = out / "subnet.onnx"
-            with warnings.catch_warnings(), _quiet_onnx():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(sub, inputs, str(onnx_path), dynamo=True, verbose=False,
-                                  input_names=[f"input_{i}" for i in range(len(inputs))])
+            _onnx_export(sub, inputs, onnx_path)
             paths["onnx"] = str(onnx_path)
             if check:
                 import onnxruntime as ort
