@@ -415,3 +415,57 @@ def test_fit_end_raises_loudly_when_the_subnet_differs(tmp_path, monkeypatch):
     with pytest.raises(SubnetMismatchError, match="differ from the trained full model"):
         trainer(tmp_path, [cb], max_steps=3).fit(LitTiny(), data())
     assert not (tmp_path / "e").exists()
+
+
+def test_callback_draws_graphs_and_curves(tmp_path):
+    """visualize=True: trace/space drawings at fit start, redundant/subnet at fit end, curves PNG by the report."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_oto import OTOCallback
+    from lightning_oto.viz import redundant_group_ids
+
+    torch.manual_seed(0)
+    module = _TinyForViz()
+    cb = OTOCallback(mode="erase", target_group_sparsity=0.5, warmup_steps=2, projection_steps=2,
+                     export_dir=tmp_path / "oto", export_formats=(), visualize=True)
+    trainer = L.Trainer(max_steps=6, callbacks=[cb], logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
+    trainer.fit(module, _viz_loader())
+    start, end = tmp_path / "oto" / "graphs_fit_start", tmp_path / "oto" / "graphs_fit_end"
+    assert (start / "trace.dot").exists() and (start / "space.dot").exists()
+    red = (end / "redundant.dot").read_text()
+    assert sorted(redundant_group_ids(red)) == sorted(cb.oto.zero_group_ids())
+    assert cb.report["drawings"]["training_curves"].endswith(".png")
+    assert (tmp_path / "oto" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _TinyForViz(__import__("lightning").LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 3)
+        self.example_input_array = torch.randn(2, 1, 8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.a(h) + self.b(h))
+        return self.fc(h.mean((2, 3)))
+
+    def training_step(self, batch, i):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _viz_loader():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)

@@ -88,6 +88,10 @@ class OTOCallback(Callback):
         verify_atol, verify_rtol: largest accepted |sub(x) - full(x)| is ``atol + rtol * max|full(x)|``; above
             it fit end raises ``SubnetMismatchError`` (nothing is exported).
         destroy_process_group: destroy the default process group in ``teardown`` (DDP).
+        visualize: write Graphviz drawings into the export dir: trace + search space at fit start, redundant
+            structures + sub-network at fit end (paths are logged and listed in the report).
+        plot_curves: at fit end, plot loss / accuracy / group sparsity vs step with the phases marked
+            (``training_curves.png`` beside the report) when a CSVLogger is attached.
         erase_ablation: allow ``optimizer="dhspg"`` in erase mode (the erasing paper's Table 4 ablation: no
             hierarchy check, so fit end may raise ``InvalidSubnetError`` instead of exporting).
 
@@ -125,10 +129,15 @@ class OTOCallback(Callback):
         verify_rtol: float = 1e-5,
         destroy_process_group: bool = True,
         erase_ablation: bool = False,
+        visualize: bool = False,
+        plot_curves: bool = True,
     ) -> None:
         super().__init__()
         self.mode = mode
         self.optimizer_name = C.check_mode_optimizer(mode, optimizer, erase_ablation)
+        self.visualize = bool(visualize)
+        self.plot_curves = bool(plot_curves)
+        self.drawings: dict[str, str] = {}
         self.target_group_sparsity = C.check_target(target_group_sparsity)
         if warmup_steps is not None and warmup_epochs is not None:
             raise ValueError("give warmup_steps or warmup_epochs, not both.")
@@ -257,6 +266,8 @@ class OTOCallback(Callback):
         else:
             self.optimizer = self._make_optimizer(trainer, net, user_opt)
             trainer.strategy.optimizers = [self.optimizer]
+        if self.visualize and trainer.is_global_zero:
+            self._draw(self._export_dir(trainer) / "graphs_fit_start", ("trace", "space"))
         rank_zero_info(
             f"[lightning_oto] {self.mode} mode: {len(self.oto.groups)} groups, {len(self.oto.prunable_groups)} "
             f"prunable, target sparsity {self.target_group_sparsity} -> {self.optimizer.num_redundant_target} "
@@ -444,7 +455,12 @@ class OTOCallback(Callback):
             if self.export_formats:
                 self.export_paths = oto.export(sub, out_dir, formats=self.export_formats)
             export_s = time.perf_counter() - t1
+            if self.visualize:
+                self._draw(out_dir / "graphs_fit_end", ("redundant", "subnet"), sub=sub)
+            if self.plot_curves:
+                self._plot_curves(trainer, out_dir)
             self.report = self._build_report(trainer, sub, err, out_dir, construct_s, export_s)
+            self.report["drawings"] = dict(self.drawings)
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "oto_report.json").write_text(json.dumps(self.report, indent=2))
             table = self.summary_table(self.report)
@@ -457,6 +473,39 @@ class OTOCallback(Callback):
                                step=trainer.global_step)
         if swap:
             self._swap(pl_module, sub)
+
+    def _draw(self, out: Path, what: Sequence[str], sub: nn.Module | None = None) -> None:
+        """Graphviz drawings (never fatal: a missing `dot` leaves the .dot sources and a hint)."""
+        assert self.oto is not None
+        try:
+            paths = self.oto.visualize(out, what=what, sub=sub)
+        except Exception as e:  # noqa: BLE001 - pictures must not fail a finished training
+            rank_zero_warn(f"OTO: could not draw {what}: {e}")
+            return
+        for name in what:
+            if name in paths:
+                self.drawings[f"{out.name}/{name}"] = paths[name]
+        rank_zero_info(f"[lightning_oto] drawings written to {out}: " + ", ".join(Path(p).name for p in
+                                                                                  paths.values() if "." in p)[:400])
+
+    def _plot_curves(self, trainer: "pl.Trainer", out_dir: Path) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        for lg in trainer.loggers:
+            if not isinstance(lg, CSVLogger):
+                continue
+            try:
+                lg.save()
+                csv = Path(lg.log_dir) / "metrics.csv"
+                if csv.exists():
+                    from ..viz.curves import plot_training_curves
+
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    self.drawings["training_curves"] = str(plot_training_curves(str(csv),
+                                                                                 str(out_dir / "training_curves.png")))
+            except Exception as e:  # noqa: BLE001 - a plot must not fail a finished training
+                rank_zero_warn(f"OTO: could not plot the training curves: {e}")
+            return
 
     def _export_dir(self, trainer: "pl.Trainer") -> Path:
         if self.export_dir is not None:
