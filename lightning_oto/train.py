@@ -27,9 +27,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("task", "oto") == "compofa":
-        from .compofa.runner import run_from_config
+        from .compofa import run_compofa
 
-        result = run_from_config(OmegaConf.to_container(cfg.compofa, resolve=True), out_dir)
+        ccfg = OmegaConf.to_container(cfg.compofa, resolve=True)
+        ccfg.setdefault("output_dir", str(out_dir / "compofa"))
+        ccfg.setdefault("seed", int(cfg.seed))
+        summary = run_compofa(ccfg)
+        result = {"experiment": "compofa", "seed": cfg.seed, "valid": True,
+                  "num_architectures": summary.get("num_architectures"),
+                  "teacher_test_accuracy": summary.get("teacher_test_accuracy"),
+                  "pareto": summary.get("pareto"), "summary": str(Path(ccfg["output_dir"]) / "summary.json")}
         (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
         return result
 

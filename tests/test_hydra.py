@@ -87,3 +87,20 @@ def test_multirun_sweep_and_aggregation(tmp_path):
     params = {float(json.loads(p.read_text())["target_group_sparsity"]): json.loads(p.read_text())["params_sub"]
               for p in results}
     assert params[0.8] <= params[0.2]
+
+
+def test_compofa_experiment_runs_tiny(tmp_path):
+    from lightning_oto.train import run
+
+    cfg = _compose(["experiment=compofa", "compofa.dataset=synthetic", "++compofa.num_samples=192",
+                    "compofa.input_size=16", "compofa.teacher_epochs=1", "compofa.compound_warmup_epochs=0",
+                    "compofa.compound_epochs=1", "compofa.n_sample=2", "compofa.num_latency_targets=2",
+                    "++compofa.population_size=6", "++compofa.num_iterations=2", "++compofa.latency_runs=2",
+                    "compofa.export_formats=[torch]"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    result = run(cfg)
+    assert result["num_architectures"] == 243
+    assert result["pareto"], "at least one latency target gives a sub-network"
+    assert (tmp_path / "compofa" / "summary.json").exists()
+    assert json.loads((tmp_path / "result.json").read_text())["experiment"] == "compofa"
