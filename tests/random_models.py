@@ -13,8 +13,12 @@ What the generator draws (1-D or 2-D per model):
   elementwise relu / gelu / silu / sigmoid / tanh, residual add and sub, multiply gates (sigmoid gate,
              raw product, squeeze-excite broadcast gate), a raw ``nn.Parameter`` layer scale
   shape      max / avg pooling, global average pooling, channel concat, flatten into linear
-  boundary   one to three inputs (maps or vectors, possibly unused), every unconsumed value is an
-             output, and some parameters that forward never reads
+  extras     leaky_relu / hardswish / elu / softplus / hardsigmoid, PReLU, nearest upsampling, chunk
+             and channel shuffle along the channels, softmax and mean over the channels, constant
+             padding, ``x * a + b``, dropout
+  boundary   one to three inputs (maps or vectors, possibly unused); every unconsumed value is an
+             output, usually through a classifier head (pool or flatten, then linear; several heads
+             sometimes concatenated into one), sometimes dead code; parameters forward never reads
 
 The symbolic shape of every value is tracked at generation time and checked against a real forward
 pass when the model is built.  ``describe()`` (also the ``repr``) prints the DAG as pseudo-code, one
@@ -32,7 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTS = ("relu", "gelu", "silu", "sigmoid", "tanh")
-_ACT_FN = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+EXTRA_ACTS = ("leaky_relu", "hardswish", "elu", "softplus", "hardsigmoid")
+_ACT_FN = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+           "leaky_relu": F.leaky_relu, "hardswish": F.hardswish, "elu": F.elu, "softplus": F.softplus,
+           "hardsigmoid": F.hardsigmoid}
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ def _build_module(desc: tuple) -> nn.Module | nn.Parameter:
     if kind == "param":
         _, shape = desc
         return nn.Parameter(torch.rand(*shape) + 0.5)
+    if kind == "prelu":
+        return nn.PReLU(desc[1], init=0.1)
     raise ValueError(desc)
 
 
@@ -131,6 +140,8 @@ def _module_str(desc: tuple) -> str:
         return f"LayerNorm({list(desc[1])}, affine={desc[2]})"
     if kind == "param":
         return f"Parameter{tuple(desc[1])}"
+    if kind == "prelu":
+        return f"PReLU({desc[1]})"
     return str(desc)
 
 
@@ -217,6 +228,28 @@ class SpecModel(nn.Module):
             return x * p.view(-1, *([1] * (x.dim() - 2)))
         if op == "cat":
             return torch.cat([v[i] for i in st.ins], dim=1)
+        # ---- extras beyond the core families
+        if op == "prelu":
+            return self.m[st.mod](x)
+        if op == "upsample":
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if op == "chunk":
+            return x.chunk(2, dim=1)[kw["i"]]
+        if op == "shuffle":  # channel shuffle, written size-agnostic like real code
+            b, c = x.shape[0], x.shape[1]
+            g = kw["g"]
+            return x.reshape(b, g, c // g, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
+        if op == "softmax_c":
+            return torch.softmax(x, dim=1)
+        if op == "pad":
+            p = (kw["p"], kw["p"]) * (x.dim() - 2)
+            return F.pad(x, p, value=kw["value"])
+        if op == "affine_const":
+            return x * kw["a"] + kw["b"]
+        if op == "cmean":
+            return x.mean(dim=1, keepdim=True)
+        if op == "dropout":
+            return F.dropout(x, 0.3, training=self.training)
         raise ValueError(op)
 
     # ------------------------------------------------------------------ helpers
@@ -260,6 +293,8 @@ class SpecModel(nn.Module):
                 call = f"cat([{args}], dim=1)"
             elif st.op == "act":
                 call = f"{st.kw['fn']}({args})"
+            elif st.op == "prelu":
+                call = f"prelu[{st.mod}: {_module_str(sp.modules[st.mod])}]({args})"
             elif st.kw:
                 opts = ", ".join(f"{k}={val}" for k, val in st.kw.items())
                 call = f"{st.op}({args}, {opts})"
@@ -431,7 +466,7 @@ class _Gen:
         if not v.is_map:
             kind = r.choice(("bn", "bn", "ln"))
         else:
-            kind = r.choice(("bn", "bn", "bn", "gn", "gn", "in", "ln"))
+            kind = r.choice(("bn", "bn", "bn", "gn", "gn", "in", "in", "ln"))
         if kind == "bn":
             # without running statistics eval mode normalizes with the batch's statistics
             desc = ("bn", self.dims if v.is_map else 1, v.c, r.random() < 0.8, r.random() < 0.9)
@@ -549,9 +584,61 @@ class _Gen:
         c = sum(self.vals[i].c for i in ins)
         return self.emit("cat", tuple(ins), Val(c, va.sp))
 
+    # ---------------------------------------------------------------- extras (beyond the issue's list)
+    def op_extra(self) -> int | None:
+        r = self.rng
+        kind = r.choice(("act2", "prelu", "upsample", "chunk", "shuffle", "softmax_c", "pad", "affine_const",
+                         "cmean", "dropout"))
+        if kind == "act2":
+            x = self.pick()
+            return self.emit("act", (x,), self.vals[x], fn=r.choice(EXTRA_ACTS))
+        if kind == "prelu":
+            x = self.pick(lambda v: v.is_map)
+            if x is None:
+                return None
+            v = self.vals[x]
+            name = self.new_mod(("prelu", r.choice((1, v.c))))
+            return self.emit("prelu", (x,), v, name)
+        if kind == "upsample":
+            x = self.pick(lambda v: v.is_map and max(v.sp) <= 6)
+            if x is None:
+                return None
+            v = self.vals[x]
+            return self.emit("upsample", (x,), Val(v.c, tuple(2 * n for n in v.sp)))
+        if kind == "chunk":
+            x = self.pick(lambda v: v.c >= 2 and v.c % 2 == 0)
+            if x is None:
+                return None
+            v = self.vals[x]
+            return self.emit("chunk", (x,), Val(v.c // 2, v.sp), i=r.randint(0, 1))
+        if kind == "shuffle":
+            x = self.pick(lambda v: v.is_map and v.c >= 4 and v.c % 2 == 0)
+            if x is None:
+                return None
+            return self.emit("shuffle", (x,), self.vals[x], g=2)
+        if kind == "softmax_c":
+            x = self.pick()
+            return self.emit("softmax_c", (x,), self.vals[x])
+        if kind == "pad":
+            x = self.pick(lambda v: v.is_map and max(v.sp) <= 10)
+            if x is None:
+                return None
+            v = self.vals[x]
+            return self.emit("pad", (x,), Val(v.c, tuple(n + 2 for n in v.sp)), p=1, value=r.choice((0.0, 0.5)))
+        if kind == "affine_const":
+            x = self.pick()
+            return self.emit("affine_const", (x,), self.vals[x], a=r.choice((0.5, 2.0)), b=r.choice((0.0, 0.1)))
+        if kind == "cmean":
+            x = self.pick(lambda v: v.is_map)
+            if x is None:
+                return None
+            return self.emit("cmean", (x,), Val(1, self.vals[x].sp))
+        x = self.pick()
+        return self.emit("dropout", (x,), self.vals[x])
+
     OPS = {
         "conv": 10, "dwconv": 3, "gconv": 3, "convT": 2, "linear": 6, "cl_linear": 1, "norm": 8, "act": 8,
-        "pool": 3, "gap": 1, "flatten": 2, "add": 6, "mul": 4, "scale": 1, "cat": 5,
+        "pool": 3, "gap": 1, "flatten": 2, "add": 9, "mul": 4, "scale": 1, "cat": 6, "extra": 4,
     }
 
     def generate(self) -> Spec:
@@ -572,10 +659,27 @@ class _Gen:
         if self.rng.random() < 0.15:
             self.new_mod(("param", (5,)))
         n_in = len(self.inputs)
-        outputs = [i for i in range(n_in, len(self.uses)) if self.uses[i] == 0]
-        if len(outputs) > 1 and self.rng.random() < 0.1:
-            outputs = outputs[1:]  # dead code: forward computes a value nobody reads
+        sinks = [i for i in range(n_in, len(self.uses)) if self.uses[i] == 0]
+        if len(sinks) > 1 and self.rng.random() < 0.1:
+            sinks = sinks[1:]  # dead code: forward computes a value nobody reads
+        outputs = self.heads(sinks) if self.rng.random() < 0.75 else sinks
         return Spec(self.seed, self.dims, self.inputs, self.steps, self.modules, outputs)
+
+    def heads(self, sinks: list[int]) -> list[int]:
+        """Classifier-style heads (pool / flatten, then linear) so the body's channels are not outputs."""
+        outs = []
+        for i in sinks:
+            v = self.vals[i]
+            if v.is_map:
+                if v.c * math.prod(v.sp) <= 64 and self.rng.random() < 0.3:
+                    i = self.emit("flatten", (i,), Val(v.c * math.prod(v.sp)))
+                else:
+                    i = self.emit("gap", (i,), Val(v.c))
+            outs.append(self.linear_like(i, fout=self.rng.randint(1, 5), allow_share=False))
+        if len(outs) > 1 and self.rng.random() < 0.5:
+            y = self.emit("cat", tuple(outs), Val(sum(self.vals[o].c for o in outs)))
+            outs = [self.linear_like(y, fout=self.rng.randint(1, 5), allow_share=False)]
+        return outs
 
 
 def random_spec(seed: int, max_steps: int = 14) -> Spec:

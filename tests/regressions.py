@@ -160,6 +160,28 @@ class FunctionalGroupNorm(nn.Module):
         return self.c2(F.silu(F.group_norm(self.c1(x), 4, self.w, self.b)))
 
 
+class ConcatAffiliateOwnedBySegment(nn.Module):
+    """Seeds 458, 587, 595 (erase): the norm after a concat is itself part of an erasable segment.
+
+    ``br`` feeds the concat, so its group took ``bn``'s channels 4..6 along as affiliates, while
+    ``bn -> mix`` feeds an add and was a group owning all of ``bn``: two erasable groups shared
+    variables and H2SPG refused to start ("groups are not disjoint").
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.br = nn.Conv2d(4, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(7)
+        self.mix = nn.Conv2d(7, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        c = torch.cat([s, self.br(F.relu(s))], 1)
+        return self.head(self.mix(self.bn(c)) + s)
+
+
 def _randomize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
@@ -185,6 +207,8 @@ REGRESSIONS = {
     "norm_segment_into_concat": (NormSegmentIntoConcat, lambda: torch.randn(2, 4, 9), ("prune", "erase")),
     "groupnorm_without_affine": (GroupNormWithoutAffine, lambda: torch.randn(2, 3, 10), ("prune", "erase")),
     "functional_groupnorm": (FunctionalGroupNorm, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
+    "concat_affiliate_owned_by_segment": (ConcatAffiliateOwnedBySegment, lambda: torch.randn(2, 3, 6, 6),
+                                          ("prune", "erase")),
 }
 
 

@@ -104,3 +104,13 @@ def test_groupnorm_without_module_weight_is_unprunable(name, conv):
     oto = _oto(name, "prune")
     gs = _groups_of(oto, conv)
     assert gs and all(not g.prunable and "group count" in g.reason for g in gs)
+
+
+def test_concat_affiliate_owned_by_another_segment_keeps_groups_disjoint():
+    oto = _oto("concat_affiliate_owned_by_segment", "erase")
+    _check_groups(oto)
+    br = _groups_of(oto, "br.weight")
+    mix = _groups_of(oto, "mix.weight")
+    assert br and mix and mix[0].prunable and not br[0].prunable
+    opt = oto.h2spg(lr=0.01, target_group_sparsity=0.5)  # raised "groups are not disjoint"
+    assert opt.prunable_group_ids == [g.id for g in oto.prunable_groups]

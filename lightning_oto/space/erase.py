@@ -224,7 +224,28 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
             id=len(groups), name=name, slices=[ParamSlice(p) for p in s.params] + extra, dependents=deps,
             prunable=reason is None, reason=reason, vertex=s.id,
         ))
+    _drop_overlapping_affiliates(groups, unerasable)
     return EraseSpace(groups, sg, unerasable, analysis)
+
+
+def _drop_overlapping_affiliates(groups: list[Group], unerasable: dict[str, str]) -> None:
+    """Erasable groups must own disjoint variables: a concat affiliate (channels of a norm after the
+    concat) that is also a whole variable of another erasable group keeps its own group instead."""
+    owner: dict[str, Group] = {}
+    for g in groups:
+        if g.prunable:
+            for sl in g.slices:
+                if sl.indices is None:
+                    owner[sl.name] = g
+    for g in groups:
+        if not g.prunable:
+            continue
+        clash = next((owner[sl.name] for sl in g.slices
+                      if sl.indices is not None and sl.name in owner and owner[sl.name] is not g), None)
+        if clash is not None:
+            g.prunable = False
+            g.reason = f"its concat affiliates belong to the removal structure {clash.name}"
+            unerasable[g.name] = g.reason
 
 
 def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
