@@ -182,6 +182,28 @@ class ConcatAffiliateOwnedBySegment(nn.Module):
         return self.head(self.mix(self.bn(c)) + s)
 
 
+class DeadJointIntoConcat(nn.Module):
+    """Seeds 1007, 1645, 1762 of the 28-step soak (erase): both inputs of an add removed, the add
+    concatenated with another tensor.
+
+    The add died with its inputs and the concat dropped it, but nothing sliced what reads the
+    concat (here a BatchNorm and a conv: "running_mean should contain 8 elements not 12"; with a
+    BatchNorm in between the removal is not even exact, since BN(0) != 0 unless its channels are zeroed).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 4, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        return self.head(F.relu(self.bn(torch.cat([s, self.a(s) + self.b(s)], 1))))
+
+
 def _randomize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
@@ -209,6 +231,7 @@ REGRESSIONS = {
     "functional_groupnorm": (FunctionalGroupNorm, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
     "concat_affiliate_owned_by_segment": (ConcatAffiliateOwnedBySegment, lambda: torch.randn(2, 3, 6, 6),
                                           ("prune", "erase")),
+    "dead_joint_into_concat": (DeadJointIntoConcat, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
 }
 
 

@@ -13,7 +13,8 @@ For every generated model and mode:
   * on a few models, the sub-network exported to ONNX matches onnxruntime.
 
 CI runs ``N_CI`` seeds (see below: about 2 minutes on 2 cores); ``LOTO_SOAK=N`` runs seeds 0..N-1
-(``LOTO_SOAK_START`` shifts them) under the ``soak`` marker: ``LOTO_SOAK=2000 pytest -m soak``.
+(``LOTO_SOAK_START`` shifts them; ``LOTO_MAX_STEPS`` draws bigger DAGs, default 14) under the
+``soak`` marker: ``LOTO_SOAK=2000 pytest -m soak tests/test_property.py``.
 A failure message prints the model as pseudo-code; ``python tests/random_models.py SEED`` prints it too.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ ONNX_SEEDS = (0, 3, 6, 9, 12)   # ONNX export takes 1-3 s per model: a handful o
 ATOL = 1e-4
 SOAK = int(os.environ.get("LOTO_SOAK", "0") or 0)
 SOAK_START = int(os.environ.get("LOTO_SOAK_START", "0") or 0)
+MAX_STEPS = int(os.environ.get("LOTO_MAX_STEPS", "14") or 14)  # DAG size drawn from 3..MAX_STEPS
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -140,7 +142,7 @@ class Case:
 
     @classmethod
     def random(cls, seed: int) -> "Case":
-        model, x = random_model(seed)
+        model, x = random_model(seed, MAX_STEPS)
         return cls(model, x, seed)
 
     def fail(self, what: str) -> str:

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_oto import OTO
+from lightning_oto import OTO, InvalidSubnetError
 from lightning_oto.space.groups import zero_group
 from regressions import REGRESSIONS, make_regression
 from test_property import ATOL, Case, _check_groups, _greedy, erase_properties, prune_properties
@@ -114,3 +114,16 @@ def test_concat_affiliate_owned_by_another_segment_keeps_groups_disjoint():
     assert br and mix and mix[0].prunable and not br[0].prunable
     opt = oto.h2spg(lr=0.01, target_group_sparsity=0.5)  # raised "groups are not disjoint"
     assert opt.prunable_group_ids == [g.id for g in oto.prunable_groups]
+
+
+def test_add_whose_inputs_all_go_may_not_leave_a_concat():
+    oto = _oto("dead_joint_into_concat", "erase")
+    a, b = _groups_of(oto, "a.weight")[0], _groups_of(oto, "b.weight")[0]
+    assert a.prunable and b.prunable
+    assert oto.hierarchy_check(frozenset(), a.id) and oto.hierarchy_check(frozenset({a.id}), b.id) is False
+    # zeroing both anyway (e.g. DHSPG) is reported, not built wrong
+    params = dict(oto.model.named_parameters())
+    zero_group(a, params)
+    zero_group(b, params)
+    with pytest.raises(InvalidSubnetError):
+        oto.construct_subnet()

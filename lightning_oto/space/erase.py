@@ -37,6 +37,7 @@ class Segment:
     inputs: list[int] = field(default_factory=list)    # segment ids
     outputs: list[int] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
+    concat: bool = False         # a joint that concatenates (dropping an input needs affiliated slicing)
 
     @property
     def last(self) -> int:
@@ -54,7 +55,13 @@ class SegmentGraph:
         return len(self.segments)
 
     def dead_set(self, removed: Iterable[int]) -> set[int] | None:
-        """Segments that vanish with ``removed`` (removed + joints left without inputs); None if invalid."""
+        """Segments that vanish with ``removed`` (removed + joints left without inputs); None if invalid.
+
+        A concat may only lose removed segments themselves: their groups carry the concat's affiliated
+        slices (norm channels after it, consumer columns).  A joint that died because all of its inputs
+        went has no such slices, so dropping it from a concat would not be exact.
+        """
+        removed = set(removed)
         dead = set(removed)
         for s in self.segments:  # ids follow a topological order
             if s.id in dead or not s.inputs:
@@ -62,10 +69,12 @@ class SegmentGraph:
             n_dead = sum(1 for i in s.inputs if i in dead)
             if n_dead == 0:
                 continue
-            if s.kind == "joint" and n_dead == len(s.inputs):
-                dead.add(s.id)
-            elif s.kind != "joint":
+            if s.kind != "joint":
                 return None  # an operator would read a removed tensor
+            if s.concat and any(i in dead and i not in removed for i in s.inputs):
+                return None  # a concat would lose a dead joint's channels without their affiliates
+            if n_dead == len(s.inputs):
+                dead.add(s.id)
         return dead
 
     def removal_is_valid(self, removed: Iterable[int]) -> bool:
@@ -137,7 +146,8 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
                 ps.params += [x for x in node.params if x not in ps.params]
                 node_seg[node.id] = ps.id
                 continue
-        s = Segment(len(segs), kind, [node.id], params=list(dict.fromkeys(node.params)))
+        s = Segment(len(segs), kind, [node.id], params=list(dict.fromkeys(node.params)),
+                    concat=kind == "joint" and node.op in ("cat", "concat"))
         segs.append(s)
         node_seg[node.id] = s.id
     for node in graph.nodes:
