@@ -15,7 +15,8 @@ What the generator draws (1-D or 2-D per model):
   shape      max / avg pooling, global average pooling, channel concat, flatten into linear
   extras     leaky_relu / hardswish / elu / softplus / hardsigmoid, PReLU, nearest upsampling, chunk
              and channel shuffle along the channels, softmax and mean over the channels, constant
-             padding, ``x * a + b``, dropout
+             padding, ``x * a + b``, dropout, and rarely a data-dependent ``if`` (untraceable on
+             purpose: the engine must answer with TraceError)
   boundary   one to three inputs (maps or vectors, possibly unused); every unconsumed value is an
              output, usually through a classifier head (pool or flatten, then linear; several heads
              sometimes concatenated into one), sometimes dead code; parameters forward never reads
@@ -86,6 +87,11 @@ class Spec:
     @property
     def values(self) -> list[Val]:
         return list(self.inputs) + [s.out for s in self.steps]
+
+    @property
+    def traceable(self) -> bool:
+        """False when forward has data-dependent control flow (the ``branch`` op)."""
+        return all(st.op != "branch" for st in self.steps)
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -250,6 +256,8 @@ class SpecModel(nn.Module):
             return x.mean(dim=1, keepdim=True)
         if op == "dropout":
             return F.dropout(x, 0.3, training=self.training)
+        if op == "branch":  # data-dependent Python control flow: torch.export cannot trace it
+            return F.relu(x) if bool(x.mean() > 0) else -x
         raise ValueError(op)
 
     # ------------------------------------------------------------------ helpers
@@ -634,6 +642,8 @@ class _Gen:
                 return None
             return self.emit("cmean", (x,), Val(1, self.vals[x].sp))
         x = self.pick()
+        if r.random() < 0.1:
+            return self.emit("branch", (x,), self.vals[x])
         return self.emit("dropout", (x,), self.vals[x])
 
     OPS = {

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_oto import OTO, TraceError
 from lightning_oto.space.groups import zero_group
-from random_models import random_model
+from random_models import random_model, random_spec
 
 N_CI = 50            # random models per mode in the default run (~1 min on 2 cores)
 ONNX_SEEDS = (0, 3, 6, 9, 12)   # ONNX export takes 1-3 s per model: a handful only
@@ -73,11 +73,20 @@ def _on_copy(oto: OTO) -> OTO:
 
 
 def _trace(model: nn.Module, x: tuple, mode: str) -> OTO | None:
+    """OTO(model) or None when tracing fails with the documented TraceError (any other error propagates).
+
+    Generated models are traceable unless they contain the deliberately untraceable ``branch`` op, so
+    a TraceError on any other model is reported as a failure.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return OTO(model, x, mode=mode)
-    except TraceError:
+    except TraceError as e:
+        spec = getattr(model, "spec", None)
+        if spec is not None and spec.traceable:
+            raise AssertionError(f"{mode}: a traceable model failed to trace: {e}\n{model.describe()}") from e
+        assert "tracer said" in str(e), str(e)
         return None  # the documented, clear failure
 
 
@@ -266,6 +275,16 @@ def test_erase_properties(seed):
 @pytest.mark.parametrize("seed", ONNX_SEEDS)
 def test_onnx_matches_onnxruntime(seed, tmp_path):
     check_onnx(seed, "erase" if seed % 2 else "prune", tmp_path)
+
+
+def test_untraceable_random_model_gives_trace_error():
+    """Some generated models branch on tensor values on purpose: both modes answer with TraceError."""
+    seed = next(s for s in range(5000) if not random_spec(s, MAX_STEPS).traceable)
+    model, x = random_model(seed, MAX_STEPS)
+    for mode in ("prune", "erase"):
+        with pytest.raises(TraceError, match="tracer said"):
+            OTO(model, x, mode=mode)
+        assert _trace(model, x, mode) is None
 
 
 def test_generator_is_deterministic_and_describes_itself():
