@@ -15,8 +15,11 @@ What the generator draws (1-D or 2-D per model):
   shape      max / avg pooling, global average pooling, channel concat, flatten into linear
   extras     leaky_relu / hardswish / elu / softplus / hardsigmoid, PReLU, nearest upsampling, chunk
              and channel shuffle along the channels, softmax and mean over the channels, constant
-             padding, ``x * a + b``, dropout, and rarely a data-dependent ``if`` (untraceable on
-             purpose: the engine must answer with TraceError)
+             padding, ``x * a + b``, dropout, division (raw and ``a / (1 + |b|)``), concat along a
+             spatial dim, channels-last LayerNorm, CBAM-style spatial gate, ``x + p`` and ``x / p`` with a
+             raw parameter, bilinear upsampling, adaptive pooling to 2, reflect / replicate / circular
+             conv padding, and rarely a data-dependent ``if`` (untraceable on purpose: the engine
+             must answer with TraceError)
   boundary   one to three inputs (maps or vectors, possibly unused); every unconsumed value is an
              output, usually through a classifier head (pool or flatten, then linear; several heads
              sometimes concatenated into one), sometimes dead code; parameters forward never reads
@@ -98,8 +101,9 @@ class Spec:
 def _build_module(desc: tuple) -> nn.Module | nn.Parameter:
     kind = desc[0]
     if kind == "conv":
-        _, d, cin, cout, k, s, p, dil, g, bias = desc
-        return (nn.Conv1d if d == 1 else nn.Conv2d)(cin, cout, k, s, p, dil, groups=g, bias=bias)
+        _, d, cin, cout, k, s, p, dil, g, bias, *mode = desc
+        return (nn.Conv1d if d == 1 else nn.Conv2d)(cin, cout, k, s, p, dil, groups=g, bias=bias,
+                                                    padding_mode=mode[0] if mode else "zeros")
     if kind == "convT":
         _, d, cin, cout, k, s, p, op, g, bias = desc
         return (nn.ConvTranspose1d if d == 1 else nn.ConvTranspose2d)(cin, cout, k, s, p, op, groups=g, bias=bias)
@@ -129,8 +133,9 @@ def _build_module(desc: tuple) -> nn.Module | nn.Parameter:
 def _module_str(desc: tuple) -> str:
     kind = desc[0]
     if kind == "conv":
-        _, d, cin, cout, k, s, p, dil, g, bias = desc
-        return f"Conv{d}d({cin}, {cout}, k={k}, s={s}, p={p}, d={dil}, groups={g}, bias={bias})"
+        _, d, cin, cout, k, s, p, dil, g, bias, *mode = desc
+        pm = f", padding_mode={mode[0]!r}" if mode and mode[0] != "zeros" else ""
+        return f"Conv{d}d({cin}, {cout}, k={k}, s={s}, p={p}, d={dil}, groups={g}, bias={bias}{pm})"
     if kind == "convT":
         _, d, cin, cout, k, s, p, op, g, bias = desc
         return f"ConvTranspose{d}d({cin}, {cout}, k={k}, s={s}, p={p}, out_pad={op}, groups={g}, bias={bias})"
@@ -229,9 +234,10 @@ class SpecModel(nn.Module):
             return x - v[st.ins[1]]
         if op == "mul":
             return x * v[st.ins[1]]
-        if op == "scale":
+        if op in ("scale", "shift", "pdiv"):
             p = self.p[st.mod]
-            return x * p.view(-1, *([1] * (x.dim() - 2)))
+            p = p if kw.get("raw") else p.view(-1, *([1] * (x.dim() - 2)))
+            return x * p if op == "scale" else x + p if op == "shift" else x / p
         if op == "cat":
             return torch.cat([v[i] for i in st.ins], dim=1)
         # ---- extras beyond the core families
@@ -256,6 +262,20 @@ class SpecModel(nn.Module):
             return x.mean(dim=1, keepdim=True)
         if op == "dropout":
             return F.dropout(x, 0.3, training=self.training)
+        if op == "div":
+            return x / v[st.ins[1]]
+        if op == "div_safe":
+            return x / (1.0 + v[st.ins[1]].abs())
+        if op == "cat_sp":  # concat along the last spatial dim
+            return torch.cat([v[i] for i in st.ins], dim=-1)
+        if op == "cl_norm":  # channels-last LayerNorm (ConvNeXt / transformer style)
+            return self.m[st.mod](x.movedim(1, -1)).movedim(-1, 1)
+        if op == "bilinear":
+            return F.interpolate(x, scale_factor=2, mode="linear" if x.dim() == 3 else "bilinear",
+                                 align_corners=False)
+        if op == "apool2":
+            fn = F.adaptive_avg_pool1d if x.dim() == 3 else F.adaptive_avg_pool2d
+            return fn(x, 2)
         if op == "branch":  # data-dependent Python control flow: torch.export cannot trace it
             return F.relu(x) if bool(x.mean() > 0) else -x
         raise ValueError(op)
@@ -294,6 +314,16 @@ class SpecModel(nn.Module):
                 call = f"{st.op}[{st.mod}: {_module_str(sp.modules[st.mod])}]({args})"
             elif st.op == "scale":
                 call = f"{args} * {st.mod}[{_module_str(sp.modules[st.mod])}]"
+            elif st.op in ("shift", "pdiv"):
+                sym = "+" if st.op == "shift" else "/"
+                call = f"{args} {sym} {st.mod}[{_module_str(sp.modules[st.mod])}]"
+            elif st.op == "cl_norm":
+                call = f"cl_norm[{st.mod}: {_module_str(sp.modules[st.mod])}]({args})"
+            elif st.op in ("div", "div_safe"):
+                a, b = (f"v{i}" for i in st.ins)
+                call = f"{a} / {b}" if st.op == "div" else f"{a} / (1 + |{b}|)"
+            elif st.op == "cat_sp":
+                call = f"cat([{args}], dim=-1)"
             elif st.op in ("add", "sub", "mul"):
                 sym = {"add": "+", "sub": "-", "mul": "*"}[st.op]
                 call = f" {sym} ".join(f"v{i}" for i in st.ins)
@@ -390,7 +420,7 @@ class _Gen:
         if allow_share and groups == 1 and self.rng.random() < 0.25:
             for name, d in self.modules.items():
                 if d[0] == "conv" and d[1] == self.dims and d[2] == v.c and d[8] == 1:
-                    _, _, cin, co, kk, s, p, dil, g, bias = d
+                    _, _, cin, co, kk, s, p, dil, g, bias, *_ = d
                     sp = tuple(conv_out(n, kk, s, p, dil) for n in v.sp)
                     if all(n >= 1 for n in sp):
                         return self.emit("conv", (x,), Val(co, sp), name, shared=True)
@@ -403,7 +433,10 @@ class _Gen:
         if min(sp) < 1:
             p, sp = (k // 2) * dil, tuple(conv_out(n, k, s, (k // 2) * dil, dil) for n in v.sp)
         bias = self.rng.random() < 0.6
-        name = self.new_mod(("conv", self.dims, v.c, cout, k, s, p, dil, groups, bias))
+        desc = ("conv", self.dims, v.c, cout, k, s, p, dil, groups, bias)
+        if p > 0 and p < smin and self.rng.random() < 0.1:
+            desc += (self.rng.choice(("reflect", "replicate", "circular")),)
+        name = self.new_mod(desc)
         return self.emit("conv", (x,), Val(cout, sp), name)
 
     def op_conv(self) -> int | None:
@@ -565,11 +598,17 @@ class _Gen:
             b = self.emit("act", (b,), self.vals[b], fn=self.rng.choice(("sigmoid", "sigmoid", "tanh")))
         return self.emit("mul", (a, b) if self.rng.random() < 0.5 else (b, a), va)
 
-    def op_scale(self) -> int | None:
+    def param_op(self, op: str) -> int:
+        """``x * p`` / ``x + p`` / ``x / p`` with a raw per-channel parameter, viewed or already broadcastable."""
         x = self.pick()
         v = self.vals[x]
-        name = self.new_mod(("param", (v.c,)))
-        return self.emit("scale", (x,), v, name)
+        raw = self.rng.random() < 0.5
+        shape = (1, v.c, *([1] * len(v.sp))) if raw and v.is_map else (v.c,)
+        name = self.new_mod(("param", shape))
+        return self.emit(op, (x,), v, name, raw=raw)
+
+    def op_scale(self) -> int | None:
+        return self.param_op("scale")
 
     def op_cat(self) -> int | None:
         a = self.pick()
@@ -646,9 +685,60 @@ class _Gen:
             return self.emit("branch", (x,), self.vals[x])
         return self.emit("dropout", (x,), self.vals[x])
 
+    def op_extra2(self) -> int | None:
+        r = self.rng
+        kind = r.choice(("div", "div_safe", "cat_sp", "cl_norm", "spatial_gate", "shift", "pdiv", "bilinear",
+                         "apool2"))
+        if kind in ("div", "div_safe"):
+            a = self.pick()
+            b = self.partner(a)
+            return self.emit(kind, (a, b), self.vals[a])
+        if kind == "cat_sp":
+            a = self.pick(lambda v: v.is_map and v.sp[-1] <= 8)
+            if a is None:
+                return None
+            va = self.vals[a]
+            others = [i for i, v in enumerate(self.vals) if v.is_map and v.c == va.c and v.sp[:-1] == va.sp[:-1]
+                      and i != a and v.sp[-1] <= 8]
+            b = r.choice(others) if others and r.random() < 0.6 else self.conv_like(a, cout=va.c, k=1, stride=1,
+                                                                                    allow_share=False)
+            vb = self.vals[b]
+            ins = (a, b) if r.random() < 0.5 else (b, a)
+            return self.emit("cat_sp", ins, Val(va.c, va.sp[:-1] + (va.sp[-1] + vb.sp[-1],)))
+        if kind == "cl_norm":
+            x = self.pick(lambda v: v.is_map)
+            if x is None:
+                return None
+            v = self.vals[x]
+            name = self.new_mod(("ln", (v.c,), r.random() < 0.8))
+            return self.emit("cl_norm", (x,), v, name)
+        if kind == "spatial_gate":  # CBAM-style: a * sigmoid(conv(mean over channels of a))
+            a = self.pick(lambda v: v.is_map)
+            if a is None:
+                return None
+            va = self.vals[a]
+            m = self.emit("cmean", (a,), Val(1, va.sp))
+            g = self.conv_like(m, cout=1, k=1, stride=1, allow_share=False)
+            g = self.emit("act", (g,), self.vals[g], fn="sigmoid")
+            return self.emit("mul", (a, g) if r.random() < 0.5 else (g, a), va)
+        if kind in ("shift", "pdiv"):
+            return self.param_op(kind)
+        if kind == "bilinear":
+            x = self.pick(lambda v: v.is_map and max(v.sp) <= 6)
+            if x is None:
+                return None
+            v = self.vals[x]
+            return self.emit("bilinear", (x,), Val(v.c, tuple(2 * n for n in v.sp)))
+        x = self.pick(lambda v: v.is_map and min(v.sp) >= 2)
+        if x is None:
+            return None
+        v = self.vals[x]
+        return self.emit("apool2", (x,), Val(v.c, (2,) * len(v.sp)))
+
     OPS = {
         "conv": 10, "dwconv": 3, "gconv": 3, "convT": 2, "linear": 6, "cl_linear": 1, "norm": 8, "act": 8,
         "pool": 3, "gap": 1, "flatten": 2, "add": 9, "mul": 4, "scale": 1, "cat": 6, "extra": 4,
+        "extra2": 3,
     }
 
     def generate(self) -> Spec:

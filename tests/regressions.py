@@ -204,6 +204,76 @@ class DeadJointIntoConcat(nn.Module):
         return self.head(F.relu(self.bn(torch.cat([s, self.a(s) + self.b(s)], 1))))
 
 
+class DivideByChannels(nn.Module):
+    """Soak seeds 169, 190, 217, 231, 496 (prune, after division joined the generator): ``a / b``.
+
+    The element-wise join put both convs' channels in one group; zeroing it computed 0 / 0 = NaN in
+    the full model while the sub-network simply had no such channel.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x) / self.b(x)))
+
+
+class DivideByParameter(nn.Module):
+    """Same family with a raw per-channel divisor ``x / p`` (p shaped (1, C, 1, 1)): p was one of the
+    group's variables, so zeroing the group divided by zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.p = nn.Parameter(torch.rand(1, 5, 1, 1) + 0.5)
+        self.c2 = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.c1(x)) / self.p)
+
+
+class BroadcastAddJoint(nn.Module):
+    """Soak seeds 235, 299 (erase): ``conv(x) + bias.view(-1, 1, 1)`` with a raw parameter.
+
+    The add was a joint, so erasing the conv replaced the add by the (C, 1, 1) bias alone: the
+    batch and spatial dims vanished ("mat1 and mat2 shapes cannot be multiplied").
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bias = nn.Parameter(torch.rand(4) - 0.5)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+        self.skip = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        y = self.conv(s) + self.bias.view(-1, 1, 1)
+        return self.head(torch.flatten(y, 1)) + self.skip(torch.flatten(s, 1))
+
+
+class DivideByOwnParameter(nn.Module):
+    """Soak seeds 19, 340 (erase): a segment ``convT -> relu -> / p -> ...`` with its own divisor p.
+
+    Erasing zeroes every variable of the segment, p included: x / 0 gave NaN instead of zero.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(2, 4, 3, padding=1)
+        self.up = nn.ConvTranspose1d(4, 4, 1)
+        self.p = nn.Parameter(torch.rand(1, 4, 1) + 0.5)
+        self.head = nn.Conv1d(4, 2, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.head(s + F.relu(self.up(s)) / self.p)
+
+
 def _randomize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
@@ -232,6 +302,10 @@ REGRESSIONS = {
     "concat_affiliate_owned_by_segment": (ConcatAffiliateOwnedBySegment, lambda: torch.randn(2, 3, 6, 6),
                                           ("prune", "erase")),
     "dead_joint_into_concat": (DeadJointIntoConcat, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
+    "divide_by_channels": (DivideByChannels, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
+    "divide_by_parameter": (DivideByParameter, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
+    "broadcast_add_joint": (BroadcastAddJoint, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
+    "divide_by_own_parameter": (DivideByOwnParameter, lambda: torch.randn(2, 2, 7), ("prune", "erase")),
 }
 
 

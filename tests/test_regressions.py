@@ -127,3 +127,34 @@ def test_add_whose_inputs_all_go_may_not_leave_a_concat():
     zero_group(b, params)
     with pytest.raises(InvalidSubnetError):
         oto.construct_subnet()
+
+
+def test_division_by_a_channel_tensor_is_unprunable():
+    oto = _oto("divide_by_channels", "prune")
+    gs = _groups_of(oto, "b.weight")
+    assert gs and all(not g.prunable and "divides" in g.reason for g in gs)
+
+
+def test_parameter_divisor_is_a_dependent_not_a_variable():
+    oto = _oto("divide_by_parameter", "prune")
+    g = _groups_of(oto, "c1.weight")[0]
+    assert g.prunable
+    assert all(s.name != "p" for s in g.slices) and any(s.name == "p" and s.dim == 1 for s in g.dependents)
+    zero_group(g, dict(oto.model.named_parameters()))
+    sub = oto.construct_subnet(atol=ATOL)
+    assert sub.p.shape == (1, 4, 1, 1)
+
+
+def test_broadcasting_add_is_not_a_joint():
+    oto = _oto("broadcast_add_joint", "erase")
+    conv = _groups_of(oto, "conv.weight")
+    assert not conv or all(not g.prunable for g in conv)
+    sg = oto.segment_graph
+    add = next(n for n in oto.graph.nodes if n.op == "add" and any(oto.graph.nodes[i].op == "view" for i in n.inputs))
+    assert sg.segments[sg.node_segment[add.id]].kind != "joint"
+
+
+def test_segment_dividing_by_its_own_parameter_is_unerasable():
+    oto = _oto("divide_by_own_parameter", "erase")
+    g = _groups_of(oto, "up.weight")[0]
+    assert not g.prunable and "zero" in g.reason

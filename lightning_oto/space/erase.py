@@ -123,8 +123,18 @@ class EraseSpace:
     analysis: ChannelAnalysis | None = None
 
 
-def is_joint(node: OpNode) -> bool:
-    return node.op in JOINTS and len(set(node.inputs)) >= 2
+def is_joint(node: OpNode, graph: OpGraph | None = None) -> bool:
+    """A vertex that may lose an input: add / sub / concat of two or more distinct tensors.
+
+    An add or sub qualifies only without broadcasting (every input already has the output's shape):
+    otherwise the input left over (e.g. a (C, 1, 1) bias) would not be the tensor the add produced.
+    """
+    if node.op not in JOINTS or len(set(node.inputs)) < 2:
+        return False
+    if graph is not None and node.op not in ("cat", "concat"):
+        if node.shape is None or any(graph.nodes[i].shape != node.shape for i in node.inputs):
+            return False
+    return True
 
 
 def build_segment_graph(graph: OpGraph) -> SegmentGraph:
@@ -134,7 +144,7 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
     for node in graph.nodes:
         if node.kind in ("input", "output"):
             kind = node.kind
-        elif is_joint(node):
+        elif is_joint(node, graph):
             kind = "joint"
         else:
             kind = "chain"
@@ -187,7 +197,8 @@ def _output_is_zero(graph: OpGraph, seg: Segment) -> bool:
         elif n.op in ("mul", "mul_"):
             zero = zero or any(p in own for p in n.params)
         elif n.op in ("div", "div_"):
-            pass
+            if n.params:
+                return False  # zeroing the segment would divide by a zeroed parameter (NaN, not zero)
         elif n.op in ("add", "add_", "sub", "sub_") and n.params and set(n.params) <= own:
             pass
         else:

@@ -598,6 +598,9 @@ class ChannelAnalysis:
                 return
             for x, y in zip(ta.elems, tb.elems):
                 self.uf.union(x, y)
+            if op == "div":
+                # a zeroed group would divide 0 by 0 (or by a channel we cannot prove non-zero)
+                self.mark(tb.elems, f"{self.describe(node)} divides by a channel tensor")
             if op == "mul":
                 zi = [p or q for p, q in zip(ta.zi, tb.zi)]
             elif op == "div":
@@ -629,10 +632,10 @@ class ChannelAnalysis:
             self.ok(fx, b)
             dim_b = cd - (n_out - len(sb))
             for c, e in enumerate(ta.elems):
-                if pn:
+                if pn and op != "div":
                     self.add_var(e, pn, dim_b, c)
-                else:
-                    self.add_dep(e, bn, dim_b, c)
+                else:  # a buffer, or a divisor (zeroing it would divide by zero): removed, never zeroed
+                    self.add_dep(e, pn or bn, dim_b, c)
             if op == "mul":
                 zi = [True] * C if pn else list(ta.zi)
             elif op == "div":
