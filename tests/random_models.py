@@ -420,9 +420,9 @@ class _Gen:
         if allow_share and groups == 1 and self.rng.random() < 0.25:
             for name, d in self.modules.items():
                 if d[0] == "conv" and d[1] == self.dims and d[2] == v.c and d[8] == 1:
-                    _, _, cin, co, kk, s, p, dil, g, bias, *_ = d
+                    _, _, cin, co, kk, s, p, dil, g, bias, *mode = d
                     sp = tuple(conv_out(n, kk, s, p, dil) for n in v.sp)
-                    if all(n >= 1 for n in sp):
+                    if all(n >= 1 for n in sp) and (not mode or p < min(v.sp)):  # reflect needs p < size
                         return self.emit("conv", (x,), Val(co, sp), name, shared=True)
         smin = min(v.sp)
         k = k if k is not None else self.rng.choice([1, 3, 3, 5] if smin >= 5 else [1, 3] if smin >= 3 else [1])
