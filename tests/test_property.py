@@ -12,7 +12,8 @@ For every generated model and mode:
     the constructed graph;
   * on a few models, the sub-network exported to ONNX matches onnxruntime.
 
-CI runs ``N_CI`` seeds (see below: about 2 minutes on 2 cores); ``LOTO_SOAK=N`` runs seeds 0..N-1
+CI runs ``N_CI`` = 50 seeds per mode plus 5 ONNX exports (about 1.5 minutes on 2 cores for this
+file and tests/test_regressions.py together); ``LOTO_SOAK=N`` runs seeds 0..N-1
 (``LOTO_SOAK_START`` shifts them; ``LOTO_MAX_STEPS`` draws bigger DAGs, default 14) under the
 ``soak`` marker: ``LOTO_SOAK=2000 pytest -m soak tests/test_property.py``.
 A failure message prints the model as pseudo-code; ``python tests/random_models.py SEED`` prints it too.
@@ -34,7 +35,8 @@ from lightning_oto.space.groups import zero_group
 from random_models import random_model, random_spec
 
 N_CI = 50            # random models per mode in the default run (~1 min on 2 cores)
-ONNX_SEEDS = (0, 3, 6, 9, 12)   # ONNX export takes 1-3 s per model: a handful only
+# ONNX export takes 1-3 s per model: a handful of (seed, mode) pairs that have something to remove
+ONNX_CASES = ((0, "prune"), (2, "erase"), (5, "prune"), (9, "erase"), (12, "prune"))
 ATOL = 1e-4
 SOAK = int(os.environ.get("LOTO_SOAK", "0") or 0)
 SOAK_START = int(os.environ.get("LOTO_SOAK_START", "0") or 0)
@@ -262,7 +264,7 @@ def check_onnx(seed: int, mode: str, tmp_path) -> None:
     oto = _trace(c.model, c.x, mode)
     if oto is None:
         return
-    oto.random_set_zero_groups(0.5, seed=seed)
+    assert oto.random_set_zero_groups(0.5, seed=seed) or not oto.prunable_groups
     sub = _construct(oto)
     paths = oto.export(sub, tmp_path, formats=("onnx",))
     assert float(paths["onnx_check_error"]) <= ATOL, c.fail(f"{mode}: onnxruntime differs")
@@ -279,9 +281,9 @@ def test_erase_properties(seed):
     check_erase(seed)
 
 
-@pytest.mark.parametrize("seed", ONNX_SEEDS)
-def test_onnx_matches_onnxruntime(seed, tmp_path):
-    check_onnx(seed, "erase" if seed % 2 else "prune", tmp_path)
+@pytest.mark.parametrize("seed,mode", ONNX_CASES)
+def test_onnx_matches_onnxruntime(seed, mode, tmp_path):
+    check_onnx(seed, mode, tmp_path)
 
 
 def test_untraceable_random_model_gives_trace_error():
@@ -307,8 +309,7 @@ def test_generator_covers_the_advertised_patterns():
     """Over the CI seeds the generator draws every op family the issue lists."""
     seen: set[str] = set()
     for s in range(N_CI):
-        m, x = random_model(s)
-        sp = m.spec
+        sp = random_spec(s, MAX_STEPS)
         seen.add(f"{sp.dims}d")
         seen.add(f"inputs{min(len(sp.inputs), 2)}")
         seen.add(f"outputs{min(len(sp.outputs), 2)}")
