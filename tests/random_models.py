@@ -203,11 +203,11 @@ class SpecModel(nn.Module):
     def forward(self, *xs: torch.Tensor):
         v: list[torch.Tensor] = list(xs)
         for st in self.spec.steps:
-            v.append(self._apply(st, v))
+            v.append(self._step(st, v))
         outs = tuple(v[i] for i in self.spec.outputs)
         return outs[0] if len(outs) == 1 else outs
 
-    def _apply(self, st: Step, v: list[torch.Tensor]) -> torch.Tensor:
+    def _step(self, st: Step, v: list[torch.Tensor]) -> torch.Tensor:
         op, kw = st.op, st.kw
         x = v[st.ins[0]]
         if op in ("conv", "convT", "linear", "norm"):
@@ -293,7 +293,7 @@ class SpecModel(nn.Module):
         try:
             v: list[torch.Tensor] = list(self.example_inputs())
             for i, st in enumerate(self.spec.steps):
-                y = self._apply(st, v)
+                y = self._step(st, v)
                 want = st.out.shape(self.spec.batch)
                 if tuple(y.shape) != want:
                     raise AssertionError(f"generator bug at step {i} ({st.op}): got {tuple(y.shape)}, want {want}\n"

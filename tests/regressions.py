@@ -274,6 +274,25 @@ class DivideByOwnParameter(nn.Module):
         return self.head(s + F.relu(self.up(s)) / self.p)
 
 
+class InstanceNormRunningStatsSegment(nn.Module):
+    """Soak seed 3374 (erase): ``GroupNorm -> InstanceNorm(affine=False, track_running_stats=True)``.
+
+    In eval the instance norm uses its running statistics, so a zero input becomes -mean/std, not 0;
+    the segment was still taken for zero-invariant and its removal changed the output by 0.05.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(3, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.inorm = nn.InstanceNorm1d(4, affine=False, track_running_stats=True)
+        self.head = nn.Conv1d(4, 2, 1)
+
+    def forward(self, x):
+        s = F.silu(self.stem(x))
+        return self.head(self.inorm(self.gn(s)) - s)
+
+
 def _randomize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
@@ -306,6 +325,8 @@ REGRESSIONS = {
     "divide_by_parameter": (DivideByParameter, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
     "broadcast_add_joint": (BroadcastAddJoint, lambda: torch.randn(2, 3, 6, 6), ("prune", "erase")),
     "divide_by_own_parameter": (DivideByOwnParameter, lambda: torch.randn(2, 2, 7), ("prune", "erase")),
+    "instancenorm_running_stats_segment": (InstanceNormRunningStatsSegment, lambda: torch.randn(2, 3, 9),
+                                           ("prune", "erase")),
 }
 
 

@@ -7,6 +7,8 @@ For every generated model and mode:
     sub-network equals the (zeroed) full model within 1e-4;
   * random valid zero sets construct a sub-network that equals the full model within 1e-4 (on the
     example input and on a fresh one) and is never larger;
+  (equality is judged in float32, and where that is above 1e-4 again in float64: raw division by
+  small values amplifies float32 rounding, a construction error does not go away in float64)
   * erase mode: a set built greedily like H2SPG (``oto.hierarchy_check``) is accepted by
     ``segment_graph.removal_is_valid``, constructs, and every used input still reaches an output in
     the constructed graph;
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from lightning_oto import OTO, TraceError
+from lightning_oto import OTO, SubnetMismatchError, TraceError
 from lightning_oto.space.groups import zero_group
 from random_models import random_model, random_spec
 
@@ -53,12 +55,52 @@ def _outputs(m: nn.Module, x: tuple) -> list[torch.Tensor]:
         return [t for t in tree_leaves(m(*x)) if isinstance(t, torch.Tensor)]
 
 
+def _diff(p: torch.Tensor, q: torch.Tensor) -> float:
+    """max |p - q|, where the same inf / NaN on both sides counts as equal (a zeroed divisor in the
+    user's own model gives NaN in the full network and in the sub-network alike)."""
+    if not p.numel():
+        return 0.0
+    p, q = p.double(), q.double()
+    same = (p == q) | (torch.isnan(p) & torch.isnan(q))
+    d = (p - q).abs()
+    d = torch.where(same, torch.zeros_like(d), d)
+    return float(torch.nan_to_num(d, nan=float("inf")).max())
+
+
 def _max_err(a: nn.Module, b: nn.Module, x: tuple) -> float:
     a.eval(), b.eval()
     oa, ob = _outputs(a, x), _outputs(b, x)
     if len(oa) != len(ob) or any(p.shape != q.shape for p, q in zip(oa, ob)):
         return float("inf")
-    return max((float((p - q).abs().max()) if p.numel() else 0.0) for p, q in zip(oa, ob))
+    return max((_diff(p, q) for p, q in zip(oa, ob)), default=0.0)
+
+
+def _exact(o: OTO, sub: nn.Module, c: "Case") -> float:
+    """Error of ``sub`` against the (zeroed) full model on the example and a fresh input.
+
+    Above tolerance in float32 the comparison is repeated in float64: models that divide by small
+    values amplify float32 rounding (different summation order once channels are gone) far beyond
+    1e-4, while a real construction error stays just as large in float64.
+    """
+    inputs = (c.x, _fresh(c.x, c.seed))
+    err = max(_max_err(o.model, sub, x) for x in inputs)
+    if err <= ATOL:
+        return err
+    try:
+        a, b = copy.deepcopy(o.model).double(), copy.deepcopy(sub).double()
+        return max(_max_err(a, b, tuple(t.double() for t in x)) for x in inputs)
+    except Exception:  # noqa: BLE001 - a program that cannot run in float64: keep the float32 verdict
+        return err
+
+
+def _build(o: OTO, c: "Case", what: str) -> nn.Module:
+    """construct_subnet(verify=True); a float32 mismatch is re-judged by :func:`_exact` in float64."""
+    try:
+        return _construct(o)
+    except SubnetMismatchError:
+        return _construct(o, verify=False)
+    except Exception as e:  # noqa: BLE001 - reported with the model
+        raise AssertionError(c.fail(f"{what} failed: {type(e).__name__}: {e}")) from e
 
 
 def _fresh(x: tuple, seed: int) -> tuple:
@@ -121,11 +163,22 @@ def _check_groups(oto: OTO) -> None:
                 assert not overlap, f"{name} is shared by groups {oto.groups[ga].name} and {oto.groups[gb].name}"
 
 
-def _connected(sub: nn.Module) -> None:
-    """Every graph input of an erased (fx) sub-network that has a user reaches the output node."""
+def _connected(oto: OTO, sub: nn.Module) -> None:
+    """Every graph input that reaches an output in the full model still does in an erased (fx) sub-network."""
     graph = getattr(sub, "graph", None)
     if graph is None:
         return
+    full = oto.graph
+    live = []
+    for i in full.input_ids:  # reachability in the traced full model
+        seen, stack = set(), [i]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack += full.nodes[n].outputs
+        live.append(any(full.nodes[n].kind == "output" for n in seen))
     out = next(n for n in graph.nodes if n.op == "output")
     reach: set = set()
     stack = [out]
@@ -135,11 +188,10 @@ def _connected(sub: nn.Module) -> None:
             continue
         reach.add(n)
         stack += n.all_input_nodes
-    for n in graph.nodes:
-        # export's guard function reads every input; it is not a real use
-        users = [u for u in n.users if not (u.op == "call_module" and "guard" in str(u.target))]
-        if n.op == "placeholder" and users:
-            assert n in reach, f"input {n.name} no longer reaches the output"
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == len(live), "the sub-network's inputs differ from the model's"
+    for n, was_live in zip(placeholders, live):
+        assert not was_live or n in reach, f"input {n.name} no longer reaches the output"
 
 
 class Case:
@@ -183,20 +235,16 @@ def prune_properties(c: Case, n_single: int = 3) -> OTO | None:
         o = _on_copy(oto)
         zero_group(g, dict(o.model.named_parameters()))
         sub = _construct(o, verify=False)
-        err = max(o.verify(sub), _max_err(o.model, sub, _fresh(c.x, c.seed)))
+        err = _exact(o, sub, c)
         assert err <= ATOL, c.fail(f"prune: zeroing group {g.name} alone changes the output by {err:.3g}")
         assert _n_params(sub) <= n_full, c.fail(f"prune: sub-network grew zeroing {g.name}")
     # random valid sets
     for frac in (c.rng.choice((0.3, 0.5, 0.7)), 1.0):
         o = _on_copy(oto)
         ids = o.random_set_zero_groups(frac, seed=c.seed)
-        try:
-            sub = _construct(o)
-        except Exception as e:  # noqa: BLE001 - reported with the model
-            raise AssertionError(c.fail(f"prune: construction of {len(ids)} zero groups failed: "
-                                        f"{type(e).__name__}: {e}")) from e
-        err = _max_err(o.model, sub, _fresh(c.x, c.seed))
-        assert err <= ATOL, c.fail(f"prune: fraction {frac}: sub-network differs by {err:.3g} on a fresh input")
+        sub = _build(o, c, f"prune: construction of {len(ids)} zero groups")
+        err = _exact(o, sub, c)
+        assert err <= ATOL, c.fail(f"prune: fraction {frac}: sub-network differs by {err:.3g}")
         assert _n_params(sub) <= n_full, c.fail("prune: sub-network is larger than the model")
     return oto
 
@@ -229,7 +277,7 @@ def erase_properties(c: Case, n_single: int = 1) -> OTO | None:
         o = _on_copy(oto)
         zero_group(g, dict(o.model.named_parameters()))
         sub = _construct(o, verify=False)
-        err = max(o.verify(sub), _max_err(o.model, sub, _fresh(c.x, c.seed)))
+        err = _exact(o, sub, c)
         assert err <= ATOL, c.fail(f"erase: zeroing group {g.name} alone changes the output by {err:.3g}")
     ids = _greedy(oto, c.rng)
     if not ids:
@@ -239,15 +287,11 @@ def erase_properties(c: Case, n_single: int = 1) -> OTO | None:
     params = dict(o.model.named_parameters())
     for i in ids:
         zero_group(oto.groups[i], params)
-    try:
-        sub = _construct(o)
-    except Exception as e:  # noqa: BLE001
-        raise AssertionError(c.fail(f"erase: construction of the greedy set {[oto.groups[i].name for i in ids]} "
-                                    f"failed: {type(e).__name__}: {e}")) from e
-    err = _max_err(o.model, sub, _fresh(c.x, c.seed))
-    assert err <= ATOL, c.fail(f"erase: sub-network differs by {err:.3g} on a fresh input")
+    sub = _build(o, c, f"erase: construction of the greedy set {[oto.groups[i].name for i in ids]}")
+    err = _exact(o, sub, c)
+    assert err <= ATOL, c.fail(f"erase: sub-network differs by {err:.3g}")
     assert _n_params(sub) < n_full, c.fail("erase: nothing was removed")
-    _connected(sub)
+    _connected(oto, sub)
     return oto
 
 

@@ -158,3 +158,9 @@ def test_segment_dividing_by_its_own_parameter_is_unerasable():
     oto = _oto("divide_by_own_parameter", "erase")
     g = _groups_of(oto, "up.weight")[0]
     assert not g.prunable and "zero" in g.reason
+
+
+def test_instance_norm_with_running_stats_is_not_zero_invariant():
+    oto = _oto("instancenorm_running_stats_segment", "erase")
+    g = _groups_of(oto, "gn.weight")[0]
+    assert not g.prunable and "zero" in g.reason

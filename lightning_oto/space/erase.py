@@ -187,6 +187,9 @@ def _output_is_zero(graph: OpGraph, seg: Segment) -> bool:
                 zero = True
             elif n.op == "batch_norm":
                 zero = False
+            elif n.op == "instance_norm":
+                # with running statistics (eval, track_running_stats=True) a zero input maps to -mean/std
+                zero = zero and bool(fx.args[5] if len(fx.args) > 5 else fx.kwargs.get("use_input_stats", True))
             elif n.op == "layer_norm":
                 zero = zero and not n.params
         elif n.op in ZI_UNARY or n.op in SPATIAL or n.op in VIEWS or n.op in REDUCE or \
