@@ -347,6 +347,8 @@ def test_generator_is_deterministic_and_describes_itself():
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert all(torch.equal(p, q) for p, q in zip(xa, xb))
     assert "v0 = input()" in a.describe() and "return" in a.describe()
+    a.double()  # an ordinary module: .to() / .double() work (nothing shadows nn.Module internals)
+    assert a(*(t.double() for t in xa))[0].dtype == torch.float64
 
 
 def test_generator_covers_the_advertised_patterns():
