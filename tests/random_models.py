@@ -26,7 +26,8 @@ What the generator draws (1-D or 2-D per model):
 
 The symbolic shape of every value is tracked at generation time and checked against a real forward
 pass when the model is built.  ``describe()`` (also the ``repr``) prints the DAG as pseudo-code, one
-line per node, so a failing seed can be read and reproduced: ``random_model(seed)``.
+line per node, so a failing seed can be read and reproduced: ``random_model(seed, max_steps)``, or
+``python tests/random_models.py SEED`` (``LOTO_MAX_STEPS`` as in the soak) to print it.
 """
 from __future__ import annotations
 
@@ -792,8 +793,10 @@ def random_model(seed: int, max_steps: int = 14) -> tuple[SpecModel, tuple[torch
     return model, model.example_inputs()
 
 
-if __name__ == "__main__":  # python tests/random_models.py SEED  -> print the model
+if __name__ == "__main__":  # python tests/random_models.py SEED...  -> print the models
+    import os
     import sys
 
+    steps = int(os.environ.get("LOTO_MAX_STEPS", "14") or 14)  # same knob as tests/test_property.py
     for s in sys.argv[1:] or ["0"]:
-        print(random_model(int(s))[0])
+        print(SpecModel(random_spec(int(s), steps), check=False))
