@@ -1,6 +1,6 @@
 """lightning_oto: automatic structured pruning / operator erasing (OTOv3) and CompOFA for Lightning."""
-from .oto import OTO, InvalidSubnetError, SubnetMismatchError
-from .graph.trace import TraceError
+from .errors import InvalidSubnetError, SubnetMismatchError, TraceError
+from .oto import OTO
 
 __version__ = "0.1.0"
 

@@ -9,24 +9,18 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
+from .errors import InvalidSubnetError, SubnetMismatchError  # noqa: F401 - re-exported
 from .graph.trace import OpGraph, normalize_inputs, trace
 from .space.groups import Group, group_norm, zero_group
 from .space.prune import build_prune_space
-from .subnet.slim import removal_plan, slim_copy
+from .subnet.plan import plan_keeping_one
+from .subnet.slim import slim_copy
+from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, allowed_error, output_difference
 
 log = logging.getLogger("lightning_oto")
 
 MODES = ("prune", "erase")
-
-
-class SubnetMismatchError(RuntimeError):
-    """The constructed sub-network's outputs differ from the full model's."""
-
-
-class InvalidSubnetError(RuntimeError):
-    """The zero groups cannot be erased without disconnecting the network (e.g. DHSPG on an erase space)."""
 
 
 def _check_sparsity(target: float) -> None:
@@ -149,7 +143,7 @@ class OTO:
                            target_group_sparsity=target_group_sparsity, **kwargs)
 
     # ------------------------------------------------------------------ construction
-    def construct_subnet(self, verify: bool = True, atol: float = 1e-4, rtol: float = 1e-5) -> nn.Module:
+    def construct_subnet(self, verify: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> nn.Module:
         """A new, physically smaller module without the zero groups; the original model is untouched.
 
         With ``verify`` the sub-network's outputs are compared with the full model's on the example
@@ -167,7 +161,7 @@ class OTO:
             sub = erase_subnet(self, zero)
         if verify:
             err, scale = self.verify(sub, return_scale=True)
-            if err > atol + rtol * scale:
+            if not err <= allowed_error(scale, atol, rtol):
                 raise SubnetMismatchError(
                     f"sub-network outputs differ from the full model by {err:.3g} (outputs up to {scale:.3g}; "
                     f"allowed {atol} + {rtol} x scale); this is a bug or an operator the engine mis-handles — "
@@ -177,38 +171,16 @@ class OTO:
 
     def _slim(self, zero: Sequence[int]) -> nn.Module:
         shapes = {n: tuple(t.shape) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
-        chosen = [self.groups[i] for i in zero]
-        while True:
-            plan = removal_plan(chosen, shapes)
-            full = {key for key, idx in plan.items() if key[0] in shapes and len(idx) >= shapes[key[0]][key[1]]}
-            if not full:
-                break
-            # keep one (zero, hence exact) group alive where a tensor would lose every index
-            keep = next(g for g in chosen if any((s.name, s.dim) in full for s in g.slices + g.dependents))
-            chosen = [g for g in chosen if g is not keep]
+        plan, _ = plan_keeping_one([self.groups[i] for i in zero], shapes)
         return slim_copy(self.model, plan)
 
-    @torch.no_grad()
     def verify(self, sub: nn.Module, inputs: Any = None, return_scale: bool = False) -> Any:
         """Max |sub(x) - full(x)| over all outputs, both models in eval mode (modes restored).
 
         With ``return_scale`` also max |full(x)|, to judge the error relative to the outputs.
         """
         inputs = self.example_inputs if inputs is None else normalize_inputs(self.model, inputs)
-        modes = (self.model.training, sub.training)
-        self.model.eval()
-        sub.eval()
-        try:
-            a = [t for t in tree_leaves(self.model(*inputs)) if isinstance(t, torch.Tensor)]
-            b = [t for t in tree_leaves(sub(*inputs)) if isinstance(t, torch.Tensor)]
-        finally:
-            self.model.train(modes[0])
-            sub.train(modes[1])
-        scale = max((float(x.float().abs().max()) if x.numel() else 0.0) for x in a) if a else 0.0
-        if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-            err = float("inf")
-        else:
-            err = max((float((x.float() - y.float()).abs().max()) if x.numel() else 0.0) for x, y in zip(a, b))
+        err, scale = output_difference(self.model, sub, inputs)
         return (err, scale) if return_scale else err
 
     # ------------------------------------------------------------------ reporting / export

@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .experiments.module import ClassifierModule
     from .lightning import OTOCallback
     from .models import build_model
-    from .oto import InvalidSubnetError
+    from .errors import InvalidSubnetError
 
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))

@@ -15,9 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-
-class TraceError(RuntimeError):
-    """The model could not be traced; the message quotes the tracer's reason."""
+from ..errors import TraceError
 
 
 STEM_OPS = {

@@ -39,7 +39,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..oto import OTO, SubnetMismatchError
+from ..errors import SubnetMismatchError
+from ..oto import OTO
+from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, allowed_error
 from ..optim import HalfSpaceOptimizer
 from ..subnet.report import count_flops
 from . import _common as C
@@ -125,8 +127,8 @@ class OTOCallback(Callback):
         swap_subnet: bool = False,
         example_inputs: Any = None,
         network_attr: str | None = None,
-        verify_atol: float = 1e-4,
-        verify_rtol: float = 1e-5,
+        verify_atol: float = DEFAULT_ATOL,
+        verify_rtol: float = DEFAULT_RTOL,
         destroy_process_group: bool = True,
         erase_ablation: bool = False,
         visualize: bool = False,
@@ -440,7 +442,7 @@ class OTOCallback(Callback):
             warnings.filterwarnings("ignore", message="construct_subnet: no group is zero yet")
             sub = oto.construct_subnet(verify=False)
         err, scale = oto.verify(sub, return_scale=True)
-        allowed = self.verify_atol + self.verify_rtol * scale
+        allowed = allowed_error(scale, self.verify_atol, self.verify_rtol)
         if not err <= allowed:
             raise SubnetMismatchError(
                 f"{self._who()}: the constructed sub-network's outputs differ from the trained full model by "

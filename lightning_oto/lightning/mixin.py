@@ -30,6 +30,7 @@ from torch import nn
 
 from ..oto import OTO
 from ..optim import HalfSpaceOptimizer
+from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL
 from . import _common as C
 
 __all__ = ["OTOMixin"]
@@ -115,7 +116,7 @@ class OTOMixin:
         return self.oto_optimizer()
 
     # ------------------------------------------------------------------ results
-    def construct_compressed(self, verify: bool = True, atol: float = 1e-4, rtol: float = 1e-5) -> nn.Module:
+    def construct_compressed(self, verify: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> nn.Module:
         """The physically smaller sub-network for the groups that are zero now (verified against the full one)."""
         oto = self.oto
         oto.example_inputs = C.to_device(oto.example_inputs, oto.model)

@@ -15,7 +15,8 @@ import torch.fx
 from torch import nn
 
 from ..graph.trace import export_program, op_name
-from .slim import removal_plan
+from ..errors import InvalidSubnetError
+from .plan import removal_plan
 
 if TYPE_CHECKING:
     from ..oto import OTO
@@ -29,8 +30,6 @@ class ExportedBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def erase_subnet(oto: "OTO", zero_ids: Sequence[int]) -> nn.Module:
-    from ..oto import InvalidSubnetError
-
     sg = oto.segment_graph
     groups = [oto.groups[i] for i in zero_ids]
     removed = {g.vertex for g in groups}

@@ -7,27 +7,11 @@ copy's tensors are replaced by the kept slices and the modules' size attributes 
 from __future__ import annotations
 
 import copy
-from typing import Iterable
 
 import torch
 from torch import nn
 
-from ..space.groups import Group
-
-
-def removal_plan(groups: Iterable[Group], shapes: dict[str, tuple[int, ...]]) -> dict[tuple[str, int], set[int]]:
-    """(tensor name, dim) -> indices to delete, from the groups to remove (vars and dependents).
-
-    A (name, dim) that would lose every index keeps one: its entries are zero, so keeping one is
-    exact and avoids zero-size tensors.
-    """
-    plan: dict[tuple[str, int], set[int]] = {}
-    for g in groups:
-        for s in list(g.slices) + list(g.dependents):
-            if s.indices is None:
-                continue
-            plan.setdefault((s.name, s.dim), set()).update(s.indices)
-    return plan
+from .plan import removal_plan  # noqa: F401 - kept importable from here
 
 
 def _get_owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
