@@ -5,18 +5,17 @@ import logging
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .errors import InvalidSubnetError, SubnetMismatchError  # noqa: F401 - re-exported
+from .graph import dynamic
 from .graph.trace import OpGraph, normalize_inputs, trace
+from .modes import make_mode
 from .space.groups import Group, group_norm, zero_group
-from .space.prune import build_prune_space
-from .subnet.plan import plan_keeping_one
-from .subnet.slim import slim_copy
-from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, allowed_error, output_difference
+from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_difference
 
 log = logging.getLogger("lightning_oto")
 
@@ -32,11 +31,16 @@ class OTO:
     """Search space of ``model`` for ``mode`` ("prune": channel ZIGs; "erase": operator GeZIGs).
 
     The model is traced once on ``example_inputs`` (a tensor or tuple of tensors); it is never
-    modified except by the methods that say so (``random_set_zero_groups`` and the optimizers,
-    which write its parameters).
+    modified except by the methods that say so (``random_set_zero_groups``,
+    ``recalibrate_batchnorm`` and the optimizers, which write its parameters).
+
+    ``dynamic_shapes``: which input dimensions the trace (and so an erased sub-network) keeps
+    dynamic — ``"auto"`` (every dimension the model allows: batch, sequence length, image size of
+    a fully convolutional net), ``"static"``, or a torch.export-style spec, which is strict.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any = None, mode: str = "prune") -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any = None, mode: str = "prune", *,
+                 dynamic_shapes: Any = dynamic.AUTO) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if mode not in MODES:
@@ -46,30 +50,38 @@ class OTO:
         self.model = model
         self.mode = mode
         self.example_inputs = normalize_inputs(model, example_inputs)
-        self.graph: OpGraph = trace(model, self.example_inputs)
-        self.segment_graph = None
-        self.unsupported_ops: dict[str, str] = {}
-        if mode == "prune":
-            space = build_prune_space(self.graph)
-            self.groups: list[Group] = space.groups
-            self.unsupported_ops = space.unprunable_ops
-        else:
-            from .space.erase import build_erase_space
+        self.graph: OpGraph = trace(model, self.example_inputs, dynamic_shapes=dynamic_shapes)
+        self._mode = make_mode(mode, self.graph)
+        self.groups: list[Group] = self._mode.groups
+        self.unsupported_ops: dict[str, str] = self._mode.unsupported
+        self._explain_search_space()
 
-            space = build_erase_space(self.graph)
-            self.groups = space.groups
-            self.segment_graph = space.segment_graph
-            self.unsupported_ops = space.unerasable
-        if self.unsupported_ops:
+    def _explain_search_space(self) -> None:
+        word = "prunable" if self.mode == "prune" else "erasable"
+        if not self.prunable_groups:
+            reasons = sorted({g.reason for g in self.groups if g.reason} | set(self.unsupported_ops.values()))
+            why = "; ".join(reasons[:5]) or ("no operator owns removable variables" if not self.groups else "unknown")
+            log.warning("lightning_oto: %s has no %s group (%d groups found): %s.", type(self.model).__name__, word,
+                        len(self.groups), why)
+        elif self.unsupported_ops:
             kinds = ", ".join(sorted(self.unsupported_ops)[:5])
             more = "" if len(self.unsupported_ops) <= 5 else f" (+{len(self.unsupported_ops) - 5} more)"
-            log.warning("lightning_oto: groups touching %s%s are kept (not %s).", kinds, more,
-                        "prunable" if mode == "prune" else "erasable")
+            log.warning("lightning_oto: groups touching %s%s are kept (not %s).", kinds, more, word)
 
     # ------------------------------------------------------------------ groups
     @property
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
+
+    @property
+    def segment_graph(self) -> Any:
+        """Erase mode: the segment graph the hierarchy check runs on (None in prune mode)."""
+        return getattr(self._mode, "segment_graph", None)
+
+    @property
+    def dynamic_dims(self) -> list[list[int]]:
+        """Per example input, the dimensions the trace kept dynamic."""
+        return self.graph.dynamic_dims
 
     def _params(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())
@@ -80,11 +92,8 @@ class OTO:
         return [g.id for g in self.prunable_groups if group_norm(g, params) == 0.0]
 
     def hierarchy_check(self, accepted: frozenset[int], candidate: int) -> bool:
-        """Erase mode: True when removing ``candidate`` on top of ``accepted`` keeps inputs connected to outputs."""
-        if self.segment_graph is None:
-            return True
-        return self.segment_graph.removal_is_valid(
-            {self.groups[i].vertex for i in accepted} | {self.groups[candidate].vertex})
+        """True when ``candidate`` may be removed on top of ``accepted`` (erase: nothing gets disconnected)."""
+        return self._mode.hierarchy_check(accepted, candidate)
 
     def random_set_zero_groups(self, fraction: float = 0.5, seed: int = 0) -> list[int]:
         """Zero a random valid set of round(fraction * #prunable) groups in the model; returns their ids."""
@@ -135,44 +144,41 @@ class OTO:
     def hesso(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """HESSO-style progressive shrinking (prune mode)."""
         _check_sparsity(target_group_sparsity)
-        from . import optim
+        from .optim import HESSO
 
-        if not hasattr(optim, "HESSO"):
-            raise NotImplementedError("HESSO is not available in this build.")
-        return optim.HESSO(self._named_trainable(), self.groups, lr=lr,
-                           target_group_sparsity=target_group_sparsity, **kwargs)
+        return HESSO(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
+                     **kwargs)
+
+    def recalibrate_batchnorm(self, batches: Iterable[Any], num_batches: int = 20,
+                              inputs_of: Callable[[Any], tuple] | None = None) -> int:
+        """Re-estimate the model's BatchNorm running statistics on ``num_batches`` batches (see
+        :func:`lightning_oto.subnet.recalibrate.recalibrate_batchnorm`); call it before construction."""
+        from .subnet.recalibrate import recalibrate_batchnorm
+
+        return recalibrate_batchnorm(self.model, batches, num_batches=num_batches, inputs_of=inputs_of)
 
     # ------------------------------------------------------------------ construction
-    def construct_subnet(self, verify: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> nn.Module:
+    def construct_subnet(self, verify: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                         verify_inputs: Sequence[Any] = ()) -> nn.Module:
         """A new, physically smaller module without the zero groups; the original model is untouched.
 
-        With ``verify`` the sub-network's outputs are compared with the full model's on the example
-        input (eval mode) and :class:`SubnetMismatchError` is raised if they differ by more than
+        Construction itself proves that every zero group is gone (:class:`IncompleteRemovalError`
+        otherwise).  With ``verify`` the sub-network's outputs are compared with the full model's in
+        eval mode on the example input and each of ``verify_inputs`` (e.g. another batch size or
+        sequence length) and :class:`SubnetMismatchError` is raised if they differ by more than
         ``atol + rtol * max|full(x)|`` (the relative part absorbs float32 rounding on large outputs).
         """
         zero = self.zero_group_ids()
         if not zero:
             warnings.warn("construct_subnet: no group is zero yet; returning an equal-size copy.", stacklevel=2)
-        if self.mode == "prune":
-            sub = self._slim(zero)
-        else:
-            from .subnet.erase import erase_subnet
-
-            sub = erase_subnet(self, zero)
+        sub = self._mode.construct(self.model, [self.groups[i] for i in zero])
         if verify:
-            err, scale = self.verify(sub, return_scale=True)
-            if not err <= allowed_error(scale, atol, rtol):
-                raise SubnetMismatchError(
-                    f"sub-network outputs differ from the full model by {err:.3g} (outputs up to {scale:.3g}; "
-                    f"allowed {atol} + {rtol} x scale); this is a bug or an operator the engine mis-handles — "
-                    "please report it with the model.")
+            err = check_outputs(self.model, sub, self.example_inputs, atol, rtol)
+            for i, extra in enumerate(verify_inputs):
+                inputs = normalize_inputs(self.model, extra)
+                err = max(err, check_outputs(self.model, sub, inputs, atol, rtol, context=f"verify_inputs[{i}]"))
             sub.oto_verification_error = err  # type: ignore[attr-defined]
         return sub
-
-    def _slim(self, zero: Sequence[int]) -> nn.Module:
-        shapes = {n: tuple(t.shape) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
-        plan, _ = plan_keeping_one([self.groups[i] for i in zero], shapes)
-        return slim_copy(self.model, plan)
 
     def verify(self, sub: nn.Module, inputs: Any = None, return_scale: bool = False) -> Any:
         """Max |sub(x) - full(x)| over all outputs, both models in eval mode (modes restored).
@@ -188,14 +194,8 @@ class OTO:
         """Parameters and FLOPs (torch.utils.flop_counter) of the full model vs ``sub``."""
         from .subnet.report import compression_report
 
-        full = self.model
-        if self.mode == "erase":
-            # the erased sub-network is an exported program: count the full model in the same form, so fused
-            # eager kernels (e.g. nn.MultiheadAttention's) are not counted differently on the two sides
-            from .graph.trace import export_program
-
-            full = export_program(self.model, self.example_inputs).module()
-        rep = compression_report(full, sub, self.example_inputs, self.groups, self.zero_group_ids())
+        rep = compression_report(self._mode.reference(self.model), sub, self.example_inputs, self.groups,
+                                 self.zero_group_ids())
         rep["params_full"] = sum(p.numel() for p in self.model.parameters())
         if sub is not None:
             rep["param_ratio"] = rep["params_sub"] / max(1, rep["params_full"])

@@ -50,6 +50,9 @@ class SegmentGraph:
     node_segment: list[int]       # OpNode id -> segment id
     input_segments: list[int]
     output_segments: list[int]
+    # removable segment -> the segments that only feed it (its branch: attention Q/K/V before an output
+    # projection, a norm before the first conv); they die with it and are removed at construction
+    branch: dict[int, set[int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -78,41 +81,48 @@ class SegmentGraph:
         return dead
 
     def removal_is_valid(self, removed: Iterable[int]) -> bool:
-        """True when removing the ``removed`` segments leaves a working network (inputs reach outputs).
+        """True when removing the ``removed`` segments leaves a working network with nothing orphaned.
 
-        Only inputs that reach an output in the full network count: an input the model never uses, or
-        uses only in dead code, cannot be disconnected by a removal.
+        Every segment that contributes to an output in the full network (graph inputs included) must
+        still reach an output through live segments, unless it belongs to the branch of a removed
+        segment (it only fed that segment; construction removes it with it).  Otherwise the removal
+        would silently take structures with it that are not zero.  O(V_s + E_s).
         """
         removed = {r for r in removed if r is not None}
         dead = self.dead_set(removed)
-        if dead is None:
+        if dead is None or any(o in dead for o in self.output_segments):
             return False
-        if any(o in dead for o in self.output_segments):
-            return False
-        live = self._live_inputs()
-        return all(self._reaches_output(src, dead) for src in live)
+        allowed = set().union(*(self.branch.get(r, ()) for r in removed)) if removed else set()
+        return self.orphans(dead) <= allowed
 
-    def _live_inputs(self) -> list[int]:
-        cached = getattr(self, "_live_cache", None)
+    def orphans(self, dead: set[int]) -> set[int]:
+        """Segments that contributed to an output but no longer do once ``dead`` is gone."""
+        return self._useful() - dead - self._reaching_outputs(dead)
+
+    def removed_with(self, removed: Iterable[int]) -> set[int]:
+        """Every segment construction deletes for ``removed``: dead joints and the removed branches too."""
+        removed = set(removed)
+        dead = self.dead_set(removed) or set(removed)
+        return dead.union(*(self.branch.get(r, ()) for r in removed)) if removed else dead
+
+    def _useful(self) -> set[int]:
+        cached = getattr(self, "_useful_cache", None)
         if cached is None:
-            cached = [src for src in self.input_segments if self._reaches_output(src, set())]
-            self._live_cache = cached
+            cached = self._reaching_outputs(set())
+            self._useful_cache = cached
         return cached
 
-    def _reaches_output(self, src: int, dead: set[int]) -> bool:
-        outputs = set(self.output_segments)
-        seen = {src}
-        q = deque([src])
+    def _reaching_outputs(self, dead: set[int]) -> set[int]:
+        """Segments not in ``dead`` with a path of live segments to an output (backward BFS)."""
+        seen = {o for o in self.output_segments if o not in dead}
+        q = deque(seen)
         while q:
             s = q.popleft()
-            for t in self.segments[s].outputs:
-                if t in dead or t in seen:
-                    continue
-                if t in outputs:
-                    return True
-                seen.add(t)
-                q.append(t)
-        return False
+            for t in self.segments[s].inputs:
+                if t not in dead and t not in seen:
+                    seen.add(t)
+                    q.append(t)
+        return seen
 
 
 @dataclass
@@ -241,6 +251,9 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
         extra: list[ParamSlice] = []
         if reason is None:
             reason, extra, deps = _concat_dependents(graph, sg, analysis, s)
+        if reason is None:
+            reason, branch_deps = _branch(graph, sg, s, param_segments)
+            deps += branch_deps
         name = _segment_name(graph, s)
         if reason:
             unerasable[name] = reason
@@ -250,6 +263,23 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
         ))
     _drop_overlapping_affiliates(groups, unerasable)
     return EraseSpace(groups, sg, unerasable, analysis)
+
+
+def _branch(graph: OpGraph, sg: SegmentGraph, s: Segment,
+            param_segments: dict[str, set[int]]) -> tuple[str | None, list[ParamSlice]]:
+    """The segments that only feed ``s`` die with it: record them and the parameters only they read.
+
+    Returns (reason it cannot be erased, the branch's parameters as whole-tensor dependents).
+    """
+    dead = sg.dead_set({s.id}) or {s.id}
+    branch = sg.orphans(dead)
+    cut = [i for i in sg.input_segments if i in branch]
+    if cut:
+        return f"removing it would disconnect the input {graph.nodes[sg.segments[cut[0]].nodes[0]].name}", []
+    sg.branch[s.id] = branch
+    gone = dead | branch
+    names = {p for b in branch for nid in sg.segments[b].nodes for p in graph.nodes[nid].params}
+    return None, [ParamSlice(p) for p in sorted(names) if param_segments[p] <= gone]
 
 
 def _drop_overlapping_affiliates(groups: list[Group], unerasable: dict[str, str]) -> None:

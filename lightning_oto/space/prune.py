@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from ..graph.trace import OpGraph, OpNode
+from ..graph.trace import OpGraph, OpNode, concrete_shape
 from .groups import Group, ParamSlice
 
 log = logging.getLogger("lightning_oto")
@@ -177,7 +177,7 @@ class ChannelAnalysis:
         if isinstance(a, torch.fx.Node):
             v = a.meta.get("val")
             if isinstance(v, torch.Tensor):
-                return tuple(int(s) for s in v.shape)
+                return concrete_shape(v)
         return None
 
     def ok(self, fx: torch.fx.Node, *args: Any) -> None:
