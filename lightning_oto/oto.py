@@ -14,6 +14,7 @@ from .errors import InvalidSubnetError, SubnetMismatchError  # noqa: F401 - re-e
 from .graph import dynamic
 from .graph.trace import OpGraph, normalize_inputs, trace
 from .modes import make_mode
+from .space import controls
 from .space.groups import Group, group_norm, zero_group
 from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_difference
 
@@ -37,22 +38,36 @@ class OTO:
     ``dynamic_shapes``: which input dimensions the trace (and so an erased sub-network) keeps
     dynamic — ``"auto"`` (every dimension the model allows: batch, sequence length, image size of
     a fully convolutional net), ``"static"``, or a torch.export-style spec, which is strict.
+
+    The controls pruning users expect (:mod:`lightning_oto.space.controls`): ``ignored_layers``
+    (modules or name patterns whose variables stay), ``max_group_sparsity`` (``{module or pattern:
+    cap in [0, 1]}`` on the fraction of its groups that may go) and, in prune mode, ``round_to=N``
+    (channels go N at a time per layer).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, mode: str = "prune", *,
-                 dynamic_shapes: Any = dynamic.AUTO) -> None:
+                 ignored_layers: Iterable[Any] | None = None, max_group_sparsity: dict[Any, float] | None = None,
+                 round_to: int = 1, dynamic_shapes: Any = dynamic.AUTO) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameters: there is nothing to compress.")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}.")
+        if round_to > 1 and mode != "prune":
+            raise ValueError("round_to counts channels: it applies to mode='prune' only.")
+        ignored = controls.module_names(model, ignored_layers or (), "ignored_layers")
         self.model = model
         self.mode = mode
         self.example_inputs = normalize_inputs(model, example_inputs)
         self.graph: OpGraph = trace(model, self.example_inputs, dynamic_shapes=dynamic_shapes)
         self._mode = make_mode(mode, self.graph)
-        self.groups: list[Group] = self._mode.groups
+        self.groups: list[Group] = controls.bundle(self._mode.groups, round_to)
+        self._mode.groups = self.groups
+        controls.apply_ignored(self.groups, ignored)
+        self.candidate_filter = controls.cap_filter(model, self.groups, max_group_sparsity or {})
         self.unsupported_ops: dict[str, str] = self._mode.unsupported
         self._explain_search_space()
 
@@ -95,6 +110,12 @@ class OTO:
         """True when ``candidate`` may be removed on top of ``accepted`` (erase: nothing gets disconnected)."""
         return self._mode.hierarchy_check(accepted, candidate)
 
+    def can_remove(self, accepted: frozenset[int], candidate: int) -> bool:
+        """The hierarchy check and the per-module caps together."""
+        if self.candidate_filter is not None and not self.candidate_filter(accepted, candidate):
+            return False
+        return self.hierarchy_check(accepted, candidate)
+
     def random_set_zero_groups(self, fraction: float = 0.5, seed: int = 0) -> list[int]:
         """Zero a random valid set of round(fraction * #prunable) groups in the model; returns their ids."""
         if not (0.0 <= fraction <= 1.0):
@@ -107,7 +128,7 @@ class OTO:
         for gid in cand:
             if len(chosen) >= k:
                 break
-            if self.hierarchy_check(frozenset(chosen), gid):
+            if self.can_remove(frozenset(chosen), gid):
                 chosen.append(gid)
         params = self._params()
         for gid in chosen:
@@ -128,7 +149,7 @@ class OTO:
         from .optim import DHSPG
 
         return DHSPG(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
-                     **kwargs)
+                     **self._filter_kwargs(kwargs))
 
     def h2spg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """H2SPG: hierarchical search over the erase-mode GeZIGs, then hybrid training."""
@@ -139,7 +160,7 @@ class OTO:
         from .optim import H2SPG
 
         return H2SPG(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
-                     hierarchy_check=self.hierarchy_check, **kwargs)
+                     hierarchy_check=self.hierarchy_check, **self._filter_kwargs(kwargs))
 
     def hesso(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """HESSO-style progressive shrinking (prune mode)."""
@@ -147,7 +168,13 @@ class OTO:
         from .optim import HESSO
 
         return HESSO(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
-                     **kwargs)
+                     **self._filter_kwargs(kwargs))
+
+    def _filter_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The per-module caps travel to the optimizer as its ``candidate_filter``."""
+        if self.candidate_filter is not None and "candidate_filter" not in kwargs:
+            kwargs = dict(kwargs, candidate_filter=self.candidate_filter)
+        return kwargs
 
     def recalibrate_batchnorm(self, batches: Iterable[Any], num_batches: int = 20,
                               inputs_of: Callable[[Any], tuple] | None = None) -> int:
@@ -214,6 +241,16 @@ class OTO:
         from .viz.graphviz import visualize
 
         return visualize(self, out_dir, what=what, sub=sub)
+
+    def summary(self, zero_ids: Sequence[int] | None = None) -> str:
+        """Per module: channels (prune) or operators (erase) before -> after for the zero groups (default:
+        those zero now), and why the groups that stay were kept."""
+        from .subnet.summary import erase_summary, format_summary, prune_summary
+
+        zero = self.zero_group_ids() if zero_ids is None else list(zero_ids)
+        if self.mode == "prune":
+            return format_summary(prune_summary(self.model, self.groups, zero), "channels")
+        return format_summary(erase_summary(self.groups, zero), "operators")
 
     def __repr__(self) -> str:
         return (f"OTO(mode={self.mode!r}, model={type(self.model).__name__}, ops={len(self.graph)}, "
