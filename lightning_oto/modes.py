@@ -70,7 +70,10 @@ class EraseMode:
         self.graph = graph
         self.groups = space.groups
         self.segment_graph = space.segment_graph
-        self.unsupported = space.unerasable
+        self.unsupported = dict(space.unerasable)
+        if not self.groups:
+            self.unsupported["(model)"] = ("no operator with parameters feeds only residual adds or concatenations: "
+                                           "erasing any would disconnect the network (mode='prune' removes channels)")
 
     def hierarchy_check(self, accepted: frozenset[int], candidate: int) -> bool:
         return self.segment_graph.removal_is_valid(

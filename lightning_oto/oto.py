@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -74,8 +75,10 @@ class OTO:
     def _explain_search_space(self) -> None:
         word = "prunable" if self.mode == "prune" else "erasable"
         if not self.prunable_groups:
-            reasons = sorted({g.reason for g in self.groups if g.reason} | set(self.unsupported_ops.values()))
-            why = "; ".join(reasons[:5]) or ("no operator owns removable variables" if not self.groups else "unknown")
+            reasons = Counter(g.reason for g in self.groups if g.reason)
+            reasons.update(r for r in self.unsupported_ops.values() if r not in reasons)
+            why = "; ".join(f"{r} ({n} groups)" if n > 1 else r for r, n in reasons.most_common(5))
+            why = why or "no operator owns removable variables"
             log.warning("lightning_oto: %s has no %s group (%d groups found): %s.", type(self.model).__name__, word,
                         len(self.groups), why)
         elif self.unsupported_ops:

@@ -352,3 +352,92 @@ def test_branch_dies_with_its_segment_but_a_shared_producer_may_not_be_orphaned(
     with pytest.raises(InvalidSubnetError):
         oto.construct_subnet()
     erase_and_check(_perturb(Fork()), torch.randn(2, 4), [torch.randn(5, 4)], zero=["b"])
+
+
+class DenseBlock(nn.Module):
+    """DenseNet with pre-activation: every layer reads the concat of all earlier outputs through BN -> ReLU."""
+
+    def __init__(self, c0: int = 8, growth: int = 4, n: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c0, 3, padding=1)
+        self.layers = nn.ModuleList()
+        c = c0
+        for _ in range(n):
+            self.layers.append(nn.Sequential(
+                nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, 2 * growth, 1, bias=False),
+                nn.BatchNorm2d(2 * growth), nn.ReLU(inplace=True), nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)))
+            c += growth
+        self.norm = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for layer in self.layers:
+            feats.append(layer(torch.cat(feats, 1)))
+        y = F.relu(self.norm(torch.cat(feats, 1)))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize("zero", [["layers.0."], ["layers.1."], ["layers.0.", "layers.2."],
+                                  ["layers.0.", "layers.1.", "layers.2.", "layers.3."]])
+def test_dense_connectivity_every_layer_is_erasable(zero):
+    oto = OTO(_perturb(DenseBlock()), torch.randn(2, 3, 8, 8), mode="erase")
+    assert len(oto.prunable_groups) == 4, [(g.name, g.reason) for g in oto.groups]
+    # groups stay disjoint: a later norm's channels of an earlier layer belong to the earlier layer only
+    owned = [(s.name, s.dim, i) for g in oto.prunable_groups for s in g.slices for i in (s.indices or [-1])]
+    assert len(owned) == len(set(owned))
+    erase_and_check(_perturb(DenseBlock()), torch.randn(2, 3, 8, 8), [torch.randn(3, 3, 12, 12)], zero=zero)
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt / PoolFormer / CaiT layer scale at the end of a residual branch."""
+
+    def __init__(self, d: int = 8, style: str = "reshape"):
+        super().__init__()
+        self.style = style
+        self.dw = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = nn.LayerNorm(d)
+        self.pw1, self.pw2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.gamma = nn.Parameter(1e-6 * torch.ones(d))
+
+    def forward(self, x):
+        y = self.pw2(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        if self.style == "reshape":
+            y = self.gamma.reshape(-1, 1, 1) * y.permute(0, 3, 1, 2)
+        else:
+            y = (y * self.gamma).permute(0, 3, 1, 2)
+        return x + y
+
+
+class LayerScaleNet(nn.Module):
+    def __init__(self, style: str):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(LayerScaleBlock(style=style), LayerScaleBlock(style=style))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("style", ["reshape", "mul"])
+def test_layer_scale_branches_are_erasable(style):
+    oto, sub, ids = erase_and_check(_perturb(LayerScaleNet(style)), torch.randn(2, 3, 8, 8),
+                                    [torch.randn(1, 3, 12, 10)], zero=["blocks.0."])
+    assert "blocks.0.gamma" in {s.name for s in oto.groups[ids[0]].slices}
+    assert not any(n.startswith("blocks.0.") for n, _ in sub.named_parameters())
+
+
+def test_a_model_with_nothing_to_erase_says_why(caplog):
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)))
+
+    with caplog.at_level("WARNING", logger="lightning_oto"):
+        oto = OTO(Chain(), torch.randn(2, 4), mode="erase")
+    assert not oto.prunable_groups
+    assert "would disconnect the network" in caplog.text and "Chain has no erasable group" in caplog.text

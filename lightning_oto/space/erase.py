@@ -38,6 +38,7 @@ class Segment:
     outputs: list[int] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
     concat: bool = False         # a joint that concatenates (dropping an input needs affiliated slicing)
+    param_nodes: list[int] = field(default_factory=list)  # folded parameter expressions (gamma.reshape(-1, 1, 1))
 
     @property
     def last(self) -> int:
@@ -148,31 +149,47 @@ def is_joint(node: OpNode, graph: OpGraph | None = None) -> bool:
 
 
 def build_segment_graph(graph: OpGraph) -> SegmentGraph:
-    """Algorithm 2, first phase: one pass in topological order grows chains and cuts at joints/forks."""
+    """Algorithm 2, first phase: one pass in topological order grows chains and cuts at joints/forks.
+
+    Parameter expressions (nodes computed from parameters and constants only, e.g. a layer scale
+    ``gamma.reshape(-1, 1, 1)``) are not operators of their own: they fold into their consumer's
+    segment, which then owns their parameters.
+    """
+    exprs = _parameter_expressions(graph)
     segs: list[Segment] = []
     node_seg = [-1] * len(graph.nodes)
     for node in graph.nodes:
+        if node.id in exprs:
+            continue
+        inputs = [i for i in node.inputs if i not in exprs]
+        folded = _folded(graph, node, exprs)
+        params = list(dict.fromkeys(node.params + [x for e in folded for x in graph.nodes[e].params]))
         if node.kind in ("input", "output"):
             kind = node.kind
         elif is_joint(node, graph):
             kind = "joint"
         else:
             kind = "chain"
-        if kind == "chain" and len(node.inputs) == 1:
-            p = graph.nodes[node.inputs[0]]
+        if kind == "chain" and len(inputs) == 1:
+            p = graph.nodes[inputs[0]]
             ps = segs[node_seg[p.id]] if node_seg[p.id] >= 0 else None
             if ps is not None and ps.kind == "chain" and len(p.outputs) == 1 and ps.last == p.id:
                 ps.nodes.append(node.id)
-                ps.params += [x for x in node.params if x not in ps.params]
+                ps.params += [x for x in params if x not in ps.params]
+                ps.param_nodes += [e for e in folded if e not in ps.param_nodes]
                 node_seg[node.id] = ps.id
                 continue
-        s = Segment(len(segs), kind, [node.id], params=list(dict.fromkeys(node.params)),
-                    concat=kind == "joint" and node.op in ("cat", "concat"))
+        s = Segment(len(segs), kind, [node.id], params=params, concat=kind == "joint" and node.op in ("cat", "concat"),
+                    param_nodes=folded)
         segs.append(s)
         node_seg[node.id] = s.id
+    for e in exprs:  # a folded expression belongs to (the first of) its consumers' segments
+        node_seg[e] = next((node_seg[c] for c in _consumers(graph, e, exprs)), -1)
     for node in graph.nodes:
         t = node_seg[node.id]
         for i in node.inputs:
+            if i in exprs or node.id in exprs:
+                continue
             s = node_seg[i]
             if s != t and t not in segs[s].outputs:
                 segs[s].outputs.append(t)
@@ -180,6 +197,42 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
     ins = [node_seg[i] for i in graph.input_ids]
     outs = [node_seg[i] for i in graph.output_ids]
     return SegmentGraph(segs, node_seg, ins, outs)
+
+
+def _parameter_expressions(graph: OpGraph) -> set[int]:
+    """Operators whose value depends on no graph input: only on parameters, buffers and constants."""
+    exprs: set[int] = set()
+    for node in graph.nodes:  # topological order
+        if node.kind not in ("input", "output") and all(i in exprs for i in node.inputs) and node.outputs:
+            exprs.add(node.id)
+    return exprs
+
+
+def _folded(graph: OpGraph, node: OpNode, exprs: set[int]) -> list[int]:
+    """The parameter expressions ``node`` reads, transitively (in topological order)."""
+    out: set[int] = set()
+    stack = [i for i in node.inputs if i in exprs]
+    while stack:
+        e = stack.pop()
+        if e not in out:
+            out.add(e)
+            stack += [i for i in graph.nodes[e].inputs if i in exprs]
+    return sorted(out)
+
+
+def _consumers(graph: OpGraph, e: int, exprs: set[int]) -> list[int]:
+    """The non-expression operators that read expression ``e`` (directly or through other expressions)."""
+    out, stack, seen = [], list(graph.nodes[e].outputs), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in exprs:
+            stack += graph.nodes[n].outputs
+        else:
+            out.append(n)
+    return sorted(out)
 
 
 def _output_is_zero(graph: OpGraph, seg: Segment) -> bool:
@@ -232,9 +285,8 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
     analysis.walk()
     param_segments: dict[str, set[int]] = {}
     for s in sg.segments:
-        for nid in s.nodes:
-            for p in graph.nodes[nid].params:
-                param_segments.setdefault(p, set()).add(s.id)
+        for p in s.params:
+            param_segments.setdefault(p, set()).add(s.id)
     groups: list[Group] = []
     unerasable: dict[str, str] = {}
     for s in sg.segments:
@@ -261,7 +313,7 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
             id=len(groups), name=name, slices=[ParamSlice(p) for p in s.params] + extra, dependents=deps,
             prunable=reason is None, reason=reason, vertex=s.id,
         ))
-    _drop_overlapping_affiliates(groups, unerasable)
+    _share_affiliated_tensors(groups, graph, unerasable)
     return EraseSpace(groups, sg, unerasable, analysis)
 
 
@@ -278,28 +330,53 @@ def _branch(graph: OpGraph, sg: SegmentGraph, s: Segment,
         return f"removing it would disconnect the input {graph.nodes[sg.segments[cut[0]].nodes[0]].name}", []
     sg.branch[s.id] = branch
     gone = dead | branch
-    names = {p for b in branch for nid in sg.segments[b].nodes for p in graph.nodes[nid].params}
+    names = {p for b in branch for p in sg.segments[b].params}
     return None, [ParamSlice(p) for p in sorted(names) if param_segments[p] <= gone]
 
 
-def _drop_overlapping_affiliates(groups: list[Group], unerasable: dict[str, str]) -> None:
-    """Erasable groups must own disjoint variables: a concat affiliate (channels of a norm after the
-    concat) that is also a whole variable of another erasable group keeps its own group instead."""
-    owner: dict[str, Group] = {}
+def _share_affiliated_tensors(groups: list[Group], graph: OpGraph, unerasable: dict[str, str]) -> None:
+    """Dense connectivity: a norm after a concat belongs to the layer that reads it, but its channels of an
+    earlier layer's output are that layer's concat affiliates.  The reading layer keeps the other
+    channels as variables and the whole tensor as a dependent (it dies with the layer); groups stay
+    disjoint, and zeroing either still zeroes its output.  A claim the split cannot honour (two
+    dimensions, or two claimants of one channel) leaves the claimant unerasable, as before.
+    """
+    claims: dict[str, dict[int, dict[int, Group]]] = {}  # tensor -> dim -> index -> claiming group
     for g in groups:
         if g.prunable:
             for sl in g.slices:
-                if sl.indices is None:
-                    owner[sl.name] = g
+                if sl.indices is not None:
+                    taken = claims.setdefault(sl.name, {}).setdefault(sl.dim, {})
+                    for i in sl.indices:
+                        if taken.setdefault(i, g) is not g:
+                            _refuse(g, f"its concat affiliates overlap those of {taken[i].name}", unerasable)
     for g in groups:
         if not g.prunable:
             continue
-        clash = next((owner[sl.name] for sl in g.slices
-                      if sl.indices is not None and sl.name in owner and owner[sl.name] is not g), None)
-        if clash is not None:
-            g.prunable = False
-            g.reason = f"its concat affiliates belong to the removal structure {clash.name}"
-            unerasable[g.name] = g.reason
+        for k, sl in enumerate(list(g.slices)):
+            dims = claims.get(sl.name, {}) if sl.indices is None else {}
+            other = {d: {i for i, c in ix.items() if c is not g} for d, ix in dims.items()}
+            other = {d: ix for d, ix in other.items() if ix}
+            if not other:
+                continue
+            if len(other) > 1:
+                for d in other:
+                    for c in {dims[d][i] for i in other[d]}:
+                        _refuse(c, f"its concat affiliates are a variable of {g.name}", unerasable)
+                continue
+            (dim, taken), = other.items()
+            size = (graph.param_shapes.get(sl.name) or graph.buffer_shapes[sl.name])[dim]
+            rest = tuple(i for i in range(size) if i not in taken)
+            g.slices[k] = ParamSlice(sl.name, dim, rest)
+            g.dependents.append(ParamSlice(sl.name))
+        g.slices = [sl for sl in g.slices if sl.indices is None or sl.indices]
+
+
+def _refuse(g: Group, reason: str, unerasable: dict[str, str]) -> None:
+    if g.prunable:
+        g.prunable = False
+        g.reason = reason
+        unerasable[g.name] = reason
 
 
 def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,

@@ -253,7 +253,8 @@ def check_erased(gm: torch.fx.GraphModule, spec: EraseInputs, dead: set[int], sh
     """Raise :class:`IncompleteRemovalError` if an operator of a removed segment, a whole variable of a zero
     group, or an un-sliced affiliate is still in the sub-network."""
     names = {n.name for n in gm.graph.nodes}
-    left_ops = [spec.graph.nodes[nid].name for d in dead for nid in spec.segments.segments[d].nodes
+    segs = spec.segments.segments
+    left_ops = [spec.graph.nodes[nid].name for d in dead for nid in segs[d].nodes + segs[d].param_nodes
                 if spec.graph.nodes[nid].name in names]
     tensors = {n: tuple(t.shape) for n, t in list(gm.named_parameters()) + list(gm.named_buffers())}
     left_vars = sorted({s.name for g in spec.zero_groups for s in list(g.slices) + list(g.dependents)
