@@ -16,7 +16,7 @@ from .graph import dynamic
 from .graph.trace import OpGraph, normalize_inputs, trace
 from .modes import make_mode
 from .space import controls
-from .space.groups import Group, group_norm, zero_group
+from .space.groups import Group, group_is_zero, zero_group
 from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_difference
 
 log = logging.getLogger("lightning_oto")
@@ -107,7 +107,7 @@ class OTO:
     def zero_group_ids(self) -> list[int]:
         """Prunable groups whose variables are all exactly zero in the model right now."""
         params = self._params()
-        return [g.id for g in self.prunable_groups if group_norm(g, params) == 0.0]
+        return [g.id for g in self.prunable_groups if group_is_zero(g, params)]
 
     def hierarchy_check(self, accepted: frozenset[int], candidate: int) -> bool:
         """True when ``candidate`` may be removed on top of ``accepted`` (erase: nothing gets disconnected)."""

@@ -183,8 +183,11 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
                     param_nodes=folded)
         segs.append(s)
         node_seg[node.id] = s.id
-    for e in exprs:  # a folded expression belongs to (the first of) its consumers' segments
-        node_seg[e] = next((node_seg[c] for c in _consumers(graph, e, exprs)), -1)
+    for e in exprs:  # a folded expression belongs to its consumers' segment; one shared by several to none
+        owners = {node_seg[c] for c in _consumers(graph, e, exprs)}
+        node_seg[e] = owners.pop() if len(owners) == 1 else -1
+    for seg in segs:
+        seg.param_nodes = [e for e in seg.param_nodes if node_seg[e] == seg.id]
     for node in graph.nodes:
         t = node_seg[node.id]
         for i in node.inputs:

@@ -100,6 +100,18 @@ def group_norm(group: Group, params: dict[str, torch.Tensor]) -> float:
 
 
 @torch.no_grad()
+def group_is_zero(group: Group, params: dict[str, torch.Tensor]) -> bool:
+    """Every variable of the group is exactly zero (no norm computed: one pass, no float64 copies)."""
+    for s in group.slices:
+        p = params[s.name]
+        if s.indices is not None:
+            p = p.index_select(s.dim, torch.as_tensor(s.indices, device=p.device))
+        if bool(p.any()):
+            return False
+    return True
+
+
+@torch.no_grad()
 def zero_group(group: Group, params: dict[str, torch.Tensor]) -> None:
     for s in group.slices:
         p = params[s.name]
