@@ -4,10 +4,10 @@
 
 Reads every ``result.json`` below the directory (one per run, written by ``lightning_oto.train``)
 and writes ``sweep.csv``, ``sweep.md`` and ``pareto.png`` (accuracy vs parameters and vs FLOPs,
-one series per optimizer). Each run gets a status: ``baseline`` (a dense run, ``"baseline": true``),
-``valid``, ``invalid`` (no sub-network; listed, not plotted) or ``nothing removed`` (a valid run
-whose sub-network is the full model, e.g. a search that ended in warm-up). The table also shows the
-phase each search reached and whether it finished.
+one series per optimizer). Each run gets a status: ``baseline`` (a dense run: ``"baseline": true``
+or ``oto=none``), ``valid``, ``invalid`` (no sub-network; listed, not plotted) or ``nothing removed``
+(a valid run whose sub-network is the full model, e.g. a search that ended in warm-up). The table
+also shows the phase each search reached and whether it finished.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
         r["run_dir"] = str(path.parent)
         r.setdefault("phase_reached", None)  # written by newer runs only
         r.setdefault("search_finished", None)
-        r["baseline"] = bool(r.get("baseline", False))
+        # runs without compression (oto=none) written before the "baseline" flag existed count as baselines
+        r["baseline"] = bool(r.get("baseline", r.get("mode") is None and r.get("optimizer") == "sgd"))
         r["status"] = status(r)
         rows.append(r)
     rows.sort(key=lambda r: (not r["baseline"], str(r.get("optimizer")), float(r.get("target_group_sparsity") or 0),
