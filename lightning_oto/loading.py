@@ -27,6 +27,9 @@ import torch
 import torch.fx
 from torch import nn
 
+from .graph.trace import op_name
+from .subnet.slim import slim_copy
+
 PROGRAM_FILE = "subnet.pt2"
 ONNX_FILE = "subnet.onnx"
 STATE_DICT_FILE = "subnet_state_dict.pt"
@@ -140,8 +143,6 @@ class _ProgramBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def _op(node: torch.fx.Node) -> str:
-    from .graph.trace import op_name
-
     return op_name(node.target) if node.op == "call_function" else ""
 
 
@@ -298,8 +299,6 @@ def load_state_dict_into(path: str | Path, model: nn.Module | None) -> nn.Module
 
 def shrink_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A slimmed copy of ``model`` whose tensors have the shapes in ``state`` (values not loaded)."""
-    from .subnet.slim import slim_copy
-
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     plan: dict[tuple[str, int], set[int]] = {}
