@@ -27,7 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .graph.trace import op_name
+from .subnet.erase import _drop_unused_attributes, _modularize, _read_attributes
 from .subnet.slim import slim_copy
 
 PROGRAM_FILE = "subnet.pt2"
@@ -124,8 +124,9 @@ def load_program(path: str | Path) -> nn.Module:
     gm = program.module()
     for name in ("train", "eval"):  # instance-level refusals set by ExportedProgram.module()
         vars(gm).pop(name, None)
-    batch_norms_as_modules(gm)
-    dropouts_as_modules(gm)
+    used_before = _read_attributes(gm)
+    _modularize(gm)  # the same step erase construction ends with: modules at the parameters' own paths
+    _drop_unused_attributes(gm, used_before)
     gm.graph.lint()
     gm.recompile()
     gm.eval()
@@ -133,86 +134,6 @@ def load_program(path: str | Path) -> nn.Module:
     if meta is not None:
         gm.oto_metadata = meta
     return gm
-
-
-class _ProgramBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm of any rank: the program already fixed the layout, so no input-dimension check."""
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's signature
-        return None
-
-
-def _op(node: torch.fx.Node) -> str:
-    return op_name(node.target) if node.op == "call_function" else ""
-
-
-def _owner_path(node: Any) -> str | None:
-    """``"body.1"`` for a ``get_attr`` of ``body.1.weight``; None for anything else."""
-    if getattr(node, "op", None) != "get_attr":
-        return None
-    return node.target.rpartition(".")[0]
-
-
-def batch_norms_as_modules(gm: torch.fx.GraphModule) -> int:
-    """Replace eval-mode ``aten.batch_norm`` calls by BatchNorm modules at the parameters' own path.
-
-    The new module takes the place of the plain container that held the tensors, so parameter and
-    buffer names (hence state-dict keys) do not change. A call whose tensors do not sit alone in one
-    container is left as it is (it keeps its eval behaviour). Returns the number replaced.
-    """
-    count = 0
-    for node in list(gm.graph.nodes):
-        if _op(node) != "batch_norm" or node.args[5] is not False:
-            continue
-        x, w, b, rm, rv = node.args[:5]
-        paths = {_owner_path(a) for a in (w, b, rm, rv) if a is not None}
-        if len(paths) != 1 or None in paths or rm is None or rv is None:
-            continue
-        path = paths.pop()
-        owner = gm.get_submodule(path) if path else gm
-        own = set(owner._parameters) | set(owner._buffers)
-        if not path or list(owner.children()) or not own <= {"weight", "bias", "running_mean", "running_var",
-                                                             "num_batches_tracked"}:
-            continue
-        bn = _ProgramBatchNorm(owner.running_mean.shape[0], eps=node.args[7], momentum=node.args[6],
-                               affine=w is not None)
-        for name in own:
-            tensor = getattr(owner, name)
-            (bn._parameters if name in owner._parameters else bn._buffers)[name] = tensor
-        parent, _, leaf = path.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, bn)
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, (x,))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
-        count += 1
-    gm.graph.eliminate_dead_code()  # the get_attr nodes that fed the functional call
-    return count
-
-
-_DROPOUTS = {"dropout": nn.Dropout, "feature_dropout": nn.Dropout2d, "alpha_dropout": nn.AlphaDropout,
-             "feature_alpha_dropout": nn.FeatureAlphaDropout}
-
-
-def dropouts_as_modules(gm: torch.fx.GraphModule) -> int:
-    """Replace eval-mode dropout calls (``train=False`` baked in) by dropout modules; returns how many."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        cls = _DROPOUTS.get(_op(node))
-        if cls is None or len(node.args) < 3 or node.args[2] is not False:
-            continue
-        name = f"oto_dropout_{count}"
-        while hasattr(gm, name):
-            name += "_"
-        gm.add_module(name, cls(p=float(node.args[1])))
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(name, (node.args[0],))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
-        count += 1
-    return count
 
 
 # ---- ONNX ------------------------------------------------------------------------------------------
@@ -315,6 +236,5 @@ def shrink_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn
     return slim_copy(model, plan)
 
 
-__all__ = ["load", "load_program", "load_state_dict_into", "shrink_to_state_dict", "OnnxModule",
-           "batch_norms_as_modules", "dropouts_as_modules", "FILE_ROLES", "PROGRAM_FILE", "ONNX_FILE",
+__all__ = ["load", "load_program", "load_state_dict_into", "shrink_to_state_dict", "OnnxModule", "FILE_ROLES", "PROGRAM_FILE", "ONNX_FILE",
            "STATE_DICT_FILE", "METADATA_FILE", "MANIFEST_FILE", "METADATA_KEY"]

@@ -221,6 +221,8 @@ def test_dynamic_shapes_are_passed_to_torch_export(tmp_path):
     big = torch.randn(3, 1, 12, 10)  # another image size than the example's
     for name in ("subnet.pt2", "subnet.onnx"):
         assert torch.allclose(outputs(lightning_oto.load(tmp_path / name), big), outputs(sub, big), atol=1e-5)
+    export_subnet(sub, x, tmp_path / "auto", dynamic_shapes="auto")  # every dimension the model lets vary
+    assert lightning_oto.load(tmp_path / "auto").oto_metadata["inputs"][0]["shape"] == [None, 1, None, None]
     with pytest.raises(DynamicShapeError, match="dynamic_shapes"):
         export_subnet(FlatHead(), torch.randn(2, 1, 8, 8), tmp_path / "flat",
                       dynamic_shapes=({2: torch.export.Dim("height", min=4, max=64)},))

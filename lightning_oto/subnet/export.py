@@ -20,7 +20,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import DynamicShapeError
 from ..graph.trace import export_program
 from ..loading import (FILE_ROLES, MANIFEST_FILE, METADATA_FILE, METADATA_KEY, ONNX_FILE, PROGRAM_FILE,
                        STATE_DICT_FILE, OnnxModule, load_program)
@@ -122,26 +121,20 @@ def _build_metadata(user: Mapping[str, Any] | None, program: Any) -> dict[str, A
 
 # ---- tracing ---------------------------------------------------------------------------------------
 def _program(sub: nn.Module, inputs: tuple, dynamic_shapes: Any) -> Any:
-    """The program both files are written from: a dynamic batch by default, else the caller's spec."""
-    if dynamic_shapes is None or dynamic_shapes == "auto":
-        program = export_program(sub, inputs, dynamic_batch=True)
-        if any(s["shape"] and s["shape"][0] is not None for s in _input_specs(program)):
-            warnings.warn(f"torch.export could not keep the batch dimension of {type(sub).__name__} dynamic: "
-                          f"{PROGRAM_FILE} accepts the example's batch size only (the ONNX model runs other batch "
-                          "sizes in chunks).", stacklevel=3)
-        return program
-    was = sub.training
-    sub.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.export.export(sub, inputs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with the exporter's reason
-        reason = "\n  ".join(str(e).strip().splitlines()[:8])
-        raise DynamicShapeError(f"could not export {type(sub).__name__} with dynamic_shapes={dynamic_shapes!r}; "
-                                f"torch.export said:\n  {type(e).__name__}: {reason}") from e
-    finally:
-        sub.train(was)
+    """The one program both files are written from.
+
+    ``None``: a dynamic batch, as exports always had. ``"auto"`` or a torch.export spec: passed to
+    :func:`export_program`, where a spec is strict (a dimension the model pins raises
+    ``DynamicShapeError`` naming it).
+    """
+    if dynamic_shapes is not None:
+        return export_program(sub, inputs, dynamic_shapes=dynamic_shapes)
+    program = export_program(sub, inputs, dynamic_batch=True)
+    if any(s["shape"] and s["shape"][0] is not None for s in _input_specs(program)):
+        warnings.warn(f"torch.export could not keep the batch dimension of {type(sub).__name__} dynamic: "
+                      f"{PROGRAM_FILE} accepts the example's batch size only (the ONNX model runs other batch "
+                      "sizes in chunks).", stacklevel=3)
+    return program
 
 
 # ---- writers ---------------------------------------------------------------------------------------
