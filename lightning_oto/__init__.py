@@ -4,7 +4,7 @@ from .oto import OTO
 
 __version__ = "0.1.0"
 
-__all__ = ["OTO", "OTOCallback", "OTOMixin", "TraceError", "SubnetMismatchError", "InvalidSubnetError"]
+__all__ = ["OTO", "OTOCallback", "OTOMixin", "load", "TraceError", "SubnetMismatchError", "InvalidSubnetError"]
 
 
 def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed for the engine
@@ -12,4 +12,8 @@ def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed 
         from . import lightning as _l
 
         return getattr(_l, name)
+    if name == "load":  # lightning_oto.load(path): an exported sub-network as a plain nn.Module
+        from .loading import load
+
+        return load
     raise AttributeError(name)
