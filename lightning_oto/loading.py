@@ -27,7 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .subnet.erase import _drop_unused_attributes, _modularize, _read_attributes
+from .subnet.erase import modularize, program_module
 from .subnet.slim import slim_copy
 
 PROGRAM_FILE = "subnet.pt2"
@@ -121,14 +121,8 @@ def load_program(path: str | Path) -> nn.Module:
     """
     extra = {METADATA_KEY: ""}
     program = torch.export.load(str(path), extra_files=extra)
-    gm = program.module()
-    for name in ("train", "eval"):  # instance-level refusals set by ExportedProgram.module()
-        vars(gm).pop(name, None)
-    used_before = _read_attributes(gm)
-    _modularize(gm)  # the same step erase construction ends with: modules at the parameters' own paths
-    _drop_unused_attributes(gm, used_before)
-    gm.graph.lint()
-    gm.recompile()
+    gm = program_module(program)
+    modularize(gm)  # the same step erase construction ends with: modules at the parameters' own paths
     gm.eval()
     meta = _parse_metadata(extra.get(METADATA_KEY))
     if meta is not None:

@@ -232,11 +232,17 @@ class OTO:
         return rep
 
     def export(self, sub: nn.Module, out_dir: str | Path, formats: Iterable[str] = ("torch", "onnx"),
-               check: bool = True) -> dict[str, str]:
-        """Write ``sub`` as torch (state_dict + torch.export program) and/or ONNX, and check each reloads."""
+               check: bool = True, metadata: dict[str, Any] | None = None,
+               dynamic_shapes: Any = None) -> dict[str, str]:
+        """Write ``sub`` as torch (state_dict + torch.export program) and/or ONNX, and check each reloads;
+        ``lightning_oto.load(out_dir)`` gives it back.  ``metadata``: what inference needs (e.g.
+        :func:`lightning_oto.subnet.export.inference_metadata`).  The exported files keep dynamic every
+        input dimension the sub-network allows (``dynamic_shapes="auto"``; a torch.export spec overrides)."""
         from .subnet.export import export_subnet
 
-        return export_subnet(sub, self.example_inputs, out_dir, formats=formats, check=check)
+        dynamic_shapes = dynamic.AUTO if dynamic_shapes is None else dynamic_shapes
+        return export_subnet(sub, self.example_inputs, out_dir, formats=formats, check=check, metadata=metadata,
+                             dynamic_shapes=dynamic_shapes)
 
     def visualize(self, out_dir: str | Path, what: Sequence[str] = ("trace", "space", "redundant", "subnet"),
                   sub: nn.Module | None = None) -> dict[str, str]:

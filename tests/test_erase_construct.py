@@ -441,3 +441,18 @@ def test_a_model_with_nothing_to_erase_says_why(caplog):
         oto = OTO(Chain(), torch.randn(2, 4), mode="erase")
     assert not oto.prunable_groups
     assert "would disconnect the network" in caplog.text and "Chain has no erasable group" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_exported_erased_subnet_keeps_dynamic_sequence_length(tmp_path, fmt):
+    import lightning_oto
+
+    model = _perturb(TokenModel())
+    oto = OTO(model, torch.randint(0, 50, (2, 7)), mode="erase")
+    oto.random_set_zero_groups(0.5, seed=0)
+    sub = oto.construct_subnet()
+    paths = oto.export(sub, tmp_path, formats=("torch",) if fmt == "pt2" else ("onnx",))
+    loaded = lightning_oto.load(paths["program" if fmt == "pt2" else "onnx"])
+    other = torch.randint(0, 50, (3, 11))
+    with torch.no_grad():
+        assert (loaded(other) - model(other)).abs().max() <= 1e-4

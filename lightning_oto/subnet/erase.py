@@ -51,9 +51,7 @@ def erase_subnet(spec: EraseInputs, state: dict[str, torch.Tensor], training: bo
     gets copies).
     """
     dead, gone = _dead_segments(spec)
-    gm = spec.program.module()  # a fresh graph each call; its tensors are the user's: replaced below
-    for attr in ("train", "eval"):  # torch.export pins the module's mode; ours switches its BN/dropout modules
-        gm.__dict__.pop(attr, None)
+    gm = program_module(spec.program)  # a fresh graph each call; its tensors are the user's: replaced below
     _adopt_state(gm, state)
     by_name = {n.name: n for n in gm.graph.nodes}
     dead_tails = {_fx(by_name, spec.graph.nodes[spec.segments.segments[d].last].name) for d in dead}
@@ -65,13 +63,29 @@ def erase_subnet(spec: EraseInputs, state: dict[str, torch.Tensor], training: bo
     _slice(gm, plan)
     used_before = _read_attributes(gm)
     remove_dead(gm.graph)
+    modularize(gm, used_before)
+    check_erased(gm, spec, gone, shapes, plan)
+    gm.train(training)
+    return gm
+
+
+def program_module(program: Any) -> torch.fx.GraphModule:
+    """``program.module()`` without torch.export's refusal of ``train()``/``eval()``: after
+    :func:`modularize` the mode switch is real (batch norms and dropouts are modules again)."""
+    gm = program.module()
+    for attr in ("train", "eval"):  # instance-level refusals set by ExportedProgram.module()
+        vars(gm).pop(attr, None)
+    return gm
+
+
+def modularize(gm: torch.fx.GraphModule, used_before: set[str] | None = None) -> None:
+    """Batch norms and dropouts as modules at their parameters' own paths, tensors that no operator
+    reads any more (of those read in ``used_before``, default: now) dropped, graph recompiled."""
+    used_before = _read_attributes(gm) if used_before is None else used_before
     _modularize(gm)
     _drop_unused_attributes(gm, used_before)
     gm.graph.lint()
     gm.recompile()
-    check_erased(gm, spec, gone, shapes, plan)
-    gm.train(training)
-    return gm
 
 
 def _dead_segments(spec: EraseInputs) -> tuple[set[int], set[int]]:
@@ -270,4 +284,4 @@ def check_erased(gm: torch.fx.GraphModule, spec: EraseInputs, dead: set[int], sh
     check_plan_applied(tensors, shapes, plan, what="erased sub-network")
 
 
-__all__ = ["EraseInputs", "ExportedBatchNorm", "erase_subnet", "check_erased"]
+__all__ = ["EraseInputs", "ExportedBatchNorm", "erase_subnet", "check_erased", "modularize", "program_module"]
