@@ -13,7 +13,7 @@ def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed 
 
         return getattr(_l, name)
     if name == "load":  # lightning_oto.load(path): an exported sub-network as a plain nn.Module
-        from .loading import load
+        from .subnet.load import load
 
         return load
     raise AttributeError(name)

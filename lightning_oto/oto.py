@@ -236,7 +236,7 @@ class OTO:
                dynamic_shapes: Any = None) -> dict[str, str]:
         """Write ``sub`` as torch (state_dict + torch.export program) and/or ONNX, and check each reloads;
         ``lightning_oto.load(out_dir)`` gives it back.  ``metadata``: what inference needs (e.g.
-        :func:`lightning_oto.subnet.export.inference_metadata`).  The exported files keep dynamic every
+        :func:`lightning_oto.data.inference.inference_metadata`).  The exported files keep dynamic every
         input dimension the sub-network allows (``dynamic_shapes="auto"``; a torch.export spec overrides)."""
         from .subnet.export import export_subnet
 

@@ -22,8 +22,9 @@ from torch import nn
 import lightning_oto
 from lightning_oto import OTO
 from lightning_oto.errors import DynamicShapeError
-from lightning_oto.loading import METADATA_FILE, OnnxModule
-from lightning_oto.subnet.export import export_subnet, inference_metadata
+from lightning_oto.subnet.load import METADATA_FILE, OnnxModule
+from lightning_oto.data.inference import inference_metadata
+from lightning_oto.subnet.export import export_subnet
 
 REPO = Path(__file__).resolve().parents[1]
 README_PATH = "outputs/default/2026-01-01_12-00-00/oto"  # the placeholder path in README's example

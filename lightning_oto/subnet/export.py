@@ -4,7 +4,7 @@ One ``torch.export`` program is traced per export and serves both files: ``subne
 model (one file, weights embedded, below protobuf's 2 GB limit). Both carry the metadata inference
 needs (input shape and dtype, normalisation, class names), and every file is reloaded through
 :func:`lightning_oto.load` and compared with the sub-network. The files and what each is for are
-listed in :mod:`lightning_oto.loading`.
+listed in :mod:`lightning_oto.subnet.load`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..graph.trace import export_program
-from ..loading import (FILE_ROLES, MANIFEST_FILE, METADATA_FILE, METADATA_KEY, ONNX_FILE, PROGRAM_FILE,
+from .load import (FILE_ROLES, MANIFEST_FILE, METADATA_FILE, METADATA_KEY, ONNX_FILE, PROGRAM_FILE,
                        STATE_DICT_FILE, OnnxModule, load_program)
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs
 
@@ -52,44 +52,6 @@ def _quiet_onnx():
 
 
 # ---- metadata --------------------------------------------------------------------------------------
-def inference_metadata(datamodule: Any = None, **extra: Any) -> dict[str, Any]:
-    """What inference needs to know about the inputs, read from a (set-up) datamodule, plus ``extra``.
-
-    Keys: ``data``, ``image_size``, ``in_channels``, ``mean`` / ``std`` (per input channel, as the
-    datamodule's transform applies them: ``x = (image - mean) / std`` on images scaled to [0, 1]),
-    ``num_classes`` and ``class_names`` where known, and ``preprocess`` (the recipe in words).
-    """
-    meta: dict[str, Any] = {}
-    if datamodule is not None:
-        meta.update(_datamodule_settings(datamodule))
-    meta.update(extra)
-    return meta
-
-
-def _datamodule_settings(dm: Any) -> dict[str, Any]:
-    from ..data.datasets import adapt_stats
-
-    meta: dict[str, Any] = {"data": getattr(dm, "name", type(dm).__name__)}
-    for key in ("image_size", "in_channels", "num_classes"):
-        if isinstance(getattr(dm, key, None), int):
-            meta[key] = int(getattr(dm, key))
-    # after setup the train-split statistics (datasets without fixed ones); before, the class defaults
-    mean, std = getattr(dm, "_mean", None), getattr(dm, "_std", None)
-    if mean is None or std is None:
-        mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
-    if mean is not None and std is not None:
-        channels = meta.get("in_channels", len(list(mean)))
-        meta["mean"] = [float(v) for v in adapt_stats(mean, channels)]
-        meta["std"] = [float(v) for v in adapt_stats(std, channels)]
-        meta["preprocess"] = (f"images as floats in [0, 1] (uint8 / 255), {channels} channel(s), resized to "
-                              f"{meta.get('image_size', '?')}x{meta.get('image_size', '?')}; then "
-                              "x = (image - mean) / std per channel")
-    classes = getattr(dm, "classes", None)
-    if classes:
-        meta["class_names"] = [str(c) for c in classes]
-    return meta
-
-
 def _input_specs(program: Any) -> list[dict[str, Any]]:
     """Shape (None where the program keeps a dimension symbolic) and dtype of every user input."""
     names = list(program.graph_signature.user_inputs)
@@ -170,7 +132,7 @@ def export_subnet(sub: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     """Write ``sub`` into ``out_dir`` so that ``lightning_oto.load(out_dir)`` gives it back; returns {kind: path}.
 
     ``formats``: ``"torch"`` (state dict + ``subnet.pt2``) and/or ``"onnx"``. ``metadata``: a JSON-able
-    dict of what inference needs (see :func:`inference_metadata`); the input shapes and dtypes are
+    dict of what inference needs (see :func:`lightning_oto.data.inference.inference_metadata`); the input shapes and dtypes are
     added from the example inputs. ``dynamic_shapes``: a ``torch.export`` spec; default, a dynamic
     batch. With ``check``, every file is reloaded and compared with ``sub`` (``SubnetMismatchError``).
     Files of an earlier export into ``out_dir`` that this one does not rewrite are removed.

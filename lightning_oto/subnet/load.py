@@ -27,8 +27,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .subnet.erase import modularize, program_module
-from .subnet.slim import slim_copy
+from .erase import modularize, program_module
+from .slim import slim_copy
 
 PROGRAM_FILE = "subnet.pt2"
 ONNX_FILE = "subnet.onnx"
