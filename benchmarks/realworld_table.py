@@ -236,7 +236,8 @@ def sizes() -> None:
         try:
             sub, construct_s = _timed(lambda: oto.construct_subnet(verify=False))
             err = oto.verify(sub)
-            construct = f"{construct_s:6.1f}s {construct_s / export_s:4.1f}x  max diff {err:.1e}"
+            kept = sum(p.numel() for p in sub.parameters()) / sum(p.numel() for p in model.parameters())
+            construct = f"{construct_s:6.1f}s {construct_s / export_s:4.1f}x  max diff {err:.1e}, params x{kept:.2f}"
         except Exception as e:  # noqa: BLE001 - the timing run reports the failure and goes on
             construct = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
         n = sum(p.numel() for p in model.parameters())

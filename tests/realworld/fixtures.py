@@ -178,3 +178,22 @@ class ChannelChunkGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u, v = F.gelu(self.stem(x)).chunk(2, dim=1)
         return self.head(u * self.proj(v))
+
+
+class InplaceResidualRelu(nn.Module):
+    """stem -> ReLU(inplace) -> torchvision BasicBlock (``out += identity``; ``relu(out)`` in place) -> head.
+
+    Erasing the block's branch turns ``relu_(out += identity)`` into ``relu_(identity)``: an in-place
+    op on a tensor autograd saved for the stem's ReLU, so backward through the sub-network fails.
+    """
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        from .handwritten import BasicBlock
+
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.block = BasicBlock(c, c)
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)))

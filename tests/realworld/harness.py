@@ -50,6 +50,7 @@ class Outcome:
     params_expected: int | None = None
     kept: list[str] = field(default_factory=list)  # tensors the removed groups own that the sub-network still has
     dead: list[str] = field(default_factory=list)  # sub-network parameters no output depends on (and the full model's did)
+    backward_error: str | None = None  # backward through the sub-network failed (it could not be fine-tuned)
     flops_must_drop: bool = True  # False when the removed groups own only elementwise parameters
     params_sub: int | None = None
     flops_full: int | None = None
@@ -99,11 +100,13 @@ class Outcome:
             out.append(("inexact", f"second input: max diff {self.err2:.3g} > {self.allowed2:.3g}"))
         if self.removable:
             out += self._removal_failures()
+        elif not self.reasons:
+            out.append(("no reason", f"0 removable groups out of {self.groups} and no reason given"))
         if self.dead:
             names = ", ".join(self.dead[:4]) + (" ..." if len(self.dead) > 4 else "")
             out.append(("dead operators kept", f"{len(self.dead)} sub-network parameters reach no output: {names}"))
-        elif not self.reasons:
-            out.append(("no reason", f"0 removable groups out of {self.groups} and no reason given"))
+        if self.backward_error:
+            out.append(("backward fails", f"the sub-network cannot be trained: {self.backward_error}"))
         return out
 
     def _removal_failures(self) -> list[tuple[str, str]]:
@@ -239,6 +242,27 @@ def _compare(out: Outcome, model: nn.Module, sub: nn.Module, example: tuple, sec
         out.second_error = _short(e)
 
 
+def _construct(out: Outcome, oto: OTO, model: nn.Module) -> nn.Module:
+    """construct_subnet, timed, checking that it leaves the user's model as it was."""
+    before = _snapshot(model)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no group is zero yet" is expected where nothing is removable
+        sub = oto.construct_subnet(verify=False)
+    out.construct_s = time.perf_counter() - t
+    out.modified += _changed(model, before, "construct_subnet")
+    out.params_sub = sum(p.numel() for p in sub.parameters())
+    return sub
+
+
+def _dead_in(out: Outcome, sub: nn.Module, example: tuple, unused: set[str]) -> None:
+    """Parameters of the sub-network no output depends on; a failing backward pass is recorded instead."""
+    try:
+        out.dead = sorted(unused_parameters(sub, example) - (unused if out.mode == "prune" else set()))
+    except Exception as e:  # noqa: BLE001 - recorded: the sub-network cannot be fine-tuned
+        out.backward_error = _short(e)
+
+
 def run_case(entry: Entry, mode: str) -> Outcome:
     """Build, zero half the removable groups, construct, and measure; never raises for the model's sake."""
     out = Outcome(entry.name, mode)
@@ -256,23 +280,13 @@ def run_case(entry: Entry, mode: str) -> Outcome:
         out.modified += _changed(model, before, "OTO(...)")
         out.groups, out.removable, out.reasons = len(oto.groups), len(oto.prunable_groups), _reasons(oto)
         stage = "random_set_zero_groups"
-        fraction = FRACTION if out.removable > 1 else 1.0
-        out.zeroed = len(oto.random_set_zero_groups(fraction, seed=SEED))
+        out.zeroed = len(oto.random_set_zero_groups(FRACTION if out.removable > 1 else 1.0, seed=SEED))
         removed = _removed_groups(oto, model)
         out.removed = len(removed)
         expected = _account(out, model, removed, unused, mode)
         stage = "construct_subnet"
-        before = _snapshot(model)
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sub = oto.construct_subnet(verify=False)
-        out.construct_s = time.perf_counter() - t
-        out.modified += _changed(model, before, "construct_subnet")
-        out.params_sub = sum(p.numel() for p in sub.parameters())
+        sub = _construct(out, oto, model)
         out.kept = _still_there(model, expected, sub)
-        stage = "finding dead parameters in the sub-network"
-        out.dead = sorted(unused_parameters(sub, example) - (unused if mode == "prune" else set()))
         stage = "comparing outputs"
         _compare(out, model, sub, example, second)
         stage = "compression_report"
@@ -280,4 +294,6 @@ def run_case(entry: Entry, mode: str) -> Outcome:
         out.flops_full, out.flops_sub = rep["flops_full"], rep["flops_sub"]
     except Exception as e:  # noqa: BLE001 - recorded with its stage; the caller decides
         out.error = f"in {stage}: {_short(e)}"
+        return out
+    _dead_in(out, sub, example, unused)
     return out

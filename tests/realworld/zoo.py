@@ -347,6 +347,7 @@ def _entries() -> list[Entry]:
         Entry("fixture_residual_mlp", _hand(fx.ResidualMLP, "plain"), vector_inputs(4), note="control"),
         Entry("fixture_residual_dropout", _hand(fx.ResidualMLP, "dropout"), vector_inputs(4)),
         Entry("fixture_residual_inplace_add", _hand(fx.ResidualMLP, "inplace"), vector_inputs(4)),
+        Entry("fixture_inplace_residual_relu", _hand(fx.InplaceResidualRelu), tiny),
         Entry("fixture_sdpa_block", _hand(fx.SdpaBlock), token_features, "sdpa"),
         Entry("fixture_token_mlp", _hand(fx.TokenMLP), small_ids),
         Entry("fixture_preact_dense", _hand(fx.PreActDenseBlock), tiny),
