@@ -124,7 +124,7 @@ def _failure_classes(outs: list) -> list[str]:
     for o in outs:
         for cls, _ in o.failures():
             by_class.setdefault(cls, []).append(f"{o.name} ({o.mode})")
-    return [f"- **{cls}** ({len(v)}): {', '.join(sorted(set(v)))}" for cls, v in sorted(by_class.items())]
+    return [f"- **{cls}** ({len(set(v))}): {', '.join(sorted(set(v)))}" for cls, v in sorted(by_class.items())]
 
 
 def _header_lines(elapsed: float) -> list[str]:

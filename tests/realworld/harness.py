@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_oto import OTO
+from lightning_oto.graph.trace import op_name
 from lightning_oto.space.groups import Group
 from lightning_oto.subnet.plan import plan_keeping_one
 from lightning_oto.subnet.verify import allowed_error, output_difference, tensor_leaves
@@ -51,6 +52,7 @@ class Outcome:
     kept: list[str] = field(default_factory=list)  # tensors the removed groups own that the sub-network still has
     dead: list[str] = field(default_factory=list)  # sub-network parameters no output depends on (and the full model's did)
     backward_error: str | None = None  # backward through the sub-network failed (it could not be fine-tuned)
+    dead_ops: dict[str, int] = field(default_factory=dict)  # erased sub-network: operators whose result reaches no output
     flops_must_drop: bool = True  # False when the removed groups own only elementwise parameters
     params_sub: int | None = None
     flops_full: int | None = None
@@ -102,9 +104,11 @@ class Outcome:
             out += self._removal_failures()
         elif not self.reasons:
             out.append(("no reason", f"0 removable groups out of {self.groups} and no reason given"))
-        if self.dead:
+        if self.dead or self.dead_ops:
             names = ", ".join(self.dead[:4]) + (" ..." if len(self.dead) > 4 else "")
-            out.append(("dead operators kept", f"{len(self.dead)} sub-network parameters reach no output: {names}"))
+            ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.dead_ops.items(), key=lambda kv: -kv[1]))
+            out.append(("dead operators kept", f"{len(self.dead)} sub-network parameters reach no output ({names}); "
+                                               f"operators whose result reaches no output: {ops or 'none'}"))
         if self.backward_error:
             out.append(("backward fails", f"the sub-network cannot be trained: {self.backward_error}"))
         return out
@@ -255,8 +259,41 @@ def _construct(out: Outcome, oto: OTO, model: nn.Module) -> nn.Module:
     return sub
 
 
+def _mutates(node: torch.fx.Node, target: torch.fx.Node) -> bool:
+    """True for an in-place ATen op (``add_``, ``relu_``) writing into ``target``: live if ``target`` is."""
+    return (node.op == "call_function" and op_name(node.target).endswith("_") and bool(node.args)
+            and node.args[0] is target)
+
+
+def dead_operators(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Operators of a graph module whose result cannot reach the output, counted by name.
+
+    Liveness follows data edges back from the output, plus in-place ops that write into a live
+    tensor.  Guards and shape asserts compute nothing and are not counted.
+    """
+    live: set[torch.fx.Node] = set()
+    todo = [n for n in gm.graph.nodes if n.op == "output"]
+    while todo:
+        n = todo.pop()
+        if n in live:
+            continue
+        live.add(n)
+        todo.extend(n.all_input_nodes)
+        todo.extend(u for u in n.users if _mutates(u, n))
+    dead: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n in live or n.op not in ("call_function", "call_module", "call_method"):
+            continue
+        name = op_name(n.target) if n.op == "call_function" else str(n.target)
+        if not name.startswith(("_assert", "_guards_fn")):
+            dead[name] = dead.get(name, 0) + 1
+    return dead
+
+
 def _dead_in(out: Outcome, sub: nn.Module, example: tuple, unused: set[str]) -> None:
-    """Parameters of the sub-network no output depends on; a failing backward pass is recorded instead."""
+    """Parameters and operators of the sub-network no output depends on; a failing backward pass is recorded."""
+    if isinstance(sub, torch.fx.GraphModule):
+        out.dead_ops = dead_operators(sub)
     try:
         out.dead = sorted(unused_parameters(sub, example) - (unused if out.mode == "prune" else set()))
     except Exception as e:  # noqa: BLE001 - recorded: the sub-network cannot be fine-tuned
