@@ -105,13 +105,20 @@ class Outcome:
         elif not self.reasons:
             out.append(("no reason", f"0 removable groups out of {self.groups} and no reason given"))
         if self.dead or self.dead_ops:
-            names = ", ".join(self.dead[:4]) + (" ..." if len(self.dead) > 4 else "")
-            ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.dead_ops.items(), key=lambda kv: -kv[1]))
-            out.append(("dead operators kept", f"{len(self.dead)} sub-network parameters reach no output ({names}); "
-                                               f"operators whose result reaches no output: {ops or 'none'}"))
+            out.append(("dead operators kept", self._dead_text()))
         if self.backward_error:
             out.append(("backward fails", f"the sub-network cannot be trained: {self.backward_error}"))
         return out
+
+    def _dead_text(self) -> str:
+        parts = []
+        if self.dead:
+            names = ", ".join(self.dead[:4]) + (" ..." if len(self.dead) > 4 else "")
+            parts.append(f"{len(self.dead)} parameters reach no output ({names})")
+        if self.dead_ops:
+            ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.dead_ops.items(), key=lambda kv: -kv[1]))
+            parts.append(f"operators whose result reaches no output: {ops}")
+        return "; ".join(parts)
 
     def _removal_failures(self) -> list[tuple[str, str]]:
         counts = (f"{self.removed} zero groups due for removal; params {self.params_full} -> {self.params_sub} "

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 import transformers as hf
 from torch import nn
 
@@ -291,6 +290,7 @@ HEAVY = frozenset({"mobilevit", "mobilenet_v2", "levit", "efficientnet", "regnet
 
 
 def _entries() -> list[Entry]:
+    """The zoo as a table (one line per model, so it runs past a screen: it is data, not logic)."""
     from . import fixtures as fx
     from . import handwritten as hw
 
