@@ -13,11 +13,11 @@ from omegaconf import OmegaConf, open_dict
 
 EXPERIMENTS = ["demonet", "stackedunets", "superresnet", "darts", "regnet"]
 TINY = {
-    "demonet": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
-    "stackedunets": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
-    "superresnet": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
-    "darts": ["++model.kwargs.layers=2", "++model.kwargs.C=4", "++model.kwargs.stem_stride=1", "model.image_size=16"],
-    "regnet": ["model.name=regnet_200m", "++model.kwargs.width_mult=0.25", "model.image_size=16"],
+    "demonet": ["++model.kwargs.width_mult=0.25", "data.image_size=16"],
+    "stackedunets": ["++model.kwargs.width_mult=0.25", "data.image_size=16"],
+    "superresnet": ["++model.kwargs.width_mult=0.25", "data.image_size=16"],
+    "darts": ["++model.kwargs.layers=2", "++model.kwargs.C=4", "++model.kwargs.stem_stride=1", "data.image_size=16"],
+    "regnet": ["model.name=regnet_200m", "++model.kwargs.width_mult=0.25", "data.image_size=16"],
 }
 FAST = ["data=synthetic", "+data.num_samples=96", "data.batch_size=16", "trainer.max_epochs=2",
         "oto.warmup_epochs=null", "oto.projection_epochs=null", "+oto.warmup_steps=3", "+oto.projection_steps=3",
