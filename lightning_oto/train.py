@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +26,10 @@ REPORT_FIELDS = ("params_full", "params_sub", "flops_full", "flops_sub", "param_
                  "removed_nothing", "bn_recalibration_batches_used", "zeroed_by_half_space", "forced_at_deadline")
 
 
-def quiet_terminal() -> None:
-    """Each line once, no known noise: call after Lightning is imported, in entry points only.
-
-    Under Hydra the root logger prints, and the ``lightning`` package adds its own console handler
-    at import: every Lightning line would print twice.  The ONNX exporter's passes log at INFO, and
-    torch's pytree ``LeafSpec`` deprecation (raised inside Lightning) is not the user's to fix.
-    """
-    import lightning  # noqa: F401 - its import adds the handler removed below
-
-    if logging.getLogger().handlers:
-        pkg = logging.getLogger("lightning")
-        for handler in list(pkg.handlers):
-            pkg.removeHandler(handler)
-    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*is deprecated")
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; returns the result dict (also written to result.json)."""
+    from .lightning.terminal import quiet_terminal
+
     quiet_terminal()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ groups pushed to zero), 2 = hybrid (redundant groups stay zero, the rest trains)
 """
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from pathlib import Path
@@ -455,7 +456,7 @@ class OTOCallback(Callback):
         out_dir = self._export_dir(trainer)
         t1 = time.perf_counter()
         if self.settings.export_formats:
-            self.export_paths = self.oto.export(sub, out_dir, formats=self.settings.export_formats)
+            self.export_paths = self._export(trainer, sub, out_dir)
         export_s = time.perf_counter() - t1
         if self.settings.visualize:
             self._draw(out_dir / "graphs_fit_end", ("redundant", "subnet"), sub=sub)
@@ -473,6 +474,22 @@ class OTOCallback(Callback):
             if isinstance(self.report.get(k), (int, float))}
         for lg in trainer.loggers:
             lg.log_metrics(finals, step=trainer.global_step)
+
+    def _export(self, trainer: "pl.Trainer", sub: nn.Module, out_dir: Path) -> dict[str, str]:
+        """Export ``sub`` with what inference needs (the datamodule's input normalisation, class names) and the
+        configured dynamic shapes, where the exporter takes them."""
+        assert self.oto is not None
+        from ..subnet import export as exporter
+
+        accepts = inspect.signature(exporter.export_subnet).parameters
+        kwargs: dict[str, Any] = {}
+        describe = getattr(exporter, "inference_metadata", None)
+        if describe is not None and "metadata" in accepts:
+            kwargs["metadata"] = describe(getattr(trainer, "datamodule", None))
+        if self.settings.dynamic_shapes is not None and "dynamic_shapes" in accepts:
+            kwargs["dynamic_shapes"] = self.settings.dynamic_shapes
+        return exporter.export_subnet(sub, self.oto.example_inputs, out_dir, formats=self.settings.export_formats,
+                                      **kwargs)
 
     def _write_report(self, out_dir: Path) -> None:
         assert self.report is not None

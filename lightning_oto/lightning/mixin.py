@@ -184,8 +184,12 @@ class OTOMixin:
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """After the swap: store what rebuilds the sub-network; the search optimizer's state (over the full
+        network's tensors) is dropped until an optimizer over the sub-network exists."""
         if self._oto_subnet_payload is not None:
             checkpoint[CHECKPOINT_KEY] = self._oto_subnet_payload
+            if self._oto_optimizer is None and "optimizer_states" in checkpoint:
+                checkpoint["optimizer_states"] = []
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
