@@ -4,11 +4,12 @@ from .oto import OTO
 
 __version__ = "0.1.0"
 
-__all__ = ["OTO", "OTOCallback", "OTOMixin", "load", "TraceError", "SubnetMismatchError", "InvalidSubnetError"]
+__all__ = ["OTO", "OTOCallback", "OTOMixin", "OTOSettings", "load", "load_checkpoint", "TraceError",
+           "SubnetMismatchError", "InvalidSubnetError"]
 
 
 def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed for the engine
-    if name in ("OTOCallback", "OTOMixin"):
+    if name in ("OTOCallback", "OTOMixin", "OTOSettings", "load_checkpoint"):
         from . import lightning as _l
 
         return getattr(_l, name)
