@@ -230,7 +230,13 @@ class GroupIndex:
         return self.numel.device
 
     def _sync_device(self) -> None:
-        """Follow the parameters if they moved (e.g. model.to(device) after construction)."""
+        """Follow the parameters if they moved (e.g. model.to(device) after construction).
+
+        All parameters live on one device (the per-group sums need that), so checking the first
+        one is enough: the check costs nothing on an ordinary step.
+        """
+        if not self.entries or self.entries[0].param.device == self.numel.device:
+            return
         for e in self.entries:
             if e.owner.device != e.param.device:
                 e.owner = e.owner.to(e.param.device)
@@ -256,24 +262,54 @@ class GroupIndex:
     # ------------------------------------------------------------------ reductions
     @torch.no_grad()
     def stats(self, grads: Sequence[torch.Tensor | None] | None = None) -> GroupStats:
-        """Per-group ``|x|^2``, ``|grad|^2``, ``<grad, x>`` and numel.
+        """Per-group ``|x|^2``, ``|grad|^2``, ``<grad, x>``, numel and the layer yardstick.
 
         ``grads`` is aligned with :attr:`entries` (default: each parameter's ``.grad``; a missing
         gradient counts as zero).
         """
-        self._sync_device()
+        acc, rows_xsq = self._pair_sums(grads, None, keep_rows=True)
+        # yardstick: each row's parameter-mean squared row norm (4 vectorized ops in total)
+        owner_all = self._layout_of(None)[2]
+        row_entry, entry_rows = self._row_entry()
+        means = torch.zeros(entry_rows.numel(), dtype=acc.dtype, device=self.device).index_add_(0, row_entry, rows_xsq)
+        means.div_(entry_rows)
+        ref = torch.zeros(self.num_groups + 1, dtype=acc.dtype, device=self.device)
+        ref.index_add_(0, owner_all, means[row_entry])
         G = self.num_groups
-        big, small, owner_all = self._stats_layout()
+        return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids, ref[:G])
+
+    @torch.no_grad()
+    def pair_sums(self, ys: Sequence[torch.Tensor | None], entry_ids: Sequence[int]) -> torch.Tensor:
+        """``[3, G]``: per group ``|x|^2``, ``|y|^2``, ``<y, x>`` summed over the entries ``entry_ids`` only.
+
+        ``x`` is each entry's parameter, ``ys[i]`` the tensor for ``entry_ids[i]`` (``None``: zero).
+        The optimizer calls it on the few parameters that hold redundant rows, so a projection step
+        never reads the rest of the model.
+        """
+        return self._pair_sums(ys, tuple(entry_ids))[0][:, : self.num_groups]
+
+    def _pair_sums(self, ys: Sequence[torch.Tensor | None] | None, entry_ids: tuple[int, ...] | None,
+                   keep_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Row statistics written straight into one buffer, then one ``index_add_`` per statistic.
+
+        Entries with a reduction (conv / linear rows) cost three reads each (two norms and a dot
+        product, no temporaries); 1-d entries (biases, norm affine) are concatenated first.
+        """
+        self._sync_device()
+        big, small, owner_all = self._layout_of(entry_ids)
+        if ys is None:
+            y_of = {i: self.entries[i].param.grad for i in big + small}
+        else:
+            y_of = dict(zip(range(len(self.entries)) if entry_ids is None else entry_ids, ys))
         f32 = torch.float32
         buf = torch.empty(3, owner_all.numel(), dtype=f32, device=self.device)
         off = 0
-        # parameters with a reduction (conv / linear rows): a few reads, written straight into buf
         for i in big:
             e = self.entries[i]
             n = e.owner.numel()
-            x = e.view(e.param.detach())
-            g = e.param.grad if grads is None else grads[i]
-            g = None if g is None else e.view(g.detach())
+            x = e.view(e.param)
+            g = y_of[i]
+            g = None if g is None else e.view(g)
             x2 = e._rows2d(x) if x.dtype == f32 else None
             g2 = None if (g is None or x2 is None or g.dtype != f32) else e._rows2d(g)
             if x2 is not None and (g is None or g2 is not None):
@@ -287,31 +323,24 @@ class GroupIndex:
             else:
                 buf[:, off : off + n] = e.row_stats(x, g).t().to(f32)
             off += n
-        # 1-d parameters (biases, norm affine): concatenated, three elementwise products in total
         if small:
-            xs = torch.cat([self.entries[i].view(self.entries[i].param.detach()).reshape(-1).to(f32) for i in small])
+            xs = torch.cat([self.entries[i].param.reshape(-1) for i in small]).to(f32)
             gl = []
             for i in small:
-                e = self.entries[i]
-                g = e.param.grad if grads is None else grads[i]
-                gl.append(torch.zeros(e.owner.numel(), dtype=f32, device=self.device) if g is None
-                          else e.view(g.detach()).reshape(-1).to(f32))
-            gs = torch.cat(gl)
+                g = y_of[i]
+                gl.append(self.entries[i].param.new_zeros(self.entries[i].owner.numel()) if g is None
+                          else g.reshape(-1))
+            gs = torch.cat(gl).to(f32)
             torch.mul(xs, xs, out=buf[0, off:])
             torch.mul(gs, gs, out=buf[1, off:])
             torch.mul(gs, xs, out=buf[2, off:])
-        # yardstick: each row's parameter-mean squared row norm (4 vectorized ops in total)
-        row_entry, entry_rows = self._row_entry()
-        means = torch.zeros(entry_rows.numel(), dtype=f32, device=self.device).index_add_(0, row_entry, buf[0])
-        means.div_(entry_rows)
-        acc = torch.zeros(4, G + 1, dtype=f32, device=self.device)
-        acc[:3].index_add_(1, owner_all, buf)
-        acc[3].index_add_(0, owner_all, means[row_entry])
-        return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids, acc[3, :G])
+        acc = torch.zeros(3, self.num_groups + 1, dtype=f32, device=self.device)
+        acc.index_add_(1, owner_all, buf)
+        return acc, (buf[0] if keep_rows else None)
 
     def _row_entry(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the :meth:`stats` layout: entry number of every row, and rows per entry."""
-        big, small, owner_all = self._stats_layout()
+        big, small, owner_all = self._layout_of(None)
         re = getattr(self, "_row_entry_cache", None)
         if re is None or re[0].device != self.device:
             sizes = [self.entries[i].owner.numel() for i in big + small]
@@ -320,16 +349,20 @@ class GroupIndex:
             self._row_entry_cache = re
         return re
 
-    def _stats_layout(self) -> tuple[list[int], list[int], torch.Tensor]:
-        """Entry order used by :meth:`stats` (reduced entries, then 1-d ones) and their owners."""
-        lay = getattr(self, "_layout", None)
-        if lay is None or (lay[2].device != self.device):
-            big = [i for i, e in enumerate(self.entries) if e.reduce_dims]
-            small = [i for i, e in enumerate(self.entries) if not e.reduce_dims]
+    def _layout_of(self, entry_ids: tuple[int, ...] | None) -> tuple[list[int], list[int], torch.Tensor]:
+        """Entry order of :meth:`_pair_sums` (reduced entries, then 1-d ones) and their owners, cached."""
+        cache: dict = self.__dict__.setdefault("_layouts", {})
+        lay = cache.get(entry_ids)
+        if lay is None or lay[2].device != self.device:
+            ids = range(len(self.entries)) if entry_ids is None else entry_ids
+            big = [i for i in ids if self.entries[i].reduce_dims]
+            small = [i for i in ids if not self.entries[i].reduce_dims]
             owners = [self.entries[i].owner for i in big + small]
             owner_all = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long, device=self.device)
             lay = (big, small, owner_all.to(self.device))
-            self._layout = lay
+            if len(cache) > 64:  # subsets change only at selections; bound the cache anyway
+                cache.clear()
+            cache[entry_ids] = lay
         return lay
 
     @torch.no_grad()
@@ -420,3 +453,43 @@ class GroupIndex:
             t = e.param if tensors is None else tensors[i]
             if t is not None:
                 e.view(t).index_fill_(e.dim, r[0], 0.0)
+
+
+class RowFactors:
+    """Persistent per-row factors for a subset of entries, refreshed by one gather.
+
+    ``views[k]`` broadcasts against the parameter of ``entry_ids[k]`` (its rows along the slicing
+    dim), in that parameter's dtype.  :meth:`fill` writes ``per_group[owner]`` (``default`` for rows
+    no group owns) into every view at once, so an optimizer can fold per-group coefficients into
+    fused ``mul_`` / ``addcmul_`` updates without a Python loop over groups and without
+    synchronising with the device.
+    """
+
+    def __init__(self, index: GroupIndex, entry_ids: Sequence[int]) -> None:
+        self.entry_ids = tuple(entry_ids)
+        entries = [index.entries[i] for i in self.entry_ids]
+        dev = index.device
+        self.owner = (torch.cat([e.owner for e in entries]) if entries
+                      else torch.zeros(0, dtype=torch.long, device=dev))
+        self.flat = torch.ones(self.owner.numel(), dtype=torch.float32, device=dev)
+        self.views: list[torch.Tensor] = []
+        self._casts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32 view, own-dtype copy)
+        off = 0
+        for e in entries:
+            n = e.owner.numel()
+            v = self.flat[off : off + n].view(e.bshape)
+            if e.scalar:
+                v = v.view(())
+            if e.param.dtype != torch.float32:
+                c = torch.empty(v.shape, dtype=e.param.dtype, device=dev)
+                self._casts.append((v, c))
+                v = c
+            self.views.append(v)
+            off += n
+
+    def fill(self, per_group: torch.Tensor, default: float) -> None:
+        """Every row gets ``per_group[its group]``; rows of no group get ``default``."""
+        ext = torch.cat([per_group.to(self.flat.dtype), self.flat.new_full((1,), default)])
+        torch.index_select(ext, 0, self.owner, out=self.flat)
+        for src, dst in self._casts:
+            dst.copy_(src)

@@ -1,0 +1,160 @@
+"""Base variants of the half-space optimizers: the processed direction of SGD / Adam / AdamW.
+
+Every variant is split in two halves so the half-space optimizers can put their own per-row
+coefficients between them:
+
+1. :func:`directions` updates the optimizer state (momentum, Adam moments) and returns, per
+   parameter, the processed direction ``d`` *per unit learning rate* as ``scale * tensor``.
+   Plain SGD and every important group then take ``x <- x - lr * d``.
+2. :func:`apply_update` performs ``x <- A * x - lr * C * d``.  ``A`` and ``C`` are ``1`` (a
+   Python float) for plain parameters, or per-row tensors (see :class:`~.group_index.RowFactors`)
+   for parameters that hold redundant rows; the redundant-group projection is folded into these
+   two factors, so it costs no extra pass over the data.
+
+The SGD momentum update is one fused kernel (``buf = g + m*buf`` written into ``buf``), where
+``torch.optim.SGD`` uses two; the result equals torch's up to rounding.  Adam follows
+``torch.optim.Adam`` (bias corrections, ``eps`` outside the square root); AdamW decouples the
+weight decay, which :func:`decoupled_decay` reports so the caller folds it into ``A``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["Direction", "UpdatePlan", "directions", "apply_update", "decoupled_decay"]
+
+
+@dataclass
+class Direction:
+    """``d = scale * tensor``; ``den`` set means ``tensor / den`` (Adam, materialised on demand)."""
+
+    tensor: torch.Tensor
+    scale: float = 1.0
+    den: torch.Tensor | None = None
+
+    def materialize(self) -> torch.Tensor:
+        """``tensor / den`` written into ``den`` (one pass, no allocation); idempotent."""
+        if self.den is not None:
+            self.tensor = torch.div(self.tensor, self.den, out=self.den)
+            self.den = None
+        return self.tensor
+
+
+def _state_tensor(state: dict[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:
+    t = state.get(key)
+    if t is None:
+        t = torch.zeros_like(like, memory_format=torch.preserve_format)
+        state[key] = t
+    return t
+
+
+def decoupled_decay(hp: dict[str, Any]) -> float:
+    """``lr * weight_decay`` for AdamW (applied to ``x`` through ``A``), else 0."""
+    return float(hp["lr"]) * float(hp["weight_decay"]) if hp["variant"] == "adamw" else 0.0
+
+
+@torch.no_grad()
+def directions(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp: dict[str, Any],
+               step: int) -> list[Direction]:
+    """Update the variant's state with ``p.grad`` and return each parameter's direction per unit lr.
+
+    ``step`` is the 1-based step number (Adam's bias correction).
+    """
+    if hp["variant"] == "sgd":
+        return _sgd(params, states, float(hp["momentum"]), bool(hp["nesterov"]), float(hp["weight_decay"]))
+    return _adam(params, states, hp, step)
+
+
+def _sgd(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], m: float, nesterov: bool,
+         wd: float) -> list[Direction]:
+    grads = [p.grad for p in params]
+    if not m:
+        return [Direction(d) for d in (torch._foreach_add(grads, list(params), alpha=wd) if wd else grads)]
+    # a zero first buffer gives buf = g on the first step, exactly torch.optim.SGD's clone of the gradient
+    bufs = [_state_tensor(st, "momentum_buffer", p) for p, st in zip(params, states)]
+    if params[0].device.type == "cpu":  # one pass per tensor beats two foreach passes on CPU
+        for g, buf in zip(grads, bufs):
+            torch.add(g, buf, alpha=m, out=buf)
+    else:  # accelerators: two multi-tensor kernels beat one launch per tensor
+        torch._foreach_mul_(bufs, m)
+        torch._foreach_add_(bufs, grads)
+    if wd:
+        torch._foreach_add_(bufs, list(params), alpha=wd)
+    if not nesterov:
+        return [Direction(b) for b in bufs]
+    d = torch._foreach_add(grads, bufs, alpha=m)
+    if wd:
+        torch._foreach_add_(d, list(params), alpha=wd)
+    return [Direction(t) for t in d]
+
+
+def _adam(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp: dict[str, Any],
+          step: int) -> list[Direction]:
+    b1, b2 = (float(b) for b in hp["betas"])
+    eps, wd = float(hp["eps"]), float(hp["weight_decay"])
+    grads = [p.grad for p in params]
+    if wd and hp["variant"] == "adam":
+        grads = torch._foreach_add(grads, list(params), alpha=wd)
+    exp_avg = [_state_tensor(st, "exp_avg", p) for p, st in zip(params, states)]
+    exp_avg_sq = [_state_tensor(st, "exp_avg_sq", p) for p, st in zip(params, states)]
+    torch._foreach_lerp_(exp_avg, grads, 1.0 - b1)
+    torch._foreach_mul_(exp_avg_sq, b2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1.0 - b2)
+    denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, math.sqrt(1.0 - b2**step))
+    torch._foreach_add_(denom, eps)
+    scale = 1.0 / (1.0 - b1**step)
+    return [Direction(a, scale, d) for a, d in zip(exp_avg, denom)]
+
+
+@dataclass
+class UpdatePlan:
+    """Which parameters take which update; built once per change of the redundant set.
+
+    ``plain``: ``x <- a x - lr d`` with a scalar ``a``.  ``active``: parameters holding active
+    redundant rows, ``x <- A x - lr C d`` with per-row ``A``, ``C``.  ``frozen``: parameters whose
+    redundant rows are all zero already, ``x <- a x - lr C d`` (zero rows stay zero under a scalar
+    ``a`` and ``C = 0``).  Indices refer to the step's parameter list.
+    """
+
+    plain: list[int]
+    active: list[int]
+    active_a: list[torch.Tensor]
+    active_c: list[torch.Tensor]
+    frozen: list[int]
+    frozen_c: list[torch.Tensor]
+
+
+@torch.no_grad()
+def apply_update(params: Sequence[torch.Tensor], dirs: Sequence[Direction], plan: UpdatePlan, lr: float,
+                 a_plain: float, rows_a: bool) -> None:
+    """``x <- a * x - lr * c * d`` for every parameter, in a handful of foreach calls.
+
+    Plain SGD parameters cost one ``add_`` per tensor, plain Adam ones one ``addcdiv_`` (as torch),
+    parameters with redundant rows one ``addcmul_``; ``rows_a`` adds the per-row ``mul_`` on the
+    parameters with active redundant rows (otherwise they take the scalar ``a_plain`` like the rest).
+    """
+    if not params:
+        return
+    scale = dirs[0].scale
+    if plan.plain:
+        ps = [params[i] for i in plan.plain]
+        if a_plain != 1.0:
+            torch._foreach_mul_(ps, a_plain)
+        ds = [dirs[i] for i in plan.plain]
+        if ds[0].den is not None:
+            torch._foreach_addcdiv_(ps, [d.tensor for d in ds], [d.den for d in ds], value=-lr * scale)
+        else:
+            torch._foreach_add_(ps, [d.tensor for d in ds], alpha=-lr * scale)
+    for idx, a_rows, c_rows in ((plan.active, plan.active_a, plan.active_c), (plan.frozen, None, plan.frozen_c)):
+        if not idx:
+            continue
+        ps = [params[i] for i in idx]
+        if rows_a and a_rows is not None:
+            torch._foreach_mul_(ps, a_rows)
+        elif a_plain != 1.0:
+            torch._foreach_mul_(ps, a_plain)
+        torch._foreach_addcmul_(ps, [dirs[i].materialize() for i in idx], c_rows, value=-lr * scale)
