@@ -92,7 +92,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_stats: bo
 
 def snapshot(model: nn.Module, xtr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor) -> dict[str, float]:
     recal = copy.deepcopy(model)
-    recalibrate_batchnorm(recal, [xtr[i : i + 64] for i in range(0, 20 * 64, 64)], num_batches=20)
+    # shuffled: the offline splits keep the pool's class order (MNIST-5k is sorted by class)
+    idx = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(123))[: 20 * 64]
+    recalibrate_batchnorm(recal, [xtr[idx[i : i + 64]] for i in range(0, len(idx), 64)], num_batches=20)
     return {"batch": accuracy(model, xte, yte, True), "run": accuracy(model, xte, yte, False),
             "recal": accuracy(recal, xte, yte, False)}
 

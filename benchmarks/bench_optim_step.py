@@ -87,6 +87,8 @@ def make_optimizers(device: str, variant: str) -> dict[str, torch.optim.Optimize
         base_name: base(fresh().parameters()),
         "DHSPG warmup": DHSPG(fresh().named_parameters(), groups, warmup_steps=big, projection_steps=big, **kw),
         "DHSPG projection": DHSPG(fresh().named_parameters(), groups, warmup_steps=1, projection_steps=big, **kw),
+        "DHSPG projection, interval 8": DHSPG(fresh().named_parameters(), groups, warmup_steps=1,
+                                              projection_steps=big, projection_interval=8, **kw),
         "DHSPG projection, interval 4": DHSPG(fresh().named_parameters(), groups, warmup_steps=1,
                                               projection_steps=big, projection_interval=4, **kw),
         "DHSPG projection, interval 1": DHSPG(fresh().named_parameters(), groups, warmup_steps=1,
@@ -114,7 +116,7 @@ def sync(device: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--block", type=int, default=40, help="steps per optimizer per round (multiple of 4, 5 and 8)")
+    ap.add_argument("--block", type=int, default=80, help="steps per optimizer per round (multiple of 16 and 10)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--adam", action="store_true", help="Adam variant against torch.optim.Adam")

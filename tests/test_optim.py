@@ -560,8 +560,11 @@ def test_resume_from_state_dict_equals_uninterrupted(cls, variant, split) -> Non
     assert opt2.redundant_group_ids == ref_opt.redundant_group_ids
     assert opt2.zero_group_ids() == ref_opt.zero_group_ids()
     assert torch.equal(opt2.saliency_scores, ref_opt.saliency_scores)
+    assert opt2.zero_steps == ref_opt.zero_steps
+    assert (opt2.zeroed_by_half_space, opt2.forced_at_deadline) == (ref_opt.zeroed_by_half_space,
+                                                                     ref_opt.forced_at_deadline)
     for (n, p), (_, q) in zip(ref_model.named_parameters(), model2.named_parameters()):
-        assert torch.allclose(p, q, atol=1e-6, rtol=0), n
+        assert torch.equal(p, q), n  # bit-identical
 
 
 def test_state_dict_contents_and_mismatch() -> None:

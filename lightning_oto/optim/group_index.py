@@ -267,7 +267,8 @@ class GroupIndex:
         ``grads`` is aligned with :attr:`entries` (default: each parameter's ``.grad``; a missing
         gradient counts as zero).
         """
-        acc, rows_xsq = self._pair_sums(grads, None, keep_rows=True)
+        g = [e.param.grad for e in self.entries] if grads is None else list(grads)
+        acc, rows_xsq = self._products({"g": g}, (("x", "x"), ("g", "g"), ("g", "x")), None, keep_rows=True)
         # yardstick: each row's parameter-mean squared row norm (4 vectorized ops in total)
         owner_all = self._layout_of(None)[2]
         row_entry, entry_rows = self._row_entry()
@@ -279,62 +280,63 @@ class GroupIndex:
         return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids, ref[:G])
 
     @torch.no_grad()
-    def pair_sums(self, ys: Sequence[torch.Tensor | None], entry_ids: Sequence[int]) -> torch.Tensor:
-        """``[3, G]``: per group ``|x|^2``, ``|y|^2``, ``<y, x>`` summed over the entries ``entry_ids`` only.
+    def products(self, tensors: dict[str, Sequence[torch.Tensor | None]], pairs: Sequence[tuple[str, str]],
+                 entry_ids: Sequence[int]) -> torch.Tensor:
+        """``[len(pairs), G]``: per group ``<a, b>`` for every pair of names, over ``entry_ids`` only.
 
-        ``x`` is each entry's parameter, ``ys[i]`` the tensor for ``entry_ids[i]`` (``None``: zero).
-        The optimizer calls it on the few parameters that hold redundant rows, so a projection step
-        never reads the rest of the model.
+        ``"x"`` names the parameters; ``tensors[name][k]`` is the tensor of ``entry_ids[k]``
+        (``None``: zero).  The optimizer calls it on the few parameters that hold active redundant
+        rows, so an evaluation never reads the rest of the model.
         """
-        return self._pair_sums(ys, tuple(entry_ids))[0][:, : self.num_groups]
+        ids = tuple(entry_ids)
+        full = {name: [None] * len(self.entries) for name in tensors}
+        for name, ts in tensors.items():
+            for i, t in zip(ids, ts):
+                full[name][i] = t
+        return self._products(full, tuple(pairs), ids)[0][:, : self.num_groups]
 
-    def _pair_sums(self, ys: Sequence[torch.Tensor | None] | None, entry_ids: tuple[int, ...] | None,
-                   keep_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Row statistics written straight into one buffer, then one ``index_add_`` per statistic.
+    def _products(self, tensors: dict[str, list[torch.Tensor | None]], pairs: tuple[tuple[str, str], ...],
+                  entry_ids: tuple[int, ...] | None, keep_rows: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Row products written straight into one buffer, then one ``index_add_`` for all of them.
 
-        Entries with a reduction (conv / linear rows) cost three reads each (two norms and a dot
-        product, no temporaries); 1-d entries (biases, norm affine) are concatenated first.
+        Entries with a reduction (conv / linear rows): a norm (``<a, a>``) reads its tensor once, a
+        dot product twice, with no temporaries; 1-d entries (biases, norm affine) are concatenated
+        first.  ``tensors[name]`` is aligned with :attr:`entries`; ``keep_rows`` also returns the
+        row values of the first pair.
         """
         self._sync_device()
         big, small, owner_all = self._layout_of(entry_ids)
-        if ys is None:
-            y_of = {i: self.entries[i].param.grad for i in big + small}
-        else:
-            y_of = dict(zip(range(len(self.entries)) if entry_ids is None else entry_ids, ys))
         f32 = torch.float32
-        buf = torch.empty(3, owner_all.numel(), dtype=f32, device=self.device)
+        buf = torch.empty(len(pairs), owner_all.numel(), dtype=f32, device=self.device)
         off = 0
         for i in big:
             e = self.entries[i]
             n = e.owner.numel()
-            x = e.view(e.param)
-            g = y_of[i]
-            g = None if g is None else e.view(g)
-            x2 = e._rows2d(x) if x.dtype == f32 else None
-            g2 = None if (g is None or x2 is None or g.dtype != f32) else e._rows2d(g)
-            if x2 is not None and (g is None or g2 is not None):
-                torch.linalg.vector_norm(x2, dim=1, out=buf[0, off : off + n])
-                if g2 is None:
-                    buf[1:, off : off + n].zero_()
+            views = {"x": e.view(e.param)}
+            views.update({name: (None if ts[i] is None else e.view(ts[i])) for name, ts in tensors.items()})
+            rows = {k: (e._rows2d(v) if v is not None and v.dtype == f32 else None) for k, v in views.items()}
+            fast = all(rows[k] is not None or views[k] is None for k in views)
+            for k, (a, b) in enumerate(pairs):
+                out = buf[k, off : off + n]
+                if views[a] is None or views[b] is None:
+                    out.zero_()
+                elif not fast:
+                    out.copy_(e.row_sq(views[a]) if a == b else e.row_dot(views[a], views[b]))
+                elif a == b:
+                    torch.linalg.vector_norm(rows[a], dim=1, out=out)
+                    out.square_()
                 else:
-                    torch.linalg.vector_norm(g2, dim=1, out=buf[1, off : off + n])
-                    torch.linalg.vecdot(g2, x2, out=buf[2, off : off + n])
-                buf[0:2, off : off + n].square_()
-            else:
-                buf[:, off : off + n] = e.row_stats(x, g).t().to(f32)
+                    torch.linalg.vecdot(rows[a], rows[b], out=out)
             off += n
         if small:
-            xs = torch.cat([self.entries[i].param.reshape(-1) for i in small]).to(f32)
-            gl = []
-            for i in small:
-                g = y_of[i]
-                gl.append(self.entries[i].param.new_zeros(self.entries[i].owner.numel()) if g is None
-                          else g.reshape(-1))
-            gs = torch.cat(gl).to(f32)
-            torch.mul(xs, xs, out=buf[0, off:])
-            torch.mul(gs, gs, out=buf[1, off:])
-            torch.mul(gs, xs, out=buf[2, off:])
-        acc = torch.zeros(3, self.num_groups + 1, dtype=f32, device=self.device)
+            flat = {"x": torch.cat([self.entries[i].param.reshape(-1) for i in small]).to(f32)}
+            for name, ts in tensors.items():
+                flat[name] = torch.cat([self.entries[i].param.new_zeros(self.entries[i].owner.numel())
+                                        if ts[i] is None else ts[i].reshape(-1) for i in small]).to(f32)
+            for k, (a, b) in enumerate(pairs):
+                torch.mul(flat[a], flat[b], out=buf[k, off:])
+        acc = torch.zeros(len(pairs), self.num_groups + 1, dtype=f32, device=self.device)
         acc.index_add_(1, owner_all, buf)
         return acc, (buf[0] if keep_rows else None)
 
@@ -350,7 +352,7 @@ class GroupIndex:
         return re
 
     def _layout_of(self, entry_ids: tuple[int, ...] | None) -> tuple[list[int], list[int], torch.Tensor]:
-        """Entry order of :meth:`_pair_sums` (reduced entries, then 1-d ones) and their owners, cached."""
+        """Entry order of :meth:`_products` (reduced entries, then 1-d ones) and their owners, cached."""
         cache: dict = self.__dict__.setdefault("_layouts", {})
         lay = cache.get(entry_ids)
         if lay is None or lay[2].device != self.device:

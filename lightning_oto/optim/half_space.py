@@ -26,12 +26,14 @@ Phases (``optimizer.phase``), counted in optimizer steps:
     Afterwards: the redundant groups stay exactly zero and every other variable trains with the
     base variant.
 
-Redundant-group step of DHSPG / H2SPG (``d`` the processed direction per unit ``lr``, ``R_g`` the
-steps left until the group's schedule target, a fraction ``schedule_fraction`` into its window)::
+Redundant-group step of DHSPG / H2SPG (``d`` the processed direction per unit ``lr``, ``g`` the
+gradient of the objective, ``R_g`` the steps left until the group's schedule target, a fraction
+``schedule_fraction`` into its window)::
 
-    r_g     = <d_g, x_g> / |x_g|                     # > 0: the base step already shrinks |x_g|
-    lo_g    = max(0, -r_g)                           # least lambda that does not grow |x_g|
-    up_g    = (1 - descent_margin) |d_g|^2 / -r_g    # if r_g < 0: largest lambda keeping descent
+    lo_g    = max(0, -<d_g, x_g> / |x_g|)            # least lambda with which the step does not grow |x_g|
+    s_g     = <g_g, x_g> / |x_g|                     # objective slope along x_g: the push costs if s_g < 0
+    up_g    = (1 - descent_margin) <g_g, d_g> / -s_g # if s_g < 0: the push costs at most (1-m) of
+                                                     # the decrease the base step buys
     base_g  = lambda_scale * |x_g| / (lr * R_g)      # reaches zero by the target on its own
     lam_g   = clip(lambda_amplify * lo_g, base_g, lambda_max * base_g)
     lam_g   = (lo_g + up_g) / 2   if lam_g > up_g    # DHSPG: back inside (lo, up)
@@ -39,11 +41,16 @@ steps left until the group's schedule target, a fraction ``schedule_fraction`` i
     x_g    <- 0 if <y_g, x_g> <= epsilon |x_g|^2 else y_g
 
 This is DHSPG's angle-based adaptive lambda (OTOv2; the official code clips ``amplify * lo`` to
-``[lambda, hat * lambda]`` and falls back to the midpoint of ``(lo, up)``), with the base lambda
-made scale free: it is set from each group's own magnitude and learning rate, so one default works
-for SGD and Adam, and for layers of any scale.  With ``epsilon`` near 1 (the official tutorials
-use 0.9-0.95) a group is projected once one step would remove more than ``1 - epsilon`` of it,
-i.e. while the push still dominates the gradient noise.
+``[lambda, hat * lambda]`` and falls back to the midpoint of ``(lo, up)``), with two choices of
+ours.  The base lambda is scale free: it is set from each group's own magnitude and the learning
+rate, so one default works for SGD and Adam and for layers of any scale.  The descent bound
+``up`` measures the objective's first-order change with its gradient ``g`` (for plain SGD
+``d = g`` and it is the paper's bound); measured along the processed direction instead, Adam's
+redundant groups end up aligned with ``-d`` (what is left of a shrinking group is the sum of its
+recent Adam steps), the bound pins lambda to ``|d|`` and most groups reach the deadline
+non-zero.  With ``epsilon`` near 1 (the official tutorials use 0.9-0.95) a group is projected
+once one step would remove more than ``1 - epsilon`` of it, i.e. while the push still dominates
+the gradient noise.
 
 Cost (every phase within ~1.1x of a ``torch.optim.SGD`` momentum step on long windows, see
 ``benchmarks/bench_optim_step.py``): the update is one ``x <- A x - lr C d`` (:mod:`.variants`)
@@ -140,7 +147,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         descent_margin: ``m`` in ``[0, 1)`` of the descent bound ``up`` on lambda.
         projection_interval: lambda and the half-space test are evaluated every this many steps
             (1 = every step, as in the papers); in between a group keeps its last push rate.
-            ``None`` (default): ``projection_steps / pruning_periods / 50`` clamped to ``[1, 8]``,
+            ``None`` (default): ``projection_steps / pruning_periods / 50`` clamped to ``[1, 16]``,
             so short windows are evaluated every step and long ones cost almost nothing extra.
         saliency: registered name or callable ``GroupStats -> [G]`` (smaller = more redundant).
         saliency_ema: EMA coefficient ``beta`` in ``[0, 1)`` (``ema = beta*ema + (1-beta)*score``)
@@ -183,50 +190,27 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         candidate_filter: CandidateFilter | None = None,
     ) -> None:
         named = self._check_named_params(named_params)
-        self._check_args(
-            lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
-            weight_decay=weight_decay, target_group_sparsity=target_group_sparsity,
-            warmup_steps=warmup_steps, projection_steps=projection_steps,
-            pruning_periods=pruning_periods, epsilon=epsilon, lambda_scale=lambda_scale,
-            descent_margin=descent_margin, saliency_ema=saliency_ema, saliency_steps=saliency_steps,
-            schedule_fraction=schedule_fraction, lambda_amplify=lambda_amplify, lambda_max=lambda_max,
-            projection_interval=projection_interval, saliency_interval=saliency_interval,
+        base = dict(lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
+                    weight_decay=weight_decay)
+        search = dict(
+            target_group_sparsity=target_group_sparsity, warmup_steps=warmup_steps,
+            projection_steps=projection_steps, pruning_periods=pruning_periods, epsilon=epsilon,
+            schedule_fraction=schedule_fraction, lambda_scale=lambda_scale, lambda_amplify=lambda_amplify,
+            lambda_max=lambda_max, descent_margin=descent_margin, projection_interval=projection_interval,
+            saliency_ema=saliency_ema, saliency_interval=saliency_interval, saliency_steps=saliency_steps,
             candidate_filter=candidate_filter,
         )
+        self._check_args(**base, **search)
         self._saliency_fn = get_saliency(saliency)
         candidates = self._candidates(groups)
-        params: list[torch.nn.Parameter] = []
-        seen: set[int] = set()
-        for _, p in named:
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
+        params = list({id(p): p for _, p in named}.values())  # unique, in the given order
         if not params:
             raise ValueError("optimizer got an empty parameter list")
-        defaults = dict(
-            lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=tuple(betas), eps=eps,
-            weight_decay=weight_decay,
-        )
         self._init_done = False
-        super().__init__(params, defaults)
+        super().__init__(params, dict(base, betas=tuple(betas)))
         self._init_done = True
-
         self._index = GroupIndex(named, candidates)
-        self.candidate_filter = candidate_filter
-        self.target_group_sparsity = float(target_group_sparsity)
-        self.warmup_steps = int(warmup_steps)
-        self.projection_steps = int(projection_steps)
-        self.pruning_periods = int(pruning_periods)
-        self.epsilon = float(epsilon)
-        self.schedule_fraction = float(schedule_fraction)
-        self.lambda_scale = float(lambda_scale)
-        self.lambda_amplify = float(lambda_amplify)
-        self.lambda_max = float(lambda_max)
-        self.descent_margin = float(descent_margin)
-        self.projection_interval = projection_interval
-        self.saliency_ema = float(saliency_ema)
-        self.saliency_interval = saliency_interval
-        self.saliency_steps = saliency_steps
+        self.__dict__.update(search)  # the search settings are plain attributes (validated above)
         self.num_prunable = self._index.num_groups
         self.num_redundant_target = _round_half_up(self.target_group_sparsity * self.num_prunable)
         self._reset_search_state()
@@ -540,7 +524,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         red = ext(self._redundant, False)
         act = ext(self._redundant & ~self._frozen, False)
         factored, active = [], []
-        for i, e in enumerate(self._index.entries):
+        for i, e in enumerate(self._index.entries if self._redundant_ids else ()):
             if bool(red[e.owner].any()):
                 factored.append(i)
                 if bool(act[e.owner].any()):
@@ -578,7 +562,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the redundant-group projection
     @torch.no_grad()
-    def _project(self, hp: dict[str, Any], dirs: list[Direction]) -> bool:
+    def _project(self, hp: dict[str, Any], params: list[torch.Tensor], dirs: list[Direction]) -> bool:
         """Lambda, the half-space test and this evaluation's row factors (no host sync).
 
         The push of the ``k = evaluation_interval`` steps until the next evaluation is applied now,
@@ -586,13 +570,19 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         cost what a hybrid step costs.  The half-space test judges the single-step trial point, as
         in the papers.  Returns ``True``: this step multiplies by the per-row ``A``.
         """
-        ids = self._active_entries
-        ys = [None if k is None else dirs[k].materialize() for k in self._entry_slots]
+        slots = self._entry_slots
+        ds = [None if k is None else dirs[k].materialize() for k in slots]
+        gs = [None if k is None else params[k].grad for k in slots]
+        pairs = (("x", "x"), ("d", "x"), ("g", "x"), ("g", "d"))
+        sums = self._index.products({"d": ds, "g": gs}, pairs, self._active_entries)
+        sums = _all_reduce_mean_(sums.contiguous())
         scale = dirs[0].scale if dirs else 1.0
-        sums = _all_reduce_mean_(self._index.pair_sums(ys, ids).contiguous())
-        xsq, dsq, dot = sums[0], sums[1] * (scale * scale), sums[2] * scale
+        xsq, dx, gx, gd = sums[0], sums[1] * scale, sums[2], sums[3] * scale
+        wd = float(hp["weight_decay"]) if hp["variant"] != "adamw" else 0.0
+        if wd:  # the objective is f + wd/2 |x|^2: its gradient is g + wd x
+            gx, gd = gx + wd * xsq, gd + wd * dx
         active = self._redundant & ~self._frozen
-        lam, push, zero_now = self._half_space(xsq, dsq, dot, hp, active)
+        lam, push, zero_now = self._half_space(xsq, dx, gx, gd, hp, active)
         self._lambdas = lam
         self._push = push
         self._mark_zero(zero_now, _BY_HALF_SPACE, self._num_steps + 1)
@@ -604,25 +594,30 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._rows_c.fill((~self._frozen).to(a.dtype), 1.0)
         return True
 
-    def _half_space(self, xsq: torch.Tensor, dsq: torch.Tensor, dot: torch.Tensor, hp: dict[str, Any],
-                    active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DHSPG's adaptive lambda and the half-space test (formulas in the module docstring)."""
+    def _half_space(self, xsq: torch.Tensor, dx: torch.Tensor, gx: torch.Tensor, gd: torch.Tensor,
+                    hp: dict[str, Any], active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DHSPG's adaptive lambda and the half-space test (formulas in the module docstring).
+
+        ``dx = <d, x>``, ``gx = <g, x>``, ``gd = <g, d>`` per group (``d`` the processed direction,
+        ``g`` the gradient of the objective).
+        """
         lr, decay = float(hp["lr"]), decoupled_decay(hp)
         tiny = torch.finfo(xsq.dtype).tiny
         xn = xsq.clamp_min(0).sqrt()
-        r = torch.where(xn > 0, dot / xn.clamp_min(tiny), torch.zeros_like(xn))
-        lo = (-r).clamp_min(0)
+        inv = torch.where(xn > 0, 1.0 / xn.clamp_min(tiny), torch.zeros_like(xn))
+        lo = (-dx * inv).clamp_min(0)  # least lambda with which the step does not grow |x|
         left = (self._target - self._num_steps).clamp_min(1).to(xsq.dtype)
         base = self.lambda_scale * xn / (lr * left)
         lam = torch.minimum(torch.maximum(self.lambda_amplify * lo, base), self.lambda_max * base)
-        up = torch.where(r < 0, (1.0 - self.descent_margin) * dsq / (-r).clamp_min(tiny),
-                         torch.full_like(r, math.inf))
+        rg = gx * inv  # the objective's slope along x/|x|: < 0 means the push costs objective
+        up = torch.where(rg < 0, (1.0 - self.descent_margin) * gd.clamp_min(0) / (-rg).clamp_min(tiny),
+                         torch.full_like(rg, math.inf))
         mid = torch.where(up > lo, 0.5 * (lo + up), up)
         lam = torch.where(lam > up, mid, lam)
         lam = torch.where(active, lam, torch.zeros_like(lam))
-        push = torch.where(xn > 0, lam / xn.clamp_min(tiny), torch.zeros_like(lam))
+        push = lam * inv
         a = (1.0 - decay - lr * push).clamp_min(0.0)
-        inner = a * xsq - lr * dot  # <y, x> with y = a x - lr d
+        inner = a * xsq - lr * dx  # <y, x> with y = a x - lr d
         zero_now = active & ((inner <= self.epsilon * xsq) | (xn == 0))
         return lam, push, zero_now
 
@@ -652,9 +647,9 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     def _stats(self) -> GroupStats:
         st = self._index.stats()
-        if _distributed():
+        if _distributed():  # one all-reduce; the yardstick is always there, so no NaN check (no sync)
             packed = _all_reduce_mean_(st.packed().contiguous())
-            st = GroupStats.from_packed(packed, st.numel, st.group_ids)
+            st = GroupStats(packed[:, 0], packed[:, 1], packed[:, 2], st.numel, st.group_ids, packed[:, 3])
         return st
 
     @property
@@ -662,7 +657,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         """Steps between two evaluations of lambda and the half-space test (see ``projection_interval``)."""
         if self.projection_interval is not None:
             return self.projection_interval
-        return min(8, max(1, self.projection_steps // max(self.pruning_periods, 1) // 50))
+        return min(16, max(1, self.projection_steps // max(self.pruning_periods, 1) // 50))
 
     def _projection_due(self) -> bool:
         origin = self._schedule[self._selections_done - 1][0] if self._selections_done else 0
@@ -685,11 +680,13 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         params, states = self._live()
         plan = self._plan_for(params)
         dirs = directions(params, states, hp, self._num_steps + 1)
-        rows_a = bool(self._active_entries) and self._projection_due() and self._project(hp, dirs)
+        rows_a = bool(self._active_entries) and self._projection_due() and self._project(hp, params, dirs)
         apply_update(params, dirs, plan, float(hp["lr"]), 1.0 - decoupled_decay(hp), rows_a)
         self._num_steps += 1
         self._maybe_select()
         self._finalize_due()
+        if self._needs_refresh:  # on the step that changed the sets, so the next one need not sync
+            self._refresh()
         return loss
 
     # ------------------------------------------------------------------ checkpointing
@@ -825,7 +822,7 @@ class HESSO(HalfSpaceOptimizer):
     def _projection_due(self) -> bool:
         return True  # the shrink factor changes every step
 
-    def _project(self, hp: dict[str, Any], dirs: list[Direction]) -> bool:
+    def _project(self, hp: dict[str, Any], params: list[torch.Tensor], dirs: list[Direction]) -> bool:
         """``x <- s (x - lr d)`` with ``s = (R-1)/R`` on the active redundant rows (no statistics)."""
         decay = decoupled_decay(hp)
         left = (self._deadline - self._num_steps).clamp_min(1).to(torch.float32)

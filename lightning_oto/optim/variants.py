@@ -6,10 +6,10 @@ coefficients between them:
 1. :func:`directions` updates the optimizer state (momentum, Adam moments) and returns, per
    parameter, the processed direction ``d`` *per unit learning rate* as ``scale * tensor``.
    Plain SGD and every important group then take ``x <- x - lr * d``.
-2. :func:`apply_update` performs ``x <- A * x - lr * C * d``.  ``A`` and ``C`` are ``1`` (a
-   Python float) for plain parameters, or per-row tensors (see :class:`~.group_index.RowFactors`)
-   for parameters that hold redundant rows; the redundant-group projection is folded into these
-   two factors, so it costs no extra pass over the data.
+2. :func:`apply_update` performs ``x <- A * x - lr * C * d`` following an :class:`UpdatePlan`:
+   ``A`` and ``C`` are Python floats for plain parameters and per-row tensors (see
+   :class:`~.group_index.RowFactors`) for parameters that hold redundant rows, so the
+   redundant-group projection rides on the update every parameter takes anyway.
 
 The SGD momentum update is one fused kernel (``buf = g + m*buf`` written into ``buf``), where
 ``torch.optim.SGD`` uses two; the result equals torch's up to rounding.  Adam follows
