@@ -335,3 +335,45 @@ def test_quiet_and_clear_errors() -> None:
         model = TinyCNN(4, 6)
         opt = DHSPG(model.named_parameters(), cnn_groups(4, 6), lr=0.05, warmup_steps=2, projection_steps=4)
         train_batches(model, opt, conv_batches(8), 0, 8)
+
+
+# ---------------------------------------------------------------------------- GroupIndex building blocks
+def test_products_and_row_factors_match_a_loop() -> None:
+    """Row products over a subset of entries (fast path, dim-1 slices, float64, 0-d) and per-row factors."""
+    from lightning_oto.optim.group_index import GroupIndex, RowFactors
+
+    torch.manual_seed(0)
+    params = {"a": torch.randn(5, 4, 3), "b": torch.randn(5), "c": torch.randn(3, 7).double(),
+              "s": torch.randn(()), "u": torch.randn(2, 2)}
+    groups = [
+        Group(10, "g0", [ParamSlice("a", 0, (0, 2)), ParamSlice("b", 0, (0, 2)), ParamSlice("c", 1, (1,))]),
+        Group(11, "g1", [ParamSlice("a", 0, (4,)), ParamSlice("c", 1, (0, 6)), ParamSlice("s", 0, None)]),
+        Group(12, "g2", [ParamSlice("u", 0, None)]),
+    ]
+    idx = GroupIndex(params, groups)
+    names = [e.name for e in idx.entries]
+    sub = [i for i, n in enumerate(names) if n != "u"]  # g2 is left out: its sums must be zero
+    d = {n: torch.randn_like(t) for n, t in params.items()}
+    g = {n: torch.randn_like(t) for n, t in params.items()}
+    got = idx.products({"d": [d[names[i]] for i in sub], "g": [g[names[i]] for i in sub]},
+                       (("x", "x"), ("d", "x"), ("g", "d")), sub)
+
+    def pick(t: torch.Tensor, s: ParamSlice) -> torch.Tensor:
+        t = t.reshape(1) if t.dim() == 0 else t
+        return (t if s.indices is None else t.index_select(s.dim, torch.tensor(s.indices))).flatten().double()
+
+    for pos, grp in enumerate(groups[:2]):
+        x = torch.cat([pick(params[s.name], s) for s in grp.slices])
+        dd = torch.cat([pick(d[s.name], s) for s in grp.slices])
+        gg = torch.cat([pick(g[s.name], s) for s in grp.slices])
+        want = torch.stack([(x * x).sum(), (dd * x).sum(), (gg * dd).sum()]).float()
+        assert torch.allclose(got[:, pos], want, rtol=1e-5, atol=1e-5), grp.name
+    assert (got[:, 2] == 0).all()
+    rows = RowFactors(idx, sub)
+    rows.fill(torch.tensor([2.0, 3.0, 5.0]), default=7.0)
+    by_name = dict(zip([names[i] for i in sub], rows.views))
+    assert by_name["c"].dtype == torch.float64 and by_name["c"].shape == (1, 7)
+    assert by_name["c"].flatten().tolist() == [3.0, 2.0, 7.0, 7.0, 7.0, 7.0, 3.0]
+    assert by_name["a"].flatten().tolist() == [2.0, 7.0, 2.0, 7.0, 3.0]
+    assert by_name["s"].shape == () and float(by_name["s"]) == 3.0
+    params["s"].mul_(by_name["s"])  # 0-d parameters take their factor in place

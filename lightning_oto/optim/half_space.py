@@ -147,8 +147,9 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         descent_margin: ``m`` in ``[0, 1)`` of the descent bound ``up`` on lambda.
         projection_interval: lambda and the half-space test are evaluated every this many steps
             (1 = every step, as in the papers); in between a group keeps its last push rate.
-            ``None`` (default): ``projection_steps / pruning_periods / 50`` clamped to ``[1, 16]``,
-            so short windows are evaluated every step and long ones cost almost nothing extra.
+            ``None`` (default): ``projection_steps / pruning_periods / 25`` clamped to ``[1, 16]``
+            (about 25 evaluations per window): windows under 50 steps are evaluated every step,
+            long ones cost almost nothing extra.
         saliency: registered name or callable ``GroupStats -> [G]`` (smaller = more redundant).
         saliency_ema: EMA coefficient ``beta`` in ``[0, 1)`` (``ema = beta*ema + (1-beta)*score``)
             per sample.
@@ -657,7 +658,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         """Steps between two evaluations of lambda and the half-space test (see ``projection_interval``)."""
         if self.projection_interval is not None:
             return self.projection_interval
-        return min(16, max(1, self.projection_steps // max(self.pruning_periods, 1) // 50))
+        return min(16, max(1, self.projection_steps // max(self.pruning_periods, 1) // 25))
 
     def _projection_due(self) -> bool:
         origin = self._schedule[self._selections_done - 1][0] if self._selections_done else 0
