@@ -19,7 +19,7 @@ weight decay, which :func:`decoupled_decay` reports so the caller folds it into 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -29,17 +29,36 @@ __all__ = ["Direction", "UpdatePlan", "directions", "apply_update", "decoupled_d
 
 @dataclass
 class Direction:
-    """``d = scale * tensor``; ``den`` set means ``tensor / den`` (Adam, materialised on demand)."""
+    """``d = scale * tensor``, or for Adam ``scale * tensor / (sqrt(sq) / c2 + eps)`` (``sq`` set).
+
+    Adam's denominator is computed only where it is used: plain parameters write it into a reused
+    scratch buffer right before their ``addcdiv_`` (no large allocation per step), parameters
+    with redundant rows get the whole direction once (:meth:`materialize`).
+    """
 
     tensor: torch.Tensor
     scale: float = 1.0
-    den: torch.Tensor | None = None
+    sq: torch.Tensor | None = None
+    c2: float = 1.0
+    eps: float = 0.0
+
+    def denominator(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        den = torch.sqrt(self.sq) if out is None else torch.sqrt(self.sq, out=out)
+        return den.div_(self.c2).add_(self.eps)
+
+    def in_buffer(self, plan: "UpdatePlan") -> torch.Tensor:
+        """The direction as one tensor, Adam's computed into ``plan``'s reused scratch (not kept)."""
+        if self.sq is None:
+            return self.tensor
+        den = self.denominator(out=plan.scratch_like(self.sq))
+        return torch.div(self.tensor, den, out=den)
 
     def materialize(self) -> torch.Tensor:
-        """``tensor / den`` written into ``den`` (one pass, no allocation); idempotent."""
-        if self.den is not None:
-            self.tensor = torch.div(self.tensor, self.den, out=self.den)
-            self.den = None
+        """The direction as one tensor (Adam: ``tensor / denominator``, computed once); idempotent."""
+        if self.sq is not None:
+            den = self.denominator()
+            self.tensor = torch.div(self.tensor, den, out=den)
+            self.sq = None
         return self.tensor
 
 
@@ -103,11 +122,8 @@ def _adam(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp: 
     torch._foreach_lerp_(exp_avg, grads, 1.0 - b1)
     torch._foreach_mul_(exp_avg_sq, b2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1.0 - b2)
-    denom = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denom, math.sqrt(1.0 - b2**step))
-    torch._foreach_add_(denom, eps)
-    scale = 1.0 / (1.0 - b1**step)
-    return [Direction(a, scale, d) for a, d in zip(exp_avg, denom)]
+    scale, c2 = 1.0 / (1.0 - b1**step), math.sqrt(1.0 - b2**step)
+    return [Direction(a, scale, sq, c2, eps) for a, sq in zip(exp_avg, exp_avg_sq)]
 
 
 @dataclass
@@ -126,6 +142,16 @@ class UpdatePlan:
     active_c: list[torch.Tensor]
     frozen: list[int]
     frozen_c: list[torch.Tensor]
+    scratch: dict = field(default_factory=dict)  # (device, dtype) -> reused buffer for Adam denominators
+
+    def scratch_like(self, t: torch.Tensor) -> torch.Tensor:
+        """A reused buffer shaped like ``t`` (grown on demand; one per device and dtype)."""
+        key = (t.device, t.dtype)
+        buf = self.scratch.get(key)
+        if buf is None or buf.numel() < t.numel():
+            buf = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+            self.scratch[key] = buf
+        return buf[: t.numel()].view(t.shape)
 
 
 @torch.no_grad()
@@ -145,10 +171,16 @@ def apply_update(params: Sequence[torch.Tensor], dirs: Sequence[Direction], plan
         if a_plain != 1.0:
             torch._foreach_mul_(ps, a_plain)
         ds = [dirs[i] for i in plan.plain]
-        if ds[0].den is not None:
-            torch._foreach_addcdiv_(ps, [d.tensor for d in ds], [d.den for d in ds], value=-lr * scale)
-        else:
+        if ds[0].sq is None:
             torch._foreach_add_(ps, [d.tensor for d in ds], alpha=-lr * scale)
+        elif ps[0].device.type == "cpu":  # one reused buffer: no page faults from fresh allocations
+            for p, d in zip(ps, ds):
+                p.addcdiv_(d.tensor, d.denominator(out=plan.scratch_like(d.sq)), value=-lr * scale)
+        else:
+            dens = torch._foreach_sqrt([d.sq for d in ds])
+            torch._foreach_div_(dens, ds[0].c2)
+            torch._foreach_add_(dens, ds[0].eps)
+            torch._foreach_addcdiv_(ps, [d.tensor for d in ds], dens, value=-lr * scale)
     for idx, a_rows, c_rows in ((plan.active, plan.active_a, plan.active_c), (plan.frozen, None, plan.frozen_c)):
         if not idx:
             continue
@@ -157,4 +189,8 @@ def apply_update(params: Sequence[torch.Tensor], dirs: Sequence[Direction], plan
             torch._foreach_mul_(ps, a_rows)
         elif a_plain != 1.0:
             torch._foreach_mul_(ps, a_plain)
-        torch._foreach_addcmul_(ps, [dirs[i].materialize() for i in idx], c_rows, value=-lr * scale)
+        if ps[0].device.type == "cpu":  # Adam: one reused buffer for the directions, as above
+            for p, i, c in zip(ps, idx, c_rows):
+                p.addcmul_(dirs[i].in_buffer(plan), c, value=-lr * scale)
+        else:
+            torch._foreach_addcmul_(ps, [dirs[i].materialize() for i in idx], c_rows, value=-lr * scale)
