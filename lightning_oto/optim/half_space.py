@@ -661,8 +661,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         return min(16, max(1, self.projection_steps // max(self.pruning_periods, 1) // 25))
 
     def _projection_due(self) -> bool:
-        origin = self._schedule[self._selections_done - 1][0] if self._selections_done else 0
-        return (self._num_steps - origin) % self.evaluation_interval == 0
+        """An evaluation step of the open projection window (host-known: same answer after a resume)."""
+        if not self._selections_done:
+            return False
+        origin, _, deadline = self._schedule[self._selections_done - 1]
+        return self._num_steps < deadline and (self._num_steps - origin) % self.evaluation_interval == 0
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -681,7 +684,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         params, states = self._live()
         plan = self._plan_for(params)
         dirs = directions(params, states, hp, self._num_steps + 1)
-        rows_a = bool(self._active_entries) and self._projection_due() and self._project(hp, params, dirs)
+        rows_a = self._projection_due() and self._project(hp, params, dirs)
         apply_update(params, dirs, plan, float(hp["lr"]), 1.0 - decoupled_decay(hp), rows_a)
         self._num_steps += 1
         self._maybe_select()
@@ -821,7 +824,9 @@ class HESSO(HalfSpaceOptimizer):
     """
 
     def _projection_due(self) -> bool:
-        return True  # the shrink factor changes every step
+        if not self._selections_done:
+            return False
+        return self._num_steps < self._schedule[self._selections_done - 1][2]  # the shrink changes every step
 
     def _project(self, hp: dict[str, Any], params: list[torch.Tensor], dirs: list[Direction]) -> bool:
         """``x <- s (x - lr d)`` with ``s = (R-1)/R`` on the active redundant rows (no statistics)."""
