@@ -1,6 +1,6 @@
 """Structured-sparsity optimizers (DHSPG, H2SPG, HESSO) that see only removal groups."""
 from lightning_oto.optim.group_index import GroupIndex, GroupStats
-from lightning_oto.optim.half_space import DHSPG, H2SPG, HESSO, VARIANTS, HalfSpaceOptimizer
+from lightning_oto.optim.half_space import DHSPG, H2SPG, HESSO, VARIANTS, CandidateFilter, HalfSpaceOptimizer
 from lightning_oto.optim.saliency import (
     available_saliencies,
     get_saliency,
@@ -13,6 +13,7 @@ __all__ = [
     "H2SPG",
     "HESSO",
     "HalfSpaceOptimizer",
+    "CandidateFilter",
     "VARIANTS",
     "GroupIndex",
     "GroupStats",

@@ -230,7 +230,13 @@ class GroupIndex:
         return self.numel.device
 
     def _sync_device(self) -> None:
-        """Follow the parameters if they moved (e.g. model.to(device) after construction)."""
+        """Follow the parameters if they moved (e.g. model.to(device) after construction).
+
+        All parameters live on one device (the per-group sums need that), so checking the first
+        one is enough: the check costs nothing on an ordinary step.
+        """
+        if not self.entries or self.entries[0].param.device == self.numel.device:
+            return
         for e in self.entries:
             if e.owner.device != e.param.device:
                 e.owner = e.owner.to(e.param.device)
@@ -256,62 +262,87 @@ class GroupIndex:
     # ------------------------------------------------------------------ reductions
     @torch.no_grad()
     def stats(self, grads: Sequence[torch.Tensor | None] | None = None) -> GroupStats:
-        """Per-group ``|x|^2``, ``|grad|^2``, ``<grad, x>`` and numel.
+        """Per-group ``|x|^2``, ``|grad|^2``, ``<grad, x>``, numel and the layer yardstick.
 
         ``grads`` is aligned with :attr:`entries` (default: each parameter's ``.grad``; a missing
         gradient counts as zero).
         """
-        self._sync_device()
+        g = [e.param.grad for e in self.entries] if grads is None else list(grads)
+        acc, rows_xsq = self._products({"g": g}, (("x", "x"), ("g", "g"), ("g", "x")), None, keep_rows=True)
+        # yardstick: each row's parameter-mean squared row norm (4 vectorized ops in total)
+        owner_all = self._layout_of(None)[2]
+        row_entry, entry_rows = self._row_entry()
+        means = torch.zeros(entry_rows.numel(), dtype=acc.dtype, device=self.device).index_add_(0, row_entry, rows_xsq)
+        means.div_(entry_rows)
+        ref = torch.zeros(self.num_groups + 1, dtype=acc.dtype, device=self.device)
+        ref.index_add_(0, owner_all, means[row_entry])
         G = self.num_groups
-        big, small, owner_all = self._stats_layout()
+        return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids, ref[:G])
+
+    @torch.no_grad()
+    def products(self, tensors: dict[str, Sequence[torch.Tensor | None]], pairs: Sequence[tuple[str, str]],
+                 entry_ids: Sequence[int]) -> torch.Tensor:
+        """``[len(pairs), G]``: per group ``<a, b>`` for every pair of names, over ``entry_ids`` only.
+
+        ``"x"`` names the parameters; ``tensors[name][k]`` is the tensor of ``entry_ids[k]``
+        (``None``: zero).  The optimizer calls it on the few parameters that hold active redundant
+        rows, so an evaluation never reads the rest of the model.
+        """
+        ids = tuple(entry_ids)
+        full = {name: [None] * len(self.entries) for name in tensors}
+        for name, ts in tensors.items():
+            for i, t in zip(ids, ts):
+                full[name][i] = t
+        return self._products(full, tuple(pairs), ids)[0][:, : self.num_groups]
+
+    def _products(self, tensors: dict[str, list[torch.Tensor | None]], pairs: tuple[tuple[str, str], ...],
+                  entry_ids: tuple[int, ...] | None, keep_rows: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Row products written straight into one buffer, then one ``index_add_`` for all of them.
+
+        Entries with a reduction (conv / linear rows): a norm (``<a, a>``) reads its tensor once, a
+        dot product twice, with no temporaries; 1-d entries (biases, norm affine) are concatenated
+        first.  ``tensors[name]`` is aligned with :attr:`entries`; ``keep_rows`` also returns the
+        row values of the first pair.
+        """
+        self._sync_device()
+        big, small, owner_all = self._layout_of(entry_ids)
         f32 = torch.float32
-        buf = torch.empty(3, owner_all.numel(), dtype=f32, device=self.device)
+        buf = torch.empty(len(pairs), owner_all.numel(), dtype=f32, device=self.device)
         off = 0
-        # parameters with a reduction (conv / linear rows): a few reads, written straight into buf
         for i in big:
             e = self.entries[i]
             n = e.owner.numel()
-            x = e.view(e.param.detach())
-            g = e.param.grad if grads is None else grads[i]
-            g = None if g is None else e.view(g.detach())
-            x2 = e._rows2d(x) if x.dtype == f32 else None
-            g2 = None if (g is None or x2 is None or g.dtype != f32) else e._rows2d(g)
-            if x2 is not None and (g is None or g2 is not None):
-                torch.linalg.vector_norm(x2, dim=1, out=buf[0, off : off + n])
-                if g2 is None:
-                    buf[1:, off : off + n].zero_()
+            views = {"x": e.view(e.param)}
+            views.update({name: (None if ts[i] is None else e.view(ts[i])) for name, ts in tensors.items()})
+            rows = {k: (e._rows2d(v) if v is not None and v.dtype == f32 else None) for k, v in views.items()}
+            fast = all(rows[k] is not None or views[k] is None for k in views)
+            for k, (a, b) in enumerate(pairs):
+                out = buf[k, off : off + n]
+                if views[a] is None or views[b] is None:
+                    out.zero_()
+                elif not fast:
+                    out.copy_(e.row_sq(views[a]) if a == b else e.row_dot(views[a], views[b]))
+                elif a == b:
+                    torch.linalg.vector_norm(rows[a], dim=1, out=out)
+                    out.square_()
                 else:
-                    torch.linalg.vector_norm(g2, dim=1, out=buf[1, off : off + n])
-                    torch.linalg.vecdot(g2, x2, out=buf[2, off : off + n])
-                buf[0:2, off : off + n].square_()
-            else:
-                buf[:, off : off + n] = e.row_stats(x, g).t().to(f32)
+                    torch.linalg.vecdot(rows[a], rows[b], out=out)
             off += n
-        # 1-d parameters (biases, norm affine): concatenated, three elementwise products in total
         if small:
-            xs = torch.cat([self.entries[i].view(self.entries[i].param.detach()).reshape(-1).to(f32) for i in small])
-            gl = []
-            for i in small:
-                e = self.entries[i]
-                g = e.param.grad if grads is None else grads[i]
-                gl.append(torch.zeros(e.owner.numel(), dtype=f32, device=self.device) if g is None
-                          else e.view(g.detach()).reshape(-1).to(f32))
-            gs = torch.cat(gl)
-            torch.mul(xs, xs, out=buf[0, off:])
-            torch.mul(gs, gs, out=buf[1, off:])
-            torch.mul(gs, xs, out=buf[2, off:])
-        # yardstick: each row's parameter-mean squared row norm (4 vectorized ops in total)
-        row_entry, entry_rows = self._row_entry()
-        means = torch.zeros(entry_rows.numel(), dtype=f32, device=self.device).index_add_(0, row_entry, buf[0])
-        means.div_(entry_rows)
-        acc = torch.zeros(4, G + 1, dtype=f32, device=self.device)
-        acc[:3].index_add_(1, owner_all, buf)
-        acc[3].index_add_(0, owner_all, means[row_entry])
-        return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids, acc[3, :G])
+            flat = {"x": torch.cat([self.entries[i].param.reshape(-1) for i in small]).to(f32)}
+            for name, ts in tensors.items():
+                flat[name] = torch.cat([self.entries[i].param.new_zeros(self.entries[i].owner.numel())
+                                        if ts[i] is None else ts[i].reshape(-1) for i in small]).to(f32)
+            for k, (a, b) in enumerate(pairs):
+                torch.mul(flat[a], flat[b], out=buf[k, off:])
+        acc = torch.zeros(len(pairs), self.num_groups + 1, dtype=f32, device=self.device)
+        acc.index_add_(1, owner_all, buf)
+        return acc, (buf[0] if keep_rows else None)
 
     def _row_entry(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the :meth:`stats` layout: entry number of every row, and rows per entry."""
-        big, small, owner_all = self._stats_layout()
+        big, small, owner_all = self._layout_of(None)
         re = getattr(self, "_row_entry_cache", None)
         if re is None or re[0].device != self.device:
             sizes = [self.entries[i].owner.numel() for i in big + small]
@@ -320,16 +351,20 @@ class GroupIndex:
             self._row_entry_cache = re
         return re
 
-    def _stats_layout(self) -> tuple[list[int], list[int], torch.Tensor]:
-        """Entry order used by :meth:`stats` (reduced entries, then 1-d ones) and their owners."""
-        lay = getattr(self, "_layout", None)
-        if lay is None or (lay[2].device != self.device):
-            big = [i for i, e in enumerate(self.entries) if e.reduce_dims]
-            small = [i for i, e in enumerate(self.entries) if not e.reduce_dims]
+    def _layout_of(self, entry_ids: tuple[int, ...] | None) -> tuple[list[int], list[int], torch.Tensor]:
+        """Entry order of :meth:`_products` (reduced entries, then 1-d ones) and their owners, cached."""
+        cache: dict = self.__dict__.setdefault("_layouts", {})
+        lay = cache.get(entry_ids)
+        if lay is None or lay[2].device != self.device:
+            ids = range(len(self.entries)) if entry_ids is None else entry_ids
+            big = [i for i in ids if self.entries[i].reduce_dims]
+            small = [i for i in ids if not self.entries[i].reduce_dims]
             owners = [self.entries[i].owner for i in big + small]
             owner_all = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long, device=self.device)
             lay = (big, small, owner_all.to(self.device))
-            self._layout = lay
+            if len(cache) > 64:  # subsets change only at selections; bound the cache anyway
+                cache.clear()
+            cache[entry_ids] = lay
         return lay
 
     @torch.no_grad()
@@ -420,3 +455,43 @@ class GroupIndex:
             t = e.param if tensors is None else tensors[i]
             if t is not None:
                 e.view(t).index_fill_(e.dim, r[0], 0.0)
+
+
+class RowFactors:
+    """Persistent per-row factors for a subset of entries, refreshed by one gather.
+
+    ``views[k]`` broadcasts against the parameter of ``entry_ids[k]`` (its rows along the slicing
+    dim), in that parameter's dtype.  :meth:`fill` writes ``per_group[owner]`` (``default`` for rows
+    no group owns) into every view at once, so an optimizer can fold per-group coefficients into
+    fused ``mul_`` / ``addcmul_`` updates without a Python loop over groups and without
+    synchronising with the device.
+    """
+
+    def __init__(self, index: GroupIndex, entry_ids: Sequence[int]) -> None:
+        self.entry_ids = tuple(entry_ids)
+        entries = [index.entries[i] for i in self.entry_ids]
+        dev = index.device
+        self.owner = (torch.cat([e.owner for e in entries]) if entries
+                      else torch.zeros(0, dtype=torch.long, device=dev))
+        self.flat = torch.ones(self.owner.numel(), dtype=torch.float32, device=dev)
+        self.views: list[torch.Tensor] = []
+        self._casts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32 view, own-dtype copy)
+        off = 0
+        for e in entries:
+            n = e.owner.numel()
+            v = self.flat[off : off + n].view(e.bshape)
+            if e.scalar:
+                v = v.view(())
+            if e.param.dtype != torch.float32:
+                c = torch.empty(v.shape, dtype=e.param.dtype, device=dev)
+                self._casts.append((v, c))
+                v = c
+            self.views.append(v)
+            off += n
+
+    def fill(self, per_group: torch.Tensor, default: float) -> None:
+        """Every row gets ``per_group[its group]``; rows of no group get ``default``."""
+        ext = torch.cat([per_group.to(self.flat.dtype), self.flat.new_full((1,), default)])
+        torch.index_select(ext, 0, self.owner, out=self.flat)
+        for src, dst in self._casts:
+            dst.copy_(src)

@@ -7,46 +7,67 @@ Phases (``optimizer.phase``), counted in optimizer steps:
 ``"warmup"``
     Steps ``0 .. warmup_steps-1``: the base variant (SGD / Adam / AdamW) updates every variable
     while the per-group saliency (smaller = more redundant, see :mod:`.saliency`) is
-    exponentially averaged.  At the end of step ``warmup_steps-1`` (at the start of the first
-    step when ``warmup_steps == 0``) the redundant set is chosen:
-    ``K = floor(target_group_sparsity * #prunable groups + 0.5)`` groups — DHSPG: the K
-    smallest scores; H2SPG: ascending scores, accepting a candidate only if ``hierarchy_check``
-    passes.  Under DDP the EMA is averaged over ranks first, so every rank picks the same set.
+    exponentially averaged, sampled every few steps (``saliency_interval``; always on the last one).
+    At the end of step ``warmup_steps-1`` (at the start of the first step when
+    ``warmup_steps == 0``) the redundant set is chosen by :meth:`HalfSpaceOptimizer._choose`:
+    ``K = floor(target_group_sparsity * #prunable groups + 0.5)`` groups in ascending saliency,
+    skipping candidates that ``candidate_filter`` (and, for H2SPG, ``hierarchy_check``) reject.
+    Under DDP the EMA is averaged over ranks first, so every rank picks the same set.
 ``"projection"``
-    The next ``projection_steps`` steps: important groups and ungrouped variables get base-variant
-    updates; redundant groups get a plain gradient step plus an adaptive group-sparsity push,
-    then the half-space projection (HESSO: a linear shrink instead).  A redundant group that
-    reaches zero is frozen at zero.  At the end of the window every redundant group still
-    non-zero is forced to zero, so exactly K prunable groups are zero.
+    The next ``projection_steps`` steps.  Important groups and ungrouped variables take the base
+    step ``x <- x - lr*d`` with the variant's processed direction ``d`` (momentum buffer, Adam
+    ``m_hat / (sqrt(v_hat) + eps)``).  Redundant groups take the same step plus an adaptive
+    group-sparsity push, and the half-space projection sets a group exactly to zero as soon as its
+    trial point leaves the half-space ``{z: <z, x_g> > epsilon |x_g|^2}``.  Zero groups stay
+    zero.  Groups still non-zero at the end of the window (the deadline) are forced to zero; the
+    counters :attr:`~HalfSpaceOptimizer.zeroed_by_half_space` and
+    :attr:`~HalfSpaceOptimizer.forced_at_deadline` say how many took which way.
 ``"hybrid"``
-    Afterwards: redundant groups stay exactly zero forever — values and optimizer state
-    (momentum, Adam moments); the base update multiplies their rows by a 0/1 keep mask inside
-    fused ``addcmul`` ops, so this costs no extra pass — and every other variable trains with the
+    Afterwards: the redundant groups stay exactly zero and every other variable trains with the
     base variant.
 
-Redundant-group step of DHSPG / H2SPG (``g`` = gradient + ``weight_decay * x``, ``lr`` the current
-learning rate, ``R_g`` the number of projection steps left for the group, this one included)::
+Redundant-group step of DHSPG / H2SPG (``d`` the processed direction per unit ``lr``, ``g`` the
+gradient of the objective, ``R_g`` the steps left until the group's schedule target, a fraction
+``schedule_fraction`` into its window)::
 
-    cos_g   = <g_g, x_g> / (|g_g| |x_g|)                      # 0 if either is zero
-    lam_g   = min( lambda_scale * |x_g| / (lr * R_g),          # shrink |x_g| to 0 by the deadline
-                   (1 - descent_margin) * |g_g| / (-cos_g) )   # only when cos_g < 0
-    y_g     = x_g - lr * (g_g + lam_g * x_g / |x_g|)
-    x_g    <- 0    if <y_g, x_g> <= epsilon * |x_g|^2           # half-space projection
-              y_g  otherwise
+    lo_g    = max(0, -<d_g, x_g> / |x_g|)            # least lambda with which the step does not grow |x_g|
+    s_g     = <g_g, x_g> / |x_g|                     # objective slope along x_g: the push costs if s_g < 0
+    up_g    = (1 - descent_margin) <g_g, d_g> / -s_g # if s_g < 0: the push costs at most (1-m) of
+                                                     # the decrease the base step buys
+    base_g  = lambda_scale * |x_g| / (lr * R_g)      # reaches zero by the target on its own
+    lam_g   = clip(lambda_amplify * lo_g, base_g, lambda_max * base_g)
+    lam_g   = (lo_g + up_g) / 2   if lam_g > up_g    # DHSPG: back inside (lo, up)
+    y_g     = x_g - lr * (d_g + lam_g x_g / |x_g|)
+    x_g    <- 0 if <y_g, x_g> <= epsilon |x_g|^2 else y_g
 
-The second term of the ``min`` is the adaptive part: with ``d = -(g + lam x/|x|)`` one has
-``<d, -g> = |g|^2 + lam |g| cos``, so ``lam <= (1-m)|g|/(-cos)`` keeps ``<d, -g> >= m |g|^2``:
-the step remains a descent direction of the loss with margin ``m``.  When the gradient already
-points toward the origin (``cos >= 0``) the push is unconstrained.  The first term makes the push
-just strong enough to reach zero by the end of the window, independent of the learning-rate scale
-(so it works for Adam learning rates too); ``lambda_scale > 1`` reaches zero earlier (through the
-half-space test).  Where the descent cap binds, a group may still be non-zero at the deadline
-and is then forced to zero.  The half-space test costs no pass over the data:
-``<y, x> = a|x|^2 - c<grad, x>`` with the per-group scalars of ``y = a x - c grad``.
+This is DHSPG's angle-based adaptive lambda (OTOv2; the official code clips ``amplify * lo`` to
+``[lambda, hat * lambda]`` and falls back to the midpoint of ``(lo, up)``), with two choices of
+ours.  The base lambda is scale free: it is set from each group's own magnitude and the learning
+rate, so one default works for SGD and Adam and for layers of any scale.  The descent bound
+``up`` measures the objective's first-order change with its gradient ``g`` (for plain SGD
+``d = g`` and it is the paper's bound); measured along the processed direction instead, Adam's
+redundant groups end up aligned with ``-d`` (what is left of a shrinking group is the sum of its
+recent Adam steps), the bound pins lambda to ``|d|`` and most groups reach the deadline
+non-zero.  With ``epsilon`` near 1 (the official tutorials use 0.9-0.95) a group is projected
+once one step would remove more than ``1 - epsilon`` of it, i.e. while the push still dominates
+the gradient noise.
 
-Everything (step counter, saliency EMA, redundant/frozen sets, deadlines, schedule, momentum /
-Adam moments, last lambdas) is in ``state_dict()``; a resumed run reproduces an uninterrupted one.
-One parameter group only (learning-rate schedulers work on it as usual).
+Cost (every phase within ~1.1x of a ``torch.optim.SGD`` momentum step on long windows, see
+``benchmarks/bench_optim_step.py``): the update is one ``x <- A x - lr C d`` (:mod:`.variants`)
+whose per-row factors carry the projection (``C = 0`` on zero rows, so they stay zero at no
+cost).  Lambda and the half-space test are evaluated every ``k`` steps (``projection_interval``)
+on the parameters that hold active redundant rows only; the push of those ``k`` steps is applied
+at the evaluation (``A = 1 - k*lr*lam/|x|``, the only extra pass), while the test judges the
+single-step trial point.  Saliency is sampled every few warm-up steps (``saliency_interval``).
+Both intervals default to 1 for short phases (the papers' per-step rule) and grow with the
+phase length.  Nothing in the step path waits for the device (no ``.item()``, no
+``bool(tensor)``), except on the few steps where the redundant set changes (selection, deadline).
+
+Everything (step counter, saliency EMA, redundant/zero sets, targets, deadlines, lambdas, push
+rates, counters, momentum / Adam moments) is in ``state_dict()``; a resumed run reproduces an
+uninterrupted one bit for bit.  Optimizer-state rows of zero groups are never used (their update is
+masked), so they are not kept at zero.  One parameter group only (learning-rate schedulers work on
+it as usual).
 """
 from __future__ import annotations
 
@@ -57,38 +78,49 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from lightning_oto.optim.group_index import GroupIndex, GroupStats
+from lightning_oto.optim.group_index import GroupIndex, GroupStats, RowFactors
 from lightning_oto.optim.saliency import SaliencyFn, get_saliency
+from lightning_oto.optim.variants import Direction, UpdatePlan, apply_update, decoupled_decay, directions
 from lightning_oto.space.groups import Group
 
-__all__ = ["HalfSpaceOptimizer", "DHSPG", "H2SPG", "HESSO", "VARIANTS"]
+__all__ = ["HalfSpaceOptimizer", "DHSPG", "H2SPG", "HESSO", "VARIANTS", "CandidateFilter"]
 
 VARIANTS = ("sgd", "adam", "adamw")
-_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+#: how a group became zero (``_zero_how``)
+_NOT_ZERO, _BY_HALF_SPACE, _AT_DEADLINE = 0, 1, 2
+
+#: ``(accepted_ids, candidate_id) -> bool``: may the candidate join the redundant set?
+CandidateFilter = Callable[[frozenset, int], bool]
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
-    if t.numel() and _distributed() and dist.get_world_size() > 1:
+    if t.numel() and _distributed():
         dist.all_reduce(t)
         t.div_(dist.get_world_size())
     return t
 
 
-def _all_reduce_any(mask: torch.Tensor) -> torch.Tensor:
-    if _distributed() and dist.get_world_size() > 1:
-        m = mask.to(torch.int32)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-        return m.bool()
-    return mask
-
-
 def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_int(name: str, v: Any, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+
+def _check_unit(name: str, v: Any, what: str = "[0, 1)") -> None:
+    if not _finite(v) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be in {what}, got {v!r}")
 
 
 class HalfSpaceOptimizer(torch.optim.Optimizer):
@@ -105,16 +137,28 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         warmup_steps, projection_steps: phase lengths in optimizer steps.
         pruning_periods: split the projection window in this many periods; period ``i`` adds
             redundant groups up to ``round(K*(i+1)/pruning_periods)`` and zeroes them by its end.
-        epsilon: half-space threshold in ``[0, 1)``.
-        lambda_scale: multiplier of the shrink-rate part of lambda (``>0``; 1 reaches zero exactly
-            at the deadline when the descent cap is inactive).
-        descent_margin: ``m`` in ``[0, 1)`` of the descent cap on lambda.
+        epsilon: half-space threshold in ``[0, 1)``; larger projects earlier (default 0.95, as the
+            official OTOv2 tutorials).
+        schedule_fraction: in ``(0, 1]``: the base lambda alone brings a group to zero this far into
+            its window (default 0.5); the rest is slack for groups whose gradient resists the push.
+        lambda_scale: multiplier of the base lambda (``> 0``).
+        lambda_amplify, lambda_max: ``lam = clip(lambda_amplify * lo, base, lambda_max * base)``
+            (DHSPG's amplification of the least non-growing lambda, and its upper bound).
+        descent_margin: ``m`` in ``[0, 1)`` of the descent bound ``up`` on lambda.
+        projection_interval: lambda and the half-space test are evaluated every this many steps
+            (1 = every step, as in the papers); in between a group keeps its last push rate.
+            ``None`` (default): ``projection_steps / pruning_periods / 25`` clamped to ``[1, 16]``
+            (about 25 evaluations per window): windows under 50 steps are evaluated every step,
+            long ones cost almost nothing extra.
         saliency: registered name or callable ``GroupStats -> [G]`` (smaller = more redundant).
-        saliency_ema: EMA coefficient ``beta`` in ``[0, 1)`` (``ema = beta*ema + (1-beta)*score``).
-        saliency_steps: ``None`` (default): score every warm-up step.  An integer ``N`` scores only
-            the last ``N`` steps before each partition, so earlier warm-up steps cost exactly a
-            base-optimizer step.  Older scores carry weight ``beta**age`` anyway (``0.9**66 <
-            1e-3``), so e.g. ``N = 100`` changes the EMA negligibly.
+        saliency_ema: EMA coefficient ``beta`` in ``[0, 1)`` (``ema = beta*ema + (1-beta)*score``)
+            per sample.
+        saliency_interval: score every this many warm-up steps (the last one before a selection
+            always counts).  ``None`` (default): ``warmup_steps / 50`` clamped to ``[1, 10]``.
+        saliency_steps: ``None``: score over the whole warm-up.  An integer ``N`` scores only
+            within the last ``N`` steps before each selection.
+        candidate_filter: ``(accepted_ids, candidate_id) -> bool``; candidates it rejects are
+            skipped (e.g. per-module caps).  ``None`` accepts every candidate.
     """
 
     def __init__(
@@ -132,79 +176,81 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         warmup_steps: int = 1000,
         projection_steps: int = 1000,
         pruning_periods: int = 1,
-        epsilon: float = 0.0,
+        epsilon: float = 0.95,
         lambda_scale: float = 1.0,
         descent_margin: float = 0.1,
         saliency: str | SaliencyFn = "default",
         saliency_ema: float = 0.9,
         saliency_steps: int | None = None,
+        *,
+        schedule_fraction: float = 0.5,
+        lambda_amplify: float = 2.0,
+        lambda_max: float = 10.0,
+        projection_interval: int | None = None,
+        saliency_interval: int | None = None,
+        candidate_filter: CandidateFilter | None = None,
     ) -> None:
         named = self._check_named_params(named_params)
-        self._check_args(
-            lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
-            weight_decay=weight_decay, target_group_sparsity=target_group_sparsity,
-            warmup_steps=warmup_steps, projection_steps=projection_steps,
-            pruning_periods=pruning_periods, epsilon=epsilon, lambda_scale=lambda_scale,
-            descent_margin=descent_margin, saliency_ema=saliency_ema, saliency_steps=saliency_steps,
+        base = dict(lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
+                    weight_decay=weight_decay)
+        search = dict(
+            target_group_sparsity=target_group_sparsity, warmup_steps=warmup_steps,
+            projection_steps=projection_steps, pruning_periods=pruning_periods, epsilon=epsilon,
+            schedule_fraction=schedule_fraction, lambda_scale=lambda_scale, lambda_amplify=lambda_amplify,
+            lambda_max=lambda_max, descent_margin=descent_margin, projection_interval=projection_interval,
+            saliency_ema=saliency_ema, saliency_interval=saliency_interval, saliency_steps=saliency_steps,
+            candidate_filter=candidate_filter,
         )
+        self._check_args(**base, **search)
         self._saliency_fn = get_saliency(saliency)
-        groups = list(groups)
-        for g in groups:
-            if not isinstance(g, Group):
-                raise ValueError(f"groups must be lightning_oto.space.groups.Group objects, got {type(g).__name__}")
-        candidates = []
-        for g in groups:
-            if not g.prunable:
-                continue
-            if not g.slices:
-                warnings.warn(f"prunable group {g.id} ({g.name!r}) has no variables; it is not a candidate")
-                continue
-            candidates.append(g)
-        # unique parameters, in the given order
-        params: list[torch.nn.Parameter] = []
-        seen: set[int] = set()
-        for _, p in named:
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
+        candidates = self._candidates(groups)
+        params = list({id(p): p for _, p in named}.values())  # unique, in the given order
         if not params:
             raise ValueError("optimizer got an empty parameter list")
-        defaults = dict(
-            lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=tuple(betas), eps=eps,
-            weight_decay=weight_decay,
-        )
         self._init_done = False
-        super().__init__(params, defaults)
+        super().__init__(params, dict(base, betas=tuple(betas)))
         self._init_done = True
-
         self._index = GroupIndex(named, candidates)
-        self._params = params
-        self.target_group_sparsity = float(target_group_sparsity)
-        self.warmup_steps = int(warmup_steps)
-        self.projection_steps = int(projection_steps)
-        self.pruning_periods = int(pruning_periods)
-        self.epsilon = float(epsilon)
-        self.lambda_scale = float(lambda_scale)
-        self.descent_margin = float(descent_margin)
-        self.saliency_ema = float(saliency_ema)
-        self.saliency_steps = saliency_steps
+        self.__dict__.update(search)  # the search settings are plain attributes (validated above)
         self.num_prunable = self._index.num_groups
         self.num_redundant_target = _round_half_up(self.target_group_sparsity * self.num_prunable)
+        self._reset_search_state()
 
-        G = self.num_prunable
-        dev = self._index.device
+    def _reset_search_state(self) -> None:
+        G, dev = self.num_prunable, self._index.device
         self._num_steps = 0
+        self._selections_done = 0
+        self._warned_short = False
         # no candidates: nothing to score, the (empty) partition can happen on schedule
         self._ema: torch.Tensor | None = torch.zeros(0, device=dev) if G == 0 else None
         self._redundant = torch.zeros(G, dtype=torch.bool, device=dev)
         self._frozen = torch.zeros(G, dtype=torch.bool, device=dev)
         self._deadline = torch.zeros(G, dtype=torch.long, device=dev)
+        self._target = torch.zeros(G, dtype=torch.long, device=dev)
         self._lambdas = torch.zeros(G, dtype=torch.float32, device=dev)
-        self._selections_done = 0
+        self._push = torch.zeros(G, dtype=torch.float32, device=dev)
+        self._zero_how = torch.zeros(G, dtype=torch.long, device=dev)
+        self._zero_step = torch.full((G,), -1, dtype=torch.long, device=dev)
         self._schedule = self._build_schedule()
-        self._cache_dirty = True
+        self._redundant_ids: list[int] = []
+        self._next_deadline: float = math.inf  # host copy: finding the due step never syncs
+        self._needs_refresh = True
 
     # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _candidates(groups: Sequence[Group]) -> list[Group]:
+        out = []
+        for g in groups:
+            if not isinstance(g, Group):
+                raise ValueError(f"groups must be lightning_oto.space.groups.Group objects, got {type(g).__name__}")
+            if not g.prunable:
+                continue
+            if not g.slices:
+                warnings.warn(f"prunable group {g.id} ({g.name!r}) has no variables; it is not a candidate")
+                continue
+            out.append(g)
+        return out
+
     @staticmethod
     def _check_named_params(named_params: Any) -> list[tuple[str, torch.Tensor]]:
         if isinstance(named_params, torch.nn.Module):
@@ -227,49 +273,46 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_args(**a: Any) -> None:
-        def finite(x: Any) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-        if not finite(a["lr"]) or a["lr"] <= 0:
+        """One place for the argument checks (clear messages, nothing silently clamped)."""
+        if not _finite(a["lr"]) or a["lr"] <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {a['lr']!r}")
         if a["variant"] not in VARIANTS:
             raise ValueError(f"unknown variant {a['variant']!r}; valid variants: {', '.join(VARIANTS)}")
-        if not finite(a["momentum"]) or not 0.0 <= a["momentum"] < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {a['momentum']!r}")
+        _check_unit("momentum", a["momentum"])
         if a["nesterov"] and (a["variant"] != "sgd" or a["momentum"] <= 0):
             raise ValueError("nesterov=True requires variant='sgd' and momentum > 0")
         b = a["betas"]
-        if not isinstance(b, (tuple, list)) or len(b) != 2 or not all(finite(x) and 0.0 <= x < 1.0 for x in b):
+        if not isinstance(b, (tuple, list)) or len(b) != 2 or not all(_finite(x) and 0.0 <= x < 1.0 for x in b):
             raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}")
-        if not finite(a["eps"]) or a["eps"] < 0:
-            raise ValueError(f"eps must be >= 0, got {a['eps']!r}")
-        if not finite(a["weight_decay"]) or a["weight_decay"] < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {a['weight_decay']!r}")
-        t = a["target_group_sparsity"]
-        if not finite(t) or not 0.0 <= t < 1.0:
-            raise ValueError(f"target_group_sparsity must be in [0, 1), got {t!r}")
-        for k in ("warmup_steps", "projection_steps"):
-            v = a[k]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{k} must be an integer >= 0, got {v!r}")
-        pp = a["pruning_periods"]
-        if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
-            raise ValueError(f"pruning_periods must be an integer >= 1, got {pp!r}")
-        if pp > max(a["projection_steps"], 1):
+        for k in ("eps", "weight_decay"):
+            if not _finite(a[k]) or a[k] < 0:
+                raise ValueError(f"{k} must be >= 0, got {a[k]!r}")
+        _check_unit("target_group_sparsity", a["target_group_sparsity"])
+        _check_int("warmup_steps", a["warmup_steps"], 0)
+        _check_int("projection_steps", a["projection_steps"], 0)
+        _check_int("pruning_periods", a["pruning_periods"], 1)
+        if a["pruning_periods"] > max(a["projection_steps"], 1):
             raise ValueError(
-                f"pruning_periods ({pp}) cannot exceed projection_steps ({a['projection_steps']})"
-            )
-        if not finite(a["epsilon"]) or not 0.0 <= a["epsilon"] < 1.0:
-            raise ValueError(f"epsilon (half-space threshold) must be in [0, 1), got {a['epsilon']!r}")
-        if not finite(a["lambda_scale"]) or a["lambda_scale"] <= 0:
-            raise ValueError(f"lambda_scale must be > 0, got {a['lambda_scale']!r}")
-        if not finite(a["descent_margin"]) or not 0.0 <= a["descent_margin"] < 1.0:
-            raise ValueError(f"descent_margin must be in [0, 1), got {a['descent_margin']!r}")
-        if not finite(a["saliency_ema"]) or not 0.0 <= a["saliency_ema"] < 1.0:
-            raise ValueError(f"saliency_ema must be in [0, 1), got {a['saliency_ema']!r}")
-        ss = a["saliency_steps"]
-        if ss is not None and (isinstance(ss, bool) or not isinstance(ss, int) or ss < 1):
-            raise ValueError(f"saliency_steps must be None or an integer >= 1, got {ss!r}")
+                f"pruning_periods ({a['pruning_periods']}) cannot exceed projection_steps ({a['projection_steps']})")
+        _check_unit("epsilon (half-space threshold)", a["epsilon"])
+        _check_unit("descent_margin", a["descent_margin"])
+        _check_unit("saliency_ema", a["saliency_ema"])
+        sf = a["schedule_fraction"]
+        if not _finite(sf) or not 0.0 < sf <= 1.0:
+            raise ValueError(f"schedule_fraction must be in (0, 1], got {sf!r}")
+        for k in ("lambda_scale", "lambda_amplify"):
+            if not _finite(a[k]) or a[k] <= 0:
+                raise ValueError(f"{k} must be > 0, got {a[k]!r}")
+        if not _finite(a["lambda_max"]) or a["lambda_max"] < 1:
+            raise ValueError(f"lambda_max must be >= 1 (a multiple of the base lambda), got {a['lambda_max']!r}")
+        if a["projection_interval"] is not None:
+            _check_int("projection_interval", a["projection_interval"], 1)
+        if a["saliency_interval"] is not None:
+            _check_int("saliency_interval", a["saliency_interval"], 1)
+        if a["saliency_steps"] is not None:
+            _check_int("saliency_steps", a["saliency_steps"], 1)
+        if a["candidate_filter"] is not None and not callable(a["candidate_filter"]):
+            raise ValueError("candidate_filter must be callable (accepted_ids: frozenset[int], candidate_id: int) -> bool")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_init_done", False):
@@ -303,7 +346,8 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     @property
     def redundant_group_ids(self) -> list[int]:
-        return self._index.ids_from_mask(self._redundant)
+        """Sorted ids of the redundant set (a host-side copy: reading it never waits for the device)."""
+        return list(self._redundant_ids)
 
     @property
     def saliency_scores(self) -> torch.Tensor | None:
@@ -312,8 +356,24 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     @property
     def lambdas(self) -> torch.Tensor:
-        """Lambda of the last projection step per candidate group (0 for important groups)."""
+        """Lambda of the last projection evaluation per candidate group (0 for the others)."""
         return self._lambdas.detach().clone()
+
+    @property
+    def zeroed_by_half_space(self) -> int:
+        """Redundant groups the half-space test set to zero (before their deadline)."""
+        return int((self._zero_how == _BY_HALF_SPACE).sum())
+
+    @property
+    def forced_at_deadline(self) -> int:
+        """Redundant groups still non-zero at their deadline and therefore set to zero there."""
+        return int((self._zero_how == _AT_DEADLINE).sum())
+
+    @property
+    def zero_steps(self) -> dict[int, int]:
+        """``{group id: step at which it became zero}`` for the redundant groups that are zero."""
+        steps = self._zero_step.tolist()
+        return {gid: s for gid, s in zip(self._index.group_ids, steps) if s >= 0}
 
     def zero_group_ids(self) -> list[int]:
         """Prunable groups whose variables are all exactly zero (sorted ids)."""
@@ -334,12 +394,46 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         bounds = [W + (i * P) // n for i in range(n + 1)]
         return [(bounds[i], _round_half_up(K * (i + 1) / n), bounds[i + 1]) for i in range(n)]
 
+    def _acceptance_rules(self) -> list[CandidateFilter]:
+        """Predicates a candidate must pass to join the redundant set (H2SPG adds its hierarchy check)."""
+        return [] if self.candidate_filter is None else [self.candidate_filter]
+
     def _choose(self, scores: torch.Tensor, k: int, exclude: torch.Tensor) -> list[int]:
-        """Positions of ``k`` new redundant groups (DHSPG: the smallest scores)."""
-        s = torch.where(exclude, torch.full_like(scores, float("inf")), scores)
-        order = torch.sort(s, stable=True).indices.tolist()
+        """Positions of up to ``k`` new redundant groups: the one place the redundant set is chosen.
+
+        Candidates are visited in ascending saliency (stable order); every acceptance rule gets the
+        ids accepted so far (earlier periods included) and the candidate id.  If fewer than ``k``
+        pass, the ones that do are used and a warning (once per optimizer) says how many.
+        """
+        order = torch.sort(scores, stable=True).indices.tolist()
         ex = exclude.tolist()
-        return [i for i in order if not ex[i]][:k]
+        rules = self._acceptance_rules()
+        if not rules:
+            return [i for i in order if not ex[i]][:k]
+        ids = self._index.group_ids
+        accepted = set(self._redundant_ids)
+        chosen: list[int] = []
+        for pos in order:
+            if len(chosen) >= k:
+                break
+            if ex[pos]:
+                continue
+            if all(rule(frozenset(accepted), ids[pos]) for rule in rules):
+                chosen.append(pos)
+                accepted.add(ids[pos])
+        if len(chosen) < k and not self._warned_short:
+            self._warned_short = True
+            total = len(accepted)
+            warnings.warn(
+                f"{type(self).__name__}: only {len(chosen)} of the requested {k} redundant groups pass "
+                f"{self._rules_name()}; using {len(chosen)} (group sparsity "
+                f"{total / max(self.num_prunable, 1):.3f} instead of {self.target_group_sparsity:.3f})",
+                stacklevel=4,
+            )
+        return chosen
+
+    def _rules_name(self) -> str:
+        return "the candidate filter"
 
     def _score(self, stats: GroupStats) -> torch.Tensor:
         s = self._saliency_fn(stats)
@@ -355,242 +449,178 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         else:
             self._ema.mul_(self.saliency_ema).add_(s, alpha=1.0 - self.saliency_ema)
 
+    def _score_due(self) -> bool:
+        """Is this step a saliency sample?  Samples are aligned to end on the step before a selection."""
+        if not self.num_prunable or self._selections_done >= len(self._schedule):
+            return False
+        at = self._schedule[self._selections_done][0]
+        t = self._num_steps
+        if at <= t:  # warmup_steps == 0: the first step's statistics decide
+            return self._ema is None
+        if self.saliency_steps is not None and t < at - self.saliency_steps:
+            return False
+        return (at - 1 - t) % self.sampling_interval == 0
+
+    @property
+    def sampling_interval(self) -> int:
+        """Warm-up steps between two saliency samples (see ``saliency_interval``)."""
+        if self.saliency_interval is not None:
+            return self.saliency_interval
+        return min(10, max(1, self.warmup_steps // 50))
+
     def _maybe_select(self) -> None:
         while self._selections_done < len(self._schedule):
             at, k_cum, deadline = self._schedule[self._selections_done]
-            if self._num_steps < at:
-                break
-            if self._ema is None:  # no statistics yet (only possible before the very first step)
+            if self._num_steps < at or self._ema is None:
                 break
             _all_reduce_mean_(self._ema)  # identical decision on every rank
-            k_new = max(0, k_cum - int(self._redundant.sum()))
+            k_new = max(0, k_cum - len(self._redundant_ids))
             chosen = self._choose(self._ema, k_new, self._redundant.clone()) if k_new else []
             if chosen:
                 idx = torch.tensor(chosen, dtype=torch.long, device=self._redundant.device)
                 self._redundant[idx] = True
                 self._deadline[idx] = deadline
-                self._cache_dirty = True
+                span = max(deadline - at, 1)
+                self._target[idx] = at + max(1, math.ceil(self.schedule_fraction * span))
+                self._redundant_ids = self._index.ids_from_mask(self._redundant)
+                self._next_deadline = min(self._next_deadline, deadline)
+                self._needs_refresh = True
             self._selections_done += 1
-            self._on_selected(chosen)
-        self._finalize_due()
-
-    def _on_selected(self, positions: list[int]) -> None:
-        """Hook: redundant groups were just chosen.  Their optimizer state is cleared."""
-        if positions:
-            mask = torch.zeros_like(self._redundant)
-            mask[torch.tensor(positions, device=mask.device)] = True
-            self._zero_state_rows(self._index.rows_for(mask))
 
     def _finalize_due(self) -> None:
-        """Force-zero redundant groups whose deadline has passed."""
-        self._refresh_cache()
+        """Force-zero redundant groups whose deadline has passed (a host-known step: syncing is fine)."""
         if self._num_steps < self._next_deadline:
             return
         due = self._redundant & ~self._frozen & (self._deadline <= self._num_steps)
         self._freeze(due)
-        self._refresh_cache()
+        self._next_deadline = self._compute_next_deadline()
+        self._needs_refresh = True
+
+    def _compute_next_deadline(self) -> float:
+        active = self._redundant & ~self._frozen
+        return int(self._deadline[active].min()) if bool(active.any()) else math.inf
 
     @torch.no_grad()
     def _freeze(self, mask: torch.Tensor) -> None:
-        rows = self._index.rows_for(mask)
-        for e, r in zip(self._index.entries, rows):
+        for e, r in zip(self._index.entries, self._index.rows_for(mask)):
             if r is not None:
                 e.view(e.param.data).index_fill_(e.dim, r[0], 0.0)
-        self._zero_state_rows(rows)
+        self._mark_zero(mask, _AT_DEADLINE, self._num_steps)
+
+    def _mark_zero(self, mask: torch.Tensor, how: int, after_steps: int) -> None:
+        """Record that the groups in ``mask`` are zero from step ``after_steps`` on (device ops only)."""
         self._frozen |= mask
-        self._cache_dirty = True
+        self._zero_how.masked_fill_(mask, how)
+        self._zero_step.masked_fill_(mask, after_steps)
+        self._push.masked_fill_(mask, 0.0)
 
-    @torch.no_grad()
-    def _zero_state_rows(self, rows: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
-        for e, r in zip(self._index.entries, rows):
-            if r is None:
-                continue
-            st = self.state.get(e.param)
-            if not st:
-                continue
-            for key in _STATE_KEYS:
-                t = st.get(key)
-                if isinstance(t, torch.Tensor):
-                    e.view(t).index_fill_(e.dim, r[0], 0.0)
+    # ------------------------------------------------------------------ caches (rebuilt at selections)
+    def _refresh(self) -> None:
+        """Which parameters hold redundant / active redundant rows, and their row-factor buffers.
 
-    def _refresh_cache(self) -> None:
-        """Row indices / masks derived from the redundant and frozen sets (they change rarely)."""
-        if not self._cache_dirty:
-            return
-        entries = self._index.entries
-        active = self._redundant & ~self._frozen
-        self._active_count = int(active.sum())
-        self._active_rows = self._index.rows_for(active) if self._active_count else [None] * len(entries)
-        self._next_deadline = int(self._deadline[active].min()) if self._active_count else math.inf
-        # keep masks: 0 on every redundant row, so the base update leaves them (and their state) alone
-        self._keep: dict[int, torch.Tensor] = {}
-        self._fully_frozen: set[int] = set()
-        if bool(self._redundant.any()):
-            red_ext = self._index._ext(self._redundant, False)
-            frozen_ext = self._index._ext(self._frozen, False)
-            for e in entries:
-                rows_red = red_ext[e.owner]
-                if not bool(rows_red.any()):
-                    continue
-                if bool(frozen_ext[e.owner].all()):
-                    self._fully_frozen.add(id(e.param))
-                    continue
-                keep = (~rows_red).to(e.param.dtype).view(e.bshape)
-                self._keep[id(e.param)] = keep.reshape(e.param.shape) if e.scalar else keep
-        self._cache_dirty = False
-
-    # ------------------------------------------------------------------ redundant-group update
-    def _redundant_coeffs(self, stats: GroupStats, active: torch.Tensor, hp: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Per-group ``(a, c, use_half_space)`` of the trial step ``y_g = a_g x_g - c_g grad_g``."""
-        lr, wd = float(hp["lr"]), float(hp["weight_decay"])
-        xsq, gsq, dot = stats.x_norm_sq, stats.grad_norm_sq, stats.dot
-        x_norm = xsq.clamp_min(0).sqrt()
-        geff_norm = (gsq + 2 * wd * dot + wd * wd * xsq).clamp_min(0).sqrt()
-        dot_eff = dot + wd * xsq
-        den = geff_norm * x_norm
-        tiny = torch.finfo(den.dtype).tiny
-        cos = torch.where(den > 0, dot_eff / den.clamp_min(tiny), torch.zeros_like(den))
-        remaining = (self._deadline - self._num_steps).clamp_min(1).to(xsq.dtype)
-        lam_shrink = self.lambda_scale * x_norm / (lr * remaining)
-        lam_desc = torch.where(
-            cos < 0,
-            (1.0 - self.descent_margin) * geff_norm / (-cos).clamp_min(tiny),
-            torch.full_like(cos, float("inf")),
-        )
-        lam = torch.where(active, torch.minimum(lam_shrink, lam_desc), torch.zeros_like(lam_shrink))
-        self._lambdas = lam
-        push = torch.where(x_norm > 0, lr * lam / x_norm.clamp_min(tiny), torch.zeros_like(lam))
-        a = 1.0 - lr * wd - push
-        c = torch.full_like(a, lr)
-        return a, c, True
-
-    @torch.no_grad()
-    def _redundant_step(self, stats: GroupStats, hp: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per entry with active redundant rows: broadcast row factors ``(A, C)``.
-
-        Applied *after* the base update (which leaves redundant rows untouched thanks to the keep
-        masks) as ``x <- A*x - C*grad``: ``A = a_g, C = c_g`` on active redundant rows and
-        ``A = 1, C = 0`` elsewhere (exact no-op).  Half-space projected groups get ``A = C = 0``.
-        The half-space test needs no extra pass: ``<y, x> = a |x|^2 - c <grad, x>`` per group.
+        Runs only when the redundant set changed (selection, deadline, load, device move), so the
+        host synchronisation it needs never happens on an ordinary step.
         """
-        active = self._redundant & ~self._frozen
-        a, c, half_space = self._redundant_coeffs(stats, active, hp)
-        zero_now = torch.zeros_like(active)
-        if half_space:
-            inner = a * stats.x_norm_sq - c * stats.dot
-            zero_now = _all_reduce_any(active & (inner <= self.epsilon * stats.x_norm_sq))
-            a = torch.where(zero_now, torch.zeros_like(a), a)
-            c = torch.where(zero_now, torch.zeros_like(c), c)
-        a_ext = self._index._ext(torch.where(active, a, torch.ones_like(a)), 1.0)
-        c_ext = self._index._ext(torch.where(active, c, torch.zeros_like(c)), 0.0)
-        out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        for e, r in zip(self._index.entries, self._active_rows):
-            if r is None:
-                continue
-            dt = e.param.dtype
-            A = a_ext[e.owner].view(e.bshape).to(dt)
-            C = None if e.param.grad is None else c_ext[e.owner].view(e.bshape).to(dt)
-            if e.scalar:
-                A = A.reshape(())
-                C = None if C is None else C.reshape(())
-            out.append((e.param, A, C))
-        self._pending_zero = zero_now
-        return out
+        ext = self._index._ext
+        red = ext(self._redundant, False)
+        act = ext(self._redundant & ~self._frozen, False)
+        factored, active = [], []
+        for i, e in enumerate(self._index.entries if self._redundant_ids else ()):
+            if bool(red[e.owner].any()):
+                factored.append(i)
+                if bool(act[e.owner].any()):
+                    active.append(i)
+        self._factored = {id(self._index.entries[i].param): k for k, i in enumerate(factored)}
+        self._active_params = {id(self._index.entries[i].param) for i in active}
+        self._active_entries = active
+        self._rows_a = RowFactors(self._index, factored)
+        self._rows_c = RowFactors(self._index, factored)
+        self._rows_c.fill((~self._frozen).to(torch.float32), 1.0)  # zero rows take no step
+        self._plan_key: tuple[int, ...] | None = None
+        self._needs_refresh = False
 
-    @torch.no_grad()
-    def _apply_redundant(self, factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
-        ps = [p for p, _, _ in factors]
-        torch._foreach_mul_(ps, [A for _, A, _ in factors])
-        with_g = [(p, C) for p, _, C in factors if C is not None]
-        if with_g:
-            torch._foreach_addcmul_([p for p, _ in with_g], [p.grad for p, _ in with_g], [C for _, C in with_g], value=-1.0)
-
-    # ------------------------------------------------------------------ base variant
-    def _state_tensor(self, p: torch.Tensor, key: str) -> torch.Tensor:
-        st = self.state[p]
-        t = st.get(key)
-        if t is None:
-            t = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st[key] = t
-        return t
-
-    @torch.no_grad()
-    def _base_update(self, hp: dict[str, Any]) -> None:
-        params: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        skip = self._fully_frozen
-        for p in self.param_groups[0]["params"]:
-            if p.grad is None or id(p) in skip:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
-        if not params:
-            return
-        lr, wd, variant = float(hp["lr"]), float(hp["weight_decay"]), hp["variant"]
-        # Redundant rows are masked out by multiplying with a broadcast 0/1 "keep" row vector
-        # inside fused ops (addcmul), so they cost no extra pass; unmasked params use a scalar 1.
-        keeps: list[torch.Tensor] | None = None
-        if self._keep:
-            one = {}
-            keeps = []
-            for p in params:
-                k = self._keep.get(id(p))
+    def _plan_for(self, params: list[torch.Tensor]) -> UpdatePlan:
+        """The update plan for this list of live parameters (rebuilt only when the list changes)."""
+        key = tuple(id(p) for p in params)
+        if key != self._plan_key:
+            plan = UpdatePlan([], [], [], [], [], [])
+            slot = {}
+            for i, p in enumerate(params):
+                slot[id(p)] = i
+                k = self._factored.get(id(p))
                 if k is None:
-                    key = (p.dtype, p.device)
-                    if key not in one:
-                        one[key] = torch.ones((), dtype=p.dtype, device=p.device)
-                    k = one[key]
-                keeps.append(k)
-        if variant == "sgd":
-            m = float(hp["momentum"])
-            if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            if m:
-                bufs = [self._state_tensor(p, "momentum_buffer") for p in params]
-                torch._foreach_mul_(bufs, m)
-                if keeps is None:
-                    torch._foreach_add_(bufs, grads)
+                    plan.plain.append(i)
+                elif id(p) in self._active_params:
+                    plan.active.append(i)
+                    plan.active_a.append(self._rows_a.views[k])
+                    plan.active_c.append(self._rows_c.views[k])
                 else:
-                    torch._foreach_addcmul_(bufs, grads, keeps)  # redundant rows of buf stay 0
-                if hp["nesterov"]:
-                    d = torch._foreach_add(grads, bufs, alpha=m)
-                    if keeps is None:
-                        torch._foreach_add_(params, d, alpha=-lr)
-                    else:
-                        torch._foreach_addcmul_(params, d, keeps, value=-lr)
-                else:
-                    torch._foreach_add_(params, bufs, alpha=-lr)
-            elif keeps is None:
-                torch._foreach_add_(params, grads, alpha=-lr)
-            else:
-                torch._foreach_addcmul_(params, grads, keeps, value=-lr)
-            return
-        b1, b2 = (float(b) for b in hp["betas"])
-        eps = float(hp["eps"])
-        t = self._num_steps + 1
-        if wd:
-            if variant == "adamw":
-                if keeps is None:
-                    torch._foreach_mul_(params, 1.0 - lr * wd)
-                else:  # decoupled decay only where the base update applies
-                    torch._foreach_mul_(params, [1.0 - (lr * wd) * k for k in keeps])
-            else:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-        if keeps is not None:
-            grads = torch._foreach_mul(grads, keeps)  # moments of redundant rows stay exactly 0
-        exp_avg = [self._state_tensor(p, "exp_avg") for p in params]
-        exp_avg_sq = [self._state_tensor(p, "exp_avg_sq") for p in params]
-        torch._foreach_lerp_(exp_avg, grads, 1.0 - b1)
-        torch._foreach_mul_(exp_avg_sq, b2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1.0 - b2)
-        bc1 = 1.0 - b1**t
-        bc2 = 1.0 - b2**t
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avg, denom, -lr / bc1)
+                    plan.frozen.append(i)
+                    plan.frozen_c.append(self._rows_c.views[k])
+            self._plan, self._plan_key = plan, key
+            self._entry_slots = [slot.get(id(self._index.entries[i].param)) for i in self._active_entries]
+        return self._plan
+
+    # ------------------------------------------------------------------ the redundant-group projection
+    @torch.no_grad()
+    def _project(self, hp: dict[str, Any], params: list[torch.Tensor], dirs: list[Direction]) -> bool:
+        """Lambda, the half-space test and this evaluation's row factors (no host sync).
+
+        The push of the ``k = evaluation_interval`` steps until the next evaluation is applied now,
+        in the one ``mul_`` of this step (``A = 1 - decay - k*lr*push``), so the steps in between
+        cost what a hybrid step costs.  The half-space test judges the single-step trial point, as
+        in the papers.  Returns ``True``: this step multiplies by the per-row ``A``.
+        """
+        slots = self._entry_slots
+        ds = [None if k is None else dirs[k].materialize() for k in slots]
+        gs = [None if k is None else params[k].grad for k in slots]
+        pairs = (("x", "x"), ("d", "x"), ("g", "x"), ("g", "d"))
+        sums = self._index.products({"d": ds, "g": gs}, pairs, self._active_entries)
+        sums = _all_reduce_mean_(sums.contiguous())
+        scale = dirs[0].scale if dirs else 1.0
+        xsq, dx, gx, gd = sums[0], sums[1] * scale, sums[2], sums[3] * scale
+        wd = float(hp["weight_decay"]) if hp["variant"] != "adamw" else 0.0
+        if wd:  # the objective is f + wd/2 |x|^2: its gradient is g + wd x
+            gx, gd = gx + wd * xsq, gd + wd * dx
+        active = self._redundant & ~self._frozen
+        lam, push, zero_now = self._half_space(xsq, dx, gx, gd, hp, active)
+        self._lambdas = lam
+        self._push = push
+        self._mark_zero(zero_now, _BY_HALF_SPACE, self._num_steps + 1)
+        decay = decoupled_decay(hp)
+        plain = torch.full_like(push, 1.0 - decay)
+        shrink = (plain - (self.evaluation_interval * float(hp["lr"])) * push).clamp_min(0.0)
+        a = torch.where(active, shrink, plain).masked_fill_(self._frozen, 0.0)
+        self._rows_a.fill(a, 1.0 - decay)
+        self._rows_c.fill((~self._frozen).to(a.dtype), 1.0)
+        return True
+
+    def _half_space(self, xsq: torch.Tensor, dx: torch.Tensor, gx: torch.Tensor, gd: torch.Tensor,
+                    hp: dict[str, Any], active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DHSPG's adaptive lambda and the half-space test (formulas in the module docstring).
+
+        ``dx = <d, x>``, ``gx = <g, x>``, ``gd = <g, d>`` per group (``d`` the processed direction,
+        ``g`` the gradient of the objective).
+        """
+        lr, decay = float(hp["lr"]), decoupled_decay(hp)
+        tiny = torch.finfo(xsq.dtype).tiny
+        xn = xsq.clamp_min(0).sqrt()
+        inv = torch.where(xn > 0, 1.0 / xn.clamp_min(tiny), torch.zeros_like(xn))
+        lo = (-dx * inv).clamp_min(0)  # least lambda with which the step does not grow |x|
+        left = (self._target - self._num_steps).clamp_min(1).to(xsq.dtype)
+        base = self.lambda_scale * xn / (lr * left)
+        lam = torch.minimum(torch.maximum(self.lambda_amplify * lo, base), self.lambda_max * base)
+        rg = gx * inv  # the objective's slope along x/|x|: < 0 means the push costs objective
+        up = torch.where(rg < 0, (1.0 - self.descent_margin) * gd.clamp_min(0) / (-rg).clamp_min(tiny),
+                         torch.full_like(rg, math.inf))
+        mid = torch.where(up > lo, 0.5 * (lo + up), up)
+        lam = torch.where(lam > up, mid, lam)
+        lam = torch.where(active, lam, torch.zeros_like(lam))
+        push = lam * inv
+        a = (1.0 - decay - lr * push).clamp_min(0.0)
+        inner = a * xsq - lr * dx  # <y, x> with y = a x - lr d
+        zero_now = active & ((inner <= self.epsilon * xsq) | (xn == 0))
+        return lam, push, zero_now
 
     # ------------------------------------------------------------------ step
     def _follow_device(self) -> None:
@@ -598,23 +628,44 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._index._sync_device()
         dev = self._index.device
         if self._redundant.device != dev:
-            self._redundant = self._redundant.to(dev)
-            self._frozen = self._frozen.to(dev)
-            self._deadline = self._deadline.to(dev)
-            self._lambdas = self._lambdas.to(dev)
-            if self._ema is not None:
-                self._ema = self._ema.to(dev)
-            self._cache_dirty = True
+            for name in ("_redundant", "_frozen", "_deadline", "_target", "_lambdas", "_push", "_zero_how",
+                         "_zero_step", "_ema"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t.to(dev))
+            self._needs_refresh = True
 
-    @staticmethod
-    def _all_reduce_stats(st: GroupStats) -> GroupStats:
-        if _distributed() and dist.get_world_size() > 1:
-            packed = _all_reduce_mean_(st.packed().contiguous())
-            st = GroupStats.from_packed(packed, st.numel, st.group_ids)
-        return st
+    def _live(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        params, states = [], []
+        for p in self.param_groups[0]["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params.append(p)
+            states.append(self.state[p])
+        return params, states
 
     def _stats(self) -> GroupStats:
-        return self._all_reduce_stats(self._index.stats())
+        st = self._index.stats()
+        if _distributed():  # one all-reduce; the yardstick is always there, so no NaN check (no sync)
+            packed = _all_reduce_mean_(st.packed().contiguous())
+            st = GroupStats(packed[:, 0], packed[:, 1], packed[:, 2], st.numel, st.group_ids, packed[:, 3])
+        return st
+
+    @property
+    def evaluation_interval(self) -> int:
+        """Steps between two evaluations of lambda and the half-space test (see ``projection_interval``)."""
+        if self.projection_interval is not None:
+            return self.projection_interval
+        return min(16, max(1, self.projection_steps // max(self.pruning_periods, 1) // 25))
+
+    def _projection_due(self) -> bool:
+        """An evaluation step of the open projection window (host-known: same answer after a resume)."""
+        if not self._selections_done:
+            return False
+        origin, _, deadline = self._schedule[self._selections_done - 1]
+        return self._num_steps < deadline and (self._num_steps - origin) % self.evaluation_interval == 0
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -625,36 +676,29 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
                 loss = closure()
         hp = self.param_groups[0]
         self._follow_device()
-        self._refresh_cache()
-        pending = self._selections_done < len(self._schedule)
-        if pending and self.saliency_steps is not None:
-            pending = self._num_steps >= self._schedule[self._selections_done][0] - self.saliency_steps
-        stats = None
-        if self.num_prunable and pending:
-            stats = self._stats()
-            self._update_ema(stats)
-            self._maybe_select()  # warmup_steps == 0: select before the first update
-            self._refresh_cache()
-        trials = None
-        if self._active_count:
-            if stats is None:
-                stats = self._stats()
-            trials = self._redundant_step(stats, hp)
-        self._base_update(hp)
-        # redundant groups: the base update left them untouched (keep masks); now their own step
-        if trials is not None:
-            self._apply_redundant(trials)
-        if trials is not None and bool(self._pending_zero.any()):
-            self._frozen |= self._pending_zero
-            self._cache_dirty = True
+        if self._score_due():
+            self._update_ema(self._stats())
+        self._maybe_select()  # warmup_steps == 0: select before the first update
+        if self._needs_refresh:
+            self._refresh()
+        params, states = self._live()
+        plan = self._plan_for(params)
+        dirs = directions(params, states, hp, self._num_steps + 1)
+        rows_a = self._projection_due() and self._project(hp, params, dirs)
+        apply_update(params, dirs, plan, float(hp["lr"]), 1.0 - decoupled_decay(hp), rows_a)
         self._num_steps += 1
         self._maybe_select()
+        self._finalize_due()
+        if self._needs_refresh:  # on the step that changed the sets, so the next one need not sync
+            self._refresh()
         return loss
 
     # ------------------------------------------------------------------ checkpointing
+    _TENSORS = ("deadline", "target", "lambdas", "push", "zero_how", "zero_step")
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["oto"] = {
+        oto = {
             "version": _STATE_VERSION,
             "class": type(self).__name__,
             "group_ids": list(self._index.group_ids),
@@ -663,8 +707,9 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             "saliency_ema": None if self._ema is None else self._ema.detach().clone(),
             "redundant": self.redundant_group_ids,
             "frozen": self._index.ids_from_mask(self._frozen),
-            "deadline": self._deadline.detach().clone(),
-            "lambdas": self._lambdas.detach().clone(),
+            "zeroed_by_half_space": self.zeroed_by_half_space,
+            "forced_at_deadline": self.forced_at_deadline,
+            "warned_short": self._warned_short,
             "schedule": list(self._schedule),
             "warmup_steps": self.warmup_steps,
             "projection_steps": self.projection_steps,
@@ -672,6 +717,9 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             "target_group_sparsity": self.target_group_sparsity,
             "num_redundant_target": self.num_redundant_target,
         }
+        for name in self._TENSORS:
+            oto[name] = getattr(self, f"_{name}").detach().clone()
+        sd["oto"] = oto
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -689,31 +737,42 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
                 "rebuild the optimizer with the same search space before loading"
             )
         super().load_state_dict(state_dict)
-        if oto is None:
-            return
+        if oto is not None:
+            self._load_search_state(oto)
+
+    def _load_search_state(self, oto: dict[str, Any]) -> None:
         dev = self._index.device
-        self._num_steps = int(oto["num_steps"])
-        self._selections_done = int(oto["selections_done"])
-        ema = oto["saliency_ema"]
-        self._ema = None if ema is None else ema.detach().clone().to(device=dev, dtype=torch.float32)
-        self._redundant = self._index.mask_from_ids(oto["redundant"])
-        self._frozen = self._index.mask_from_ids(oto["frozen"])
-        self._deadline = oto["deadline"].detach().clone().to(device=dev, dtype=torch.long)
-        self._lambdas = oto["lambdas"].detach().clone().to(device=dev, dtype=torch.float32)
-        self._schedule = [tuple(s) for s in oto.get("schedule", self._schedule)]
         # the checkpoint's schedule wins (like the param-group hyper-parameters torch restores)
         for key in ("warmup_steps", "projection_steps", "pruning_periods", "target_group_sparsity",
                     "num_redundant_target"):
             if key in oto:
                 setattr(self, key, oto[key])
-        self._cache_dirty = True
+        self._reset_search_state()
+        self._num_steps = int(oto["num_steps"])
+        self._selections_done = int(oto["selections_done"])
+        self._warned_short = bool(oto.get("warned_short", False))
+        ema = oto["saliency_ema"]
+        self._ema = None if ema is None else ema.detach().clone().to(device=dev, dtype=torch.float32)
+        self._redundant = self._index.mask_from_ids(oto["redundant"])
+        self._frozen = self._index.mask_from_ids(oto["frozen"])
+        self._redundant_ids = self._index.ids_from_mask(self._redundant)
+        for name in self._TENSORS:
+            if name in oto:  # version-1 checkpoints lack the newer entries: keep the fresh defaults
+                cur = getattr(self, f"_{name}")
+                setattr(self, f"_{name}", oto[name].detach().clone().to(device=dev, dtype=cur.dtype))
+        if "zero_how" not in oto:  # version 1: every zero group was forced at its deadline
+            self._zero_how.masked_fill_(self._frozen, _AT_DEADLINE)
+        self._schedule = [tuple(s) for s in oto.get("schedule", self._schedule)]
+        self._next_deadline = self._compute_next_deadline()
+        self._needs_refresh = True
 
 
 class DHSPG(HalfSpaceOptimizer):
     """Dual half-space projected gradient (OTOv2/OTOv3 pruning mode).
 
-    The redundant set is the ``K`` candidate groups with the smallest saliency EMA.  Used on
-    erase-mode groups it works the same way (validity is checked elsewhere).
+    The redundant set is the ``K`` candidate groups with the smallest saliency EMA (skipping those
+    ``candidate_filter`` rejects).  Used on erase-mode groups it works the same way (validity is
+    checked elsewhere).
     """
 
 
@@ -724,7 +783,8 @@ class H2SPG(HalfSpaceOptimizer):
         hierarchy_check: ``check(accepted_ids, candidate_id) -> bool``: ``True`` when removing the
             candidate in addition to the already accepted groups keeps the network valid.
             Candidates are visited in ascending saliency; rejected ones are skipped.  ``None``
-            accepts every candidate (then H2SPG behaves like DHSPG).
+            accepts every candidate (then H2SPG behaves like DHSPG).  Combined with
+            ``candidate_filter``: a candidate must pass both.
         **kwargs: see :class:`HalfSpaceOptimizer`.
 
     If fewer than ``K`` candidates can be accepted, the valid maximum is used and a warning says
@@ -743,47 +803,38 @@ class H2SPG(HalfSpaceOptimizer):
         self.hierarchy_check = hierarchy_check
         super().__init__(named_params, groups, **kwargs)
 
-    def _choose(self, scores: torch.Tensor, k: int, exclude: torch.Tensor) -> list[int]:
+    def _acceptance_rules(self) -> list[CandidateFilter]:
+        rules = super()._acceptance_rules()  # the cheap filter first: the hierarchy check walks the graph
+        return rules if self.hierarchy_check is None else rules + [self.hierarchy_check]
+
+    def _rules_name(self) -> str:
         if self.hierarchy_check is None:
-            return super()._choose(scores, k, exclude)
-        order = torch.sort(scores, stable=True).indices.tolist()
-        ex = exclude.tolist()
-        ids = self._index.group_ids
-        accepted_ids = set(self._index.ids_from_mask(exclude & self._redundant))
-        chosen: list[int] = []
-        for pos in order:
-            if len(chosen) >= k:
-                break
-            if ex[pos]:
-                continue
-            if self.hierarchy_check(frozenset(accepted_ids), ids[pos]):
-                chosen.append(pos)
-                accepted_ids.add(ids[pos])
-        if len(chosen) < k:
-            warnings.warn(
-                f"H2SPG: only {len(chosen)} of the requested {k} redundant groups keep the network valid; "
-                f"using {len(chosen)} (group sparsity "
-                f"{(int(self._redundant.sum()) + len(chosen)) / max(self.num_prunable, 1):.3f} instead of "
-                f"{self.target_group_sparsity:.3f})",
-                stacklevel=3,
-            )
-        return chosen
+            return super()._rules_name()
+        return "the hierarchy check (keep the network valid)" + (
+            " and the candidate filter" if self.candidate_filter is not None else "")
 
 
 class HESSO(HalfSpaceOptimizer):
     """Hybrid efficient structured sparse optimizer: progressive shrink instead of half-space.
 
     Same phases and selection as DHSPG (use ``pruning_periods > 1`` to add redundant groups
-    progressively).  A redundant group takes a plain gradient step and is then scaled by
-    ``(R-1)/R`` (``R`` = steps left before its deadline), so it decays linearly in magnitude and
-    is exactly zero at its deadline — no lambda, no half-space test.
+    progressively).  A redundant group takes the variant's step and is then scaled by ``(R-1)/R``
+    (``R`` = steps left before its deadline), so it decays linearly in magnitude and is exactly
+    zero at its deadline — no lambda, no half-space test (``forced_at_deadline`` counts them all).
     """
 
-    def _redundant_coeffs(self, stats: GroupStats, active: torch.Tensor, hp: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        lr, wd = float(hp["lr"]), float(hp["weight_decay"])
-        remaining = (self._deadline - self._num_steps).clamp_min(1).to(torch.float32)
-        shrink = (remaining - 1.0) / remaining
-        a = (1.0 - lr * wd) * shrink
-        c = lr * shrink
-        self._lambdas = torch.zeros_like(shrink)
-        return a, c, False
+    def _projection_due(self) -> bool:
+        if not self._selections_done:
+            return False
+        return self._num_steps < self._schedule[self._selections_done - 1][2]  # the shrink changes every step
+
+    def _project(self, hp: dict[str, Any], params: list[torch.Tensor], dirs: list[Direction]) -> bool:
+        """``x <- s (x - lr d)`` with ``s = (R-1)/R`` on the active redundant rows (no statistics)."""
+        decay = decoupled_decay(hp)
+        left = (self._deadline - self._num_steps).clamp_min(1).to(torch.float32)
+        shrink = (left - 1.0) / left
+        active = self._redundant & ~self._frozen
+        keep = (~self._frozen).to(torch.float32)
+        self._rows_a.fill(torch.where(active, (1.0 - decay) * shrink, keep * (1.0 - decay)), 1.0 - decay)
+        self._rows_c.fill(torch.where(active, shrink, keep), 1.0)
+        return True
