@@ -66,12 +66,12 @@ class OTOSettings:
     betas: tuple[float, float] | None = None
     eps: float | None = None
     weight_decay: float | None = None
-    # search
+    # search; None: the optimizer's own default (one place: lightning_oto.optim.half_space)
     saliency: Any = "default"
-    saliency_ema: float = 0.9
-    epsilon: float = 0.0
-    lambda_scale: float = 1.0
-    descent_margin: float = 0.1
+    saliency_ema: float | None = None
+    epsilon: float | None = None
+    lambda_scale: float | None = None
+    descent_margin: float | None = None
     erase_ablation: bool = False
     # search space, forwarded to OTO(...)
     ignored_layers: Sequence[Any] | None = None
