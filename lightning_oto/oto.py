@@ -14,8 +14,7 @@ from .errors import InvalidSubnetError, SubnetMismatchError  # noqa: F401 - re-e
 from .graph.trace import OpGraph, normalize_inputs, trace
 from .space.groups import Group, group_norm, zero_group
 from .space.prune import build_prune_space
-from .subnet.plan import plan_keeping_one
-from .subnet.slim import slim_copy
+from .subnet.slim import confirm_literal_sizes, mismatch_hint, prune_subnet
 from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, allowed_error, output_difference
 
 log = logging.getLogger("lightning_oto")
@@ -49,8 +48,11 @@ class OTO:
         self.graph: OpGraph = trace(model, self.example_inputs)
         self.segment_graph = None
         self.unsupported_ops: dict[str, str] = {}
+        self.prune_space = None
         if mode == "prune":
-            space = build_prune_space(self.graph)
+            space = build_prune_space(self.graph, model)
+            confirm_literal_sizes(model, self.example_inputs, space)
+            self.prune_space = space
             self.groups: list[Group] = space.groups
             self.unsupported_ops = space.unprunable_ops
         else:
@@ -160,19 +162,23 @@ class OTO:
 
             sub = erase_subnet(self, zero)
         if verify:
-            err, scale = self.verify(sub, return_scale=True)
+            hint = mismatch_hint(self.prune_space, zero)
+            try:
+                err, scale = self.verify(sub, return_scale=True)
+            except Exception as e:  # noqa: BLE001 - the sub-network's forward failed
+                if not hint:
+                    raise
+                raise SubnetMismatchError(f"the sub-network's forward failed ({type(e).__name__}: {e}).{hint}") from e
             if not err <= allowed_error(scale, atol, rtol):
                 raise SubnetMismatchError(
                     f"sub-network outputs differ from the full model by {err:.3g} (outputs up to {scale:.3g}; "
                     f"allowed {atol} + {rtol} x scale); this is a bug or an operator the engine mis-handles — "
-                    "please report it with the model.")
+                    f"please report it with the model.{hint}")
             sub.oto_verification_error = err  # type: ignore[attr-defined]
         return sub
 
     def _slim(self, zero: Sequence[int]) -> nn.Module:
-        shapes = {n: tuple(t.shape) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
-        plan, _ = plan_keeping_one([self.groups[i] for i in zero], shapes)
-        return slim_copy(self.model, plan)
+        return prune_subnet(self.model, self.prune_space, zero)
 
     def verify(self, sub: nn.Module, inputs: Any = None, return_scale: bool = False) -> Any:
         """Max |sub(x) - full(x)| over all outputs, both models in eval mode (modes restored).

@@ -14,12 +14,16 @@ from ..space.groups import Group
 def count_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     """FLOPs of one forward pass in eval mode (torch.utils.flop_counter: a multiply-add counts 2)."""
     was = model.training
+    fast = torch.backends.mha.get_fastpath_enabled()
     _set_mode(model, False)
+    # nn.MultiheadAttention's fused eval kernel has no FLOP formula: count its projections and matmuls
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as fc:
             model(*inputs)
         return int(fc.get_total_flops())
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
         _set_mode(model, was)
 
 

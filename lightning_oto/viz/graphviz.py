@@ -9,14 +9,16 @@ Machine-readable marks (in the .dot source and, through Graphviz's ``class`` att
   prune mode: an operator owning variables of channel groups has the token ``groups`` and lists
   the group ids (as ranges) in its tooltip;
 * in the ``redundant`` drawing a node owning zero groups also has the token ``redundant`` and
-  ``zg-<id>`` for each zero group id; :func:`redundant_group_ids` parses them back.
+  ``zg-<id>`` for each zero group id.
+
+An operator's kind (stem / joint / accessory / shape / unknown) is the rule registry's
+(:mod:`lightning_oto.space.rules`), the same knowledge prune and erase analysis use.
 """
 from __future__ import annotations
 
-import html
 import logging
-import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -24,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..graph.trace import OpGraph, classify, op_name, trace
+from ..graph.trace import OpGraph, op_name, trace
+from ..space.channels import UnionFind
+from ..space.rules import canonical_op, kind_of, rule_for
 from .dot import PALETTE, Dot, legend_table, render
 
 if TYPE_CHECKING:
@@ -61,7 +65,8 @@ class VNode:
 def nodes_from_opgraph(graph: OpGraph) -> list[VNode]:
     out = []
     for n in graph.nodes:
-        out.append(VNode(f"n{n.id}", n.op, n.kind, n.module, n.shape, [f"n{i}" for i in n.inputs], list(n.params)))
+        kind = n.kind if n.kind in ("input", "output") else kind_of(n.fx_node.target)
+        out.append(VNode(f"n{n.id}", n.op, kind, n.module, n.shape, [f"n{i}" for i in n.inputs], list(n.params)))
     return out
 
 
@@ -126,10 +131,10 @@ def nodes_from_fx(gm: torch.fx.GraphModule, inputs: Sequence[Any] | None = None)
             mod = modules.get(str(node.target))
             typ = type(mod).__name__ if mod is not None else str(node.target)
             op = "batch_norm" if "BatchNorm" in typ else typ.lower()
-            kind = classify(op)
+            kind = kind_of(op)
         else:
             op = op_name(node.target)
-            kind = classify(op)
+            kind = kind_of(node.target)
         params: list[str] = []
         inputs: list[str] = []
         for a in node.all_input_nodes:
@@ -237,38 +242,25 @@ def trace_dot(nodes: Sequence[VNode], title: str, cluster_depth: int = 3,
 
 
 # --------------------------------------------------------------------------- prune-mode space
-class _UF:
-    def __init__(self) -> None:
-        self.p: dict[str, str] = {}
-
-    def find(self, a: str) -> str:
-        self.p.setdefault(a, a)
-        while self.p[a] != a:
-            self.p[a] = self.p[self.p[a]]
-            a = self.p[a]
-        return a
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.p[rb] = ra
-
-
 def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
     """Operators coloured per coupled set of layers (modules linked by shared channel groups)."""
     groups = oto.groups
     owner: dict[str, set[int]] = {}     # param -> groups owning some of its entries
     reader: dict[str, set[int]] = {}    # param -> groups whose channels it reads (dependent columns)
-    uf = _UF()
+    uf, module_ids = UnionFind(), {}    # modules coupled by sharing a group: one coupled set
+
+    def mid(module: str) -> int:
+        if module not in module_ids:
+            module_ids[module] = uf.add()
+        return module_ids[module]
+
     for g in groups:
         mods = []
         for s in g.slices:
             owner.setdefault(s.name, set()).add(g.id)
-            mods.append(_module_of_param(s.name) or s.name)
+            mods.append(mid(_module_of_param(s.name) or s.name))
         for m in mods[1:]:
             uf.union(mods[0], m)
-        if mods:
-            uf.find(mods[0])
         for s in g.dependents:
             reader.setdefault(s.name, set()).add(g.id)
     nodes = nodes_from_opgraph(oto.graph)
@@ -278,19 +270,19 @@ def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
     for v in nodes:
         for p in v.params:
             if p in owner:
-                root = uf.find(_module_of_param(p) or p)
+                root = uf.find(mid(_module_of_param(p) or p))
                 set_index.setdefault(root, len(set_index) + 1)
     for g in groups:
         if g.slices:
-            root = uf.find(_module_of_param(g.slices[0].name) or g.slices[0].name)
+            root = uf.find(mid(_module_of_param(g.slices[0].name) or g.slices[0].name))
             set_index.setdefault(root, len(set_index) + 1)
             group_set[g.id] = set_index[root]
     set_groups: dict[int, list[int]] = {}
     for gid, k in group_set.items():
         set_groups.setdefault(k, []).append(gid)
     set_members: dict[int, list[str]] = {}
-    for m in list(uf.p):
-        k = set_index.get(uf.find(m))
+    for m, i in module_ids.items():
+        k = set_index.get(uf.find(i))
         if k is not None:
             set_members.setdefault(k, []).append(m)
 
@@ -488,15 +480,12 @@ def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
 
 
 # --------------------------------------------------------------------------- sub-network
-STEM_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "linear",
-            "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-
-
-def _channels(op: str, shape: Sequence[int]) -> tuple[int, int]:
-    """(out, in) channel counts of a conv/linear weight."""
-    if op.startswith("conv_transpose"):
-        return int(shape[1]), int(shape[0])
-    return int(shape[0]), int(shape[1]) if len(shape) > 1 else 1
+def _channels(op: str, shape: Sequence[int]) -> tuple[int, int] | None:
+    """(out, in) channel counts of a stem's weight, in the layout its rule gives (None: no such layout)."""
+    layout = rule_for(op).weight_layout(canonical_op(op))
+    if layout is None or len(shape) <= max(layout):
+        return None
+    return int(shape[layout[0]]), int(shape[layout[1]])
 
 
 def _weight(v: VNode) -> str | None:
@@ -526,13 +515,15 @@ def subnet_dot(oto: "OTO", sub: nn.Module | None, cluster_depth: int = 3) -> Dot
     extra: dict[str, dict[str, Any]] = {}
     changed = 0
     for v in nodes:
-        if v.op not in STEM_OPS:
+        if v.kind != "stem":
             continue
         w = _weight(v)
         if w is None or w not in sub_shapes or w not in full_shapes:
             continue
-        o0, i0 = _channels(v.op, full_shapes[w])
-        o1, i1 = _channels(v.op, sub_shapes[w])
+        before, after = _channels(v.op, full_shapes[w]), _channels(v.op, sub_shapes[w])
+        if before is None or after is None:
+            continue
+        (o0, i0), (o1, i1) = before, after
         line = f"out {o0}→{o1} · in {i0}→{i1}"
         attrs: dict[str, Any] = {}
         if (o0, i0) != (o1, i1):
@@ -556,7 +547,7 @@ def build_source(oto: "OTO", name: str, sub: nn.Module | None = None, cluster_de
     """DOT source of one drawing (``name`` in :data:`DRAWINGS`)."""
     if name == "trace":
         nodes = nodes_from_opgraph(oto.graph)
-        summ = ", ".join(f"{k} {v}" for k, v in sorted(oto.graph.summary().items()))
+        summ = ", ".join(f"{k} {v}" for k, v in sorted(Counter(v.kind for v in nodes).items()))
         return trace_dot(nodes, f"{type(oto.model).__name__} · traced operator graph", cluster_depth,
                          subtitle=f"{len(oto.graph)} nodes ({summ}), {oto.graph.num_edges} edges").source()
     if name in ("space", "redundant"):
@@ -569,20 +560,6 @@ def build_source(oto: "OTO", name: str, sub: nn.Module | None = None, cluster_de
     if name == "subnet":
         return subnet_dot(oto, sub, cluster_depth).source()
     raise ValueError(f"unknown drawing {name!r}; choose from {DRAWINGS}")
-
-
-_CLASS_RE = re.compile(r'\bclass="([^"]*)"')
-
-
-def redundant_group_ids(source: str) -> set[int]:
-    """Group ids drawn as redundant in a DOT or SVG source (the ``zg-<id>`` class tokens)."""
-    ids: set[int] = set()
-    source = html.unescape(source)  # SVG writes '-' as '&#45;'
-    for m in _CLASS_RE.finditer(source):
-        toks = m.group(1).split()
-        if "redundant" in toks:
-            ids.update(int(t[3:]) for t in toks if t.startswith("zg-") and t[3:].isdigit())
-    return ids
 
 
 def visualize(oto: "OTO", out_dir: str | Path, what: Sequence[str] | str = DRAWINGS, sub: nn.Module | None = None,
@@ -626,5 +603,5 @@ def visualize(oto: "OTO", out_dir: str | Path, what: Sequence[str] | str = DRAWI
     return result
 
 
-__all__ = ["visualize", "build_source", "redundant_group_ids", "trace_dot", "prune_space_dot", "erase_space_dot",
+__all__ = ["visualize", "build_source", "trace_dot", "prune_space_dot", "erase_space_dot",
            "subnet_dot", "nodes_from_fx", "nodes_from_opgraph", "DRAWINGS"]
