@@ -1,10 +1,12 @@
 """lightning_oto: automatic structured pruning / operator erasing (OTOv3) and CompOFA for Lightning."""
 from .errors import InvalidSubnetError, SubnetMismatchError, TraceError
 from .oto import OTO
+from .space.rules import register_rule
 
 __version__ = "0.1.0"
 
-__all__ = ["OTO", "OTOCallback", "OTOMixin", "TraceError", "SubnetMismatchError", "InvalidSubnetError"]
+__all__ = ["OTO", "OTOCallback", "OTOMixin", "TraceError", "SubnetMismatchError", "InvalidSubnetError",
+           "register_rule"]
 
 
 def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed for the engine

@@ -180,8 +180,9 @@ class ChannelAnalysis:
         """A size ``value`` written in the forward must become ``len(kept elems)`` on the slimmed copy."""
         if not isinstance(value, int) or value == -1:
             return  # -1 or a size computed at runtime follows the channels by itself
-        for key in self._size_attribute(call.node.module, value):
-            self.size_sites.setdefault(key, []).append(list(elems))
+        keys = self._size_attribute(call.node.module, value)
+        if len(keys) == 1:  # several attributes with this value: which one the forward reads is unknown
+            self.size_sites.setdefault(keys[0], []).append(list(elems))
             return
         self.literal_sites.append((f"{what} {value} at {self.describe(call)}", list(elems)))
 
@@ -205,19 +206,15 @@ class ChannelAnalysis:
             return None
 
     def _size_attribute(self, path: str, value: int) -> list[tuple[str, str]]:
+        """Attributes of module ``path`` (or of its config) that hold ``value``."""
         mod = self._module(path)
         if mod is None:
             return []
-        for name in SIZE_ATTRIBUTES:
-            v = getattr(mod, name, None)
-            if isinstance(v, int) and not isinstance(v, bool) and v == value:
-                return [(path, name)]
         config = getattr(mod, "config", None)
-        for name in CONFIG_SIZE_ATTRIBUTES:
-            v = getattr(config, name, None)
-            if isinstance(v, int) and not isinstance(v, bool) and v == value:
-                return [(path, f"config.{name}")]
-        return []
+        found = [(path, name) for name in SIZE_ATTRIBUTES if _is_int(getattr(mod, name, None), value)]
+        found += [(path, f"config.{name}") for name in CONFIG_SIZE_ATTRIBUTES
+                  if config is not None and _is_int(getattr(config, name, None), value)]
+        return found
 
     # ------------------------------------------------------------------ walk
     def run(self) -> PruneSpace:
@@ -395,6 +392,10 @@ class ChannelAnalysis:
             if ids:
                 literals.append(LiteralSize(where, ids))
         return PruneSpace(groups, dict(self.unknown_ops), attrs, literals, user_rules)
+
+
+def _is_int(v: Any, value: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v == value
 
 
 def _concrete(s: Any) -> int:

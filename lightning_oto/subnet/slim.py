@@ -123,16 +123,18 @@ def _fix_attributes(m: nn.Module, old: dict[str, int]) -> None:
         m.num_parameters = m.weight.shape[0]
     elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
         heads = m.in_proj_weight.shape[0] // (3 * m.head_dim)
-        if heads != m.num_heads:
+        width = m.in_proj_weight.shape[1]
+        if heads != m.num_heads or width != m.embed_dim:
             m.num_heads = heads
+            m.embed_dim = m.kdim = m.vdim = width
             m.__class__ = PrunedMultiheadAttention
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` left with ``num_heads`` heads of ``head_dim`` after head pruning: the
-    in-projection has 3 * num_heads * head_dim rows and the out-projection as many columns, while the
-    model width ``embed_dim`` is unchanged (torch's own forward assumes both are equal).  Same maths:
-    each head attends with scale head_dim ** -0.5, then the heads go through the out-projection."""
+    """``nn.MultiheadAttention`` after pruning: ``num_heads`` heads of ``head_dim`` (3 * num_heads * head_dim
+    in-projection rows, as many out-projection columns) on a model width ``embed_dim`` that no longer
+    equals num_heads * head_dim (torch's own forward assumes it does).  Same maths: each head attends
+    with scale head_dim ** -0.5, then the heads go through the out-projection."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,

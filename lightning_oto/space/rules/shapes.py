@@ -172,14 +172,15 @@ class Reshape(Rule):
 
     @staticmethod
     def free_axis(ctx: "ChannelAnalysis", call: Call, so: tuple, outs: list[int], lit: list | None) -> int:
-        """A head-count attribute's dim, else the dim written -1 (or computed), else the largest."""
-        attrs = ctx.module_sizes(call.node.module, HEAD_COUNT_NAMES)
+        """The dim written -1 (or computed at runtime), else one holding a head-count attribute of the
+        module, else the largest (a trial construction then checks the guess)."""
         if lit is not None:
             for d in outs:
-                if isinstance(lit[d], int) and lit[d] in attrs:
-                    return d
-            for d in outs:
                 if not isinstance(lit[d], int) or lit[d] == -1:
+                    return d
+            attrs = ctx.module_sizes(call.node.module, HEAD_COUNT_NAMES)
+            for d in outs:
+                if lit[d] in attrs:
                     return d
         return max(outs, key=lambda d: (so[d], -d))
 
