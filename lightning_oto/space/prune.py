@@ -186,6 +186,16 @@ class ChannelAnalysis:
             return
         self.literal_sites.append((f"{what} {value} at {self.describe(call)}", list(elems)))
 
+    def size_attributes(self, call: Call, value: int, elems: list[int], names: Iterable[str]) -> None:
+        """Attributes ``names`` of the calling module (or its config) equal to ``value`` describe this size
+        (a head count the forward derives with -1): they are rewritten on the slimmed copy too."""
+        mod = self._module(call.node.module)
+        config = getattr(mod, "config", None)
+        for holder, prefix in ((mod, ""), (config, "config.")):
+            for name in names:
+                if holder is not None and _is_int(getattr(holder, name, None), value):
+                    self.size_sites.setdefault((call.node.module, prefix + name), []).append(list(elems))
+
     def module_sizes(self, path: str, names: Iterable[str]) -> set[int]:
         """Values of the int attributes ``names`` of module ``path`` (and of its ``config``)."""
         mod = self._module(path)

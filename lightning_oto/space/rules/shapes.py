@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_heads", "n_head",
                     "n_kv_heads", "heads", "num_head", "nheads")
+HEAD_WIDTH_NAMES = ("all_head_size", "inner_dim", "attn_dim")
 
 
 def channel_chunk(si: Sequence[int], so: Sequence[int], c: int) -> tuple[list[int], list[int]] | None:
@@ -144,7 +145,10 @@ class Reshape(Rule):
             out = TensorChannels(outs[0], [e for e in t.elems for _ in range(block)],
                                  [z for z in t.zi for _ in range(block)], t.taint) if len(outs) == 1 else None
             if out is not None:
-                ctx.literal(call, lit[outs[0]] if lit else None, out.elems, "merged channel size")
+                written = lit[outs[0]] if lit else None
+                ctx.literal(call, written, out.elems, "merged channel size")
+                if written is None or written == -1:  # heads merged back: all_head_size and the like follow
+                    ctx.size_attributes(call, so[outs[0]], out.elems, HEAD_WIDTH_NAMES)
         else:
             out = None
         if out is None:
@@ -167,7 +171,10 @@ class Reshape(Rule):
             ctx.el.union_all(t.elems[i] for i in m)
         reps = [t.elems[m[0]] for m in members]
         zi = [all(t.zi[i] for i in m) for m in members]
-        ctx.literal(call, lit[free] if lit else None, reps, "split size")
+        written = lit[free] if lit else None
+        ctx.literal(call, written, reps, "split size")
+        if free == outs[0] and (written is None or written == -1):  # heads (outermost): their count follows
+            ctx.size_attributes(call, n_free, reps, HEAD_COUNT_NAMES)
         return TensorChannels(free, reps, zi, t.taint)
 
     @staticmethod
@@ -409,4 +416,4 @@ add(Reduction(), "mean", "sum", "amax", "amin", "max", "min", "var", "std", "pro
 add(Softmax(), "softmax", "log_softmax")
 
 __all__ = ["Permute", "Reshape", "Flatten", "Expand", "Select", "GetItem", "RollOtherDims", "RepeatInterleave",
-           "Reduction", "Softmax", "channel_chunk", "permutation", "HEAD_COUNT_NAMES"]
+           "Reduction", "Softmax", "channel_chunk", "permutation", "HEAD_COUNT_NAMES", "HEAD_WIDTH_NAMES"]
