@@ -437,3 +437,61 @@ def test_call_reads_normalised_arguments():
     node = next(n for n in build_graph(ep).nodes if n.op == "pad")
     call = Call.of(node)
     assert call.key == "pad" and call["mode"] == "constant" and call["value"] == 0.5 and call.input is not None
+
+
+def test_pruned_multihead_attention_takes_padding_masks():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(6, 12)
+            self.mha = nn.MultiheadAttention(12, 3, batch_first=True)
+            self.head = nn.Linear(12, 2)
+
+        def forward(self, x, pad):
+            h = self.emb(x)
+            return self.head(self.mha(h, h, h, key_padding_mask=pad)[0].mean(1))
+
+    torch.manual_seed(0)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    oto = OTO(Masked(), (torch.randn(2, 5, 6), pad))
+    heads = [g for g in oto.prunable_groups if any(s.name == "mha.in_proj_weight" and len(s.indices) == 12
+                                                   for s in g.slices)]
+    assert len(heads) == 3
+    params = dict(oto.model.named_parameters())
+    for g in heads[:2]:
+        zero_group(g, params)
+    sub = oto.construct_subnet()
+    assert sub.mha.num_heads == 1 and sub.mha.in_proj_weight.shape == (12, 12)
+    pad2 = torch.zeros(4, 7, dtype=torch.bool)
+    pad2[1, 2:] = True
+    x2 = torch.randn(4, 7, 6)
+    with torch.no_grad():
+        assert (oto.model(x2, pad2) - sub(x2, pad2)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("explicit_scale", [True, False])
+def test_within_head_channels_only_with_an_explicit_scale(explicit_scale):
+    """One head, channels in the last dim: q/k channel i go together (their products vanish); the default
+    scale 1/sqrt(E) would change with E, so without an explicit scale they are kept."""
+    class OneHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8)
+            self.o = nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.q(x)[:, None], self.k(x)[:, None], self.v(x)[:, None]
+            scale = 8 ** -0.5 if explicit_scale else None
+            return self.o(F.scaled_dot_product_attention(q, k, v, scale=scale)[:, 0]).mean(1)
+
+    torch.manual_seed(0)
+    oto = OTO(OneHead(), torch.randn(2, 5, 6))
+    qk = _groups_of(oto, "q.weight")
+    assert len(qk) == 8
+    if explicit_scale:
+        assert all(g.prunable and any(s.name == "k.weight" for s in g.slices) for g in qk)
+        assert all(g.prunable for g in _groups_of(oto, "v.weight"))
+        _zero_half_and_construct(oto)
+    else:
+        assert not any(g.prunable for g in qk + _groups_of(oto, "k.weight") + _groups_of(oto, "v.weight"))

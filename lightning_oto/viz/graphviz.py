@@ -242,55 +242,92 @@ def trace_dot(nodes: Sequence[VNode], title: str, cluster_depth: int = 3,
 
 
 # --------------------------------------------------------------------------- prune-mode space
-def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
-    """Operators coloured per coupled set of layers (modules linked by shared channel groups)."""
-    groups = oto.groups
-    owner: dict[str, set[int]] = {}     # param -> groups owning some of its entries
-    reader: dict[str, set[int]] = {}    # param -> groups whose channels it reads (dependent columns)
-    uf, module_ids = UnionFind(), {}    # modules coupled by sharing a group: one coupled set
+@dataclass
+class _CoupledSets:
+    """Layers linked by shared channel groups, numbered S1, S2, ... in the order their first operator runs."""
 
-    def mid(module: str) -> int:
+    owner: dict[str, set[int]] = field(default_factory=dict)    # param -> groups owning some of its entries
+    reader: dict[str, set[int]] = field(default_factory=dict)   # param -> groups whose channels it reads
+    group_set: dict[int, int] = field(default_factory=dict)     # group id -> set number
+    set_groups: dict[int, list[int]] = field(default_factory=dict)
+    set_members: dict[int, list[str]] = field(default_factory=dict)
+
+
+def _coupled_sets(groups: Sequence[Any], nodes: Sequence[VNode]) -> _CoupledSets:
+    cs = _CoupledSets()
+    uf, module_ids = UnionFind(), {}
+
+    def mid(param: str) -> int:
+        module = _module_of_param(param) or param
         if module not in module_ids:
             module_ids[module] = uf.add()
         return module_ids[module]
 
     for g in groups:
-        mods = []
+        mods = [mid(s.name) for s in g.slices]
         for s in g.slices:
-            owner.setdefault(s.name, set()).add(g.id)
-            mods.append(mid(_module_of_param(s.name) or s.name))
+            cs.owner.setdefault(s.name, set()).add(g.id)
         for m in mods[1:]:
             uf.union(mods[0], m)
         for s in g.dependents:
-            reader.setdefault(s.name, set()).add(g.id)
-    nodes = nodes_from_opgraph(oto.graph)
-    # number the coupled sets in the order their first operator runs
-    set_index: dict[str, int] = {}
-    group_set: dict[int, int] = {}
-    for v in nodes:
-        for p in v.params:
-            if p in owner:
-                root = uf.find(mid(_module_of_param(p) or p))
-                set_index.setdefault(root, len(set_index) + 1)
+            cs.reader.setdefault(s.name, set()).add(g.id)
+    set_index: dict[int, int] = {}
+    for p in (p for v in nodes for p in v.params if p in cs.owner):
+        set_index.setdefault(uf.find(mid(p)), len(set_index) + 1)
     for g in groups:
         if g.slices:
-            root = uf.find(mid(_module_of_param(g.slices[0].name) or g.slices[0].name))
-            set_index.setdefault(root, len(set_index) + 1)
-            group_set[g.id] = set_index[root]
-    set_groups: dict[int, list[int]] = {}
-    for gid, k in group_set.items():
-        set_groups.setdefault(k, []).append(gid)
-    set_members: dict[int, list[str]] = {}
+            k = set_index.setdefault(uf.find(mid(g.slices[0].name)), len(set_index) + 1)
+            cs.group_set[g.id] = k
+            cs.set_groups.setdefault(k, []).append(g.id)
     for m, i in module_ids.items():
         k = set_index.get(uf.find(i))
         if k is not None:
-            set_members.setdefault(k, []).append(m)
+            cs.set_members.setdefault(k, []).append(m)
+    return cs
 
+
+def _owner_marks(gids: list[int], groups: Sequence[Any], cs: _CoupledSets, zero: set[int] | None,
+                 lines: list[str], tip: list[str], attrs: dict[str, Any]) -> None:
+    """Label, tooltip and colour of an operator owning variables of groups ``gids``."""
+    sets = sorted({cs.group_set[g] for g in gids})
+    pr = [g for g in gids if groups[g].prunable]
+    lines.append(f"{'S' + ','.join(map(str, sets))}: {len(gids)} groups / {len(pr)} prunable")
+    tip.append(f"coupled set(s) {', '.join('S%d' % s for s in sets)}: "
+               + "; ".join(_few(sorted(cs.set_members.get(s, []))) for s in sets))
+    tip.append(f"owns variables of groups {_ranges(gids)} ({len(pr)} prunable)")
+    reasons = sorted({groups[g].reason for g in gids if not groups[g].prunable and groups[g].reason})
+    if not pr:
+        attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
+        lines.append("unprunable: " + _short(reasons[0] if reasons else "unknown", 40))
+    else:
+        attrs["fillcolor"] = PALETTE[(sets[0] - 1) % len(PALETTE)]
+        if len(pr) < len(gids):
+            lines.append(f"{len(gids) - len(pr)} unprunable")
+    if reasons:
+        tip.append("unprunable because: " + "; ".join(reasons))
+    cls = ["groups"]
+    zs = [g for g in gids if zero is not None and g in zero]
+    if zs:
+        cls += ["redundant"] + [f"zg-{g}" for g in zs]
+        lines.append(f"ZERO {len(zs)}/{len(gids)}")
+        tip.append(f"redundant (zero) groups: {_ranges(zs)}")
+        if len(zs) == len(gids):
+            attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2")
+        else:
+            attrs.update(color=RED, penwidth="2.5")
+    attrs["class"] = _classes(*cls)
+
+
+def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
+    """Operators coloured per coupled set of layers (modules linked by shared channel groups)."""
+    groups = oto.groups
+    nodes = nodes_from_opgraph(oto.graph)
+    cs = _coupled_sets(groups, nodes)
     drawn: set[int] = set()
     extra: dict[str, dict[str, Any]] = {}
     for v in nodes:
-        gids = sorted(set().union(*[owner.get(p, set()) for p in v.params])) if v.params else []
-        reads = sorted(set().union(*[reader.get(p, set()) for p in v.params])) if v.params else []
+        gids = sorted(set().union(*[cs.owner.get(p, set()) for p in v.params])) if v.params else []
+        reads = sorted(set().union(*[cs.reader.get(p, set()) for p in v.params])) if v.params else []
         if not gids and not reads:
             if v.kind not in ("input", "output"):
                 extra[v.key] = {"attrs": {"fillcolor": "white", "color": "#9e9e9e", "fontcolor": "#424242"}}
@@ -298,50 +335,31 @@ def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
         lines: list[str] = []
         tip: list[str] = []
         attrs: dict[str, Any] = {}
-        read_sets = sorted({group_set[g] for g in reads if g in group_set})
         if gids:
             drawn.update(gids)
-            sets = sorted({group_set[g] for g in gids})
-            pr = [g for g in gids if groups[g].prunable]
-            lines.append(f"{'S' + ','.join(map(str, sets))}: {len(gids)} groups / {len(pr)} prunable")
-            tip.append(f"coupled set(s) {', '.join('S%d' % s for s in sets)}: "
-                       + "; ".join(_few(sorted(set_members.get(s, []))) for s in sets))
-            tip.append(f"owns variables of groups {_ranges(gids)} ({len(pr)} prunable)")
-            reasons = sorted({groups[g].reason for g in gids if not groups[g].prunable and groups[g].reason})
-            if not pr:
-                attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
-                lines.append("unprunable: " + _short(reasons[0] if reasons else "unknown", 40))
-            else:
-                attrs["fillcolor"] = PALETTE[(sets[0] - 1) % len(PALETTE)]
-                if len(pr) < len(gids):
-                    lines.append(f"{len(gids) - len(pr)} unprunable")
-            if reasons:
-                tip.append("unprunable because: " + "; ".join(reasons))
-            cls = ["groups"]
-            if zero is not None:
-                zs = [g for g in gids if g in zero]
-                if zs:
-                    cls += ["redundant"] + [f"zg-{g}" for g in zs]
-                    lines.append(f"ZERO {len(zs)}/{len(gids)}")
-                    tip.append(f"redundant (zero) groups: {_ranges(zs)}")
-                    if len(zs) == len(gids):
-                        attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2")
-                    else:
-                        attrs.update(color=RED, penwidth="2.5")
-            attrs["class"] = _classes(*cls)
+            _owner_marks(gids, groups, cs, zero, lines, tip, attrs)
+        read_sets = sorted({cs.group_set[g] for g in reads if g in cs.group_set})
         if read_sets:
             lines.append("in ← " + ",".join(f"S{s}" for s in read_sets))
             tip.append(f"its input columns follow groups {_ranges(reads)}")
             if not gids:
                 attrs.setdefault("fillcolor", "white")
         extra[v.key] = {"lines": lines, "tip": tip, "attrs": attrs}
+    title, label = _prune_legend(oto, cs, zero)
+    d = trace_dot(nodes, title, cluster_depth, extra)
+    d.graph_attrs["label"] = label
+    _add_undrawn(d, [g for g in groups if g.id not in drawn], zero)
+    return d
 
+
+def _prune_legend(oto: "OTO", cs: _CoupledSets, zero: set[int] | None) -> tuple[str, Any]:
+    groups = oto.groups
     prunable = sum(g.prunable for g in groups)
     title = f"{type(oto.model).__name__} · prune-mode search space"
-    sub = (f"{len(groups)} channel groups ({prunable} prunable) in {len(set_groups)} coupled sets of layers "
+    sub = (f"{len(groups)} channel groups ({prunable} prunable) in {len(cs.set_groups)} coupled sets of layers "
            "(colour = coupled set, Sk: groups / prunable owned by the operator; grey dashed = unprunable)")
-    legend = [(f"S{k}", PALETTE[(k - 1) % len(PALETTE)], "") for k in sorted(set_groups)
-              if any(groups[g].prunable for g in set_groups[k])]
+    legend = [(f"S{k}", PALETTE[(k - 1) % len(PALETTE)], "") for k in sorted(cs.set_groups)
+              if any(groups[g].prunable for g in cs.set_groups[k])]
     if len(legend) > 8:
         legend = [("coupled set Sk (one colour each)", PALETTE[0], "")]
     legend.append(("unprunable", GREY, "dashed"))
@@ -349,10 +367,7 @@ def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
         title = f"{type(oto.model).__name__} · redundant channel groups"
         sub = f"{len(zero)} of {prunable} prunable groups are zero (red border: some, red fill: all of a layer's)"
         legend.append(("ZERO", ZERO_FILL, ""))
-    d = trace_dot(nodes, title, cluster_depth, extra)
-    d.graph_attrs["label"] = legend_table(title, legend, sub)
-    _add_undrawn(d, [g for g in groups if g.id not in drawn], zero)
-    return d
+    return title, legend_table(title, legend, sub)
 
 
 def _add_undrawn(d: Dot, groups: list, zero: set[int] | None) -> None:
@@ -397,6 +412,48 @@ def _chain_text(ops: list[str], per_line: int = 3, limit: int = 9) -> list[str]:
     return [" → ".join(toks[i: i + per_line]) for i in range(0, len(toks), per_line)]
 
 
+def _segment_lines(kind: str, ops: list, module: str, attrs: dict[str, Any]) -> list[str]:
+    """Label lines of one segment: its boundary name, its joint op, or its chain of operators."""
+    last = ops[-1]
+    if kind in ("input", "output"):
+        attrs.update(shape="oval", style="bold")
+        return [kind, ""] if kind == "output" else [f"input {last.name}", _shape(last.shape)]
+    if kind == "joint":
+        attrs.update(shape="ellipse", fillcolor=KIND_COLORS["joint"], fontsize="8")
+        return [last.op, _shape(last.shape)]
+    lines = _chain_text([n.op for n in ops])
+    mods = list(dict.fromkeys(n.module for n in ops if n.module))
+    if module:
+        lines.append(module)
+    elif mods:
+        lines.append(_few(mods, 3))
+    if last.shape is not None:
+        lines.append(_shape(last.shape))
+    return lines
+
+
+def _gezig_marks(grp: Any, zero: set[int] | None, lines: list[str], tip: list[str],
+                 attrs: dict[str, Any]) -> list[str]:
+    """Colour, label and class tokens of a segment that is a GeZIG; returns the class tokens."""
+    lines.insert(0, f"G{grp.id}")
+    tip.append(f"GeZIG {grp.id}: {grp.name} ({len(grp.slices)} variable slices"
+               + (f", {len(grp.dependents)} dependent slices" if grp.dependents else "") + ")")
+    cls = ["groups", f"g-{grp.id}"]
+    attrs["id"] = f"group_{grp.id}"
+    if grp.prunable:
+        attrs["fillcolor"] = PALETTE[grp.id % len(PALETTE)]
+    else:
+        attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
+        lines.append("not erasable: " + _short(grp.reason or "unknown", 38))
+        tip.append("not erasable because " + (grp.reason or "unknown"))
+    if zero is not None and grp.id in zero:
+        cls += ["redundant", f"zg-{grp.id}"]
+        attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2.5")
+        lines[0] += " · ZERO"
+        tip.append("redundant: all its variables are zero; erased in the sub-network")
+    return cls
+
+
 def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
     """Segment graph: one node per segment listing its operators, coloured per GeZIG."""
     sg = oto.segment_graph
@@ -416,45 +473,13 @@ def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
     for s in sg.segments:
         ops = [g.nodes[i] for i in s.nodes]
         module = _common_prefix(n.module for n in ops if n.module)
-        last = ops[-1]
         attrs: dict[str, Any] = {}
         tip = [f"segment {s.id} ({s.kind}): " + ", ".join(f"{n.op}[{n.module or 'forward'}]" for n in ops[:40])]
         grp = by_vertex.get(s.id)
-        if s.kind in ("input", "output"):
-            lines = [s.kind if s.kind == "output" else f"input {last.name}"]
-            if s.kind == "input":
-                lines.append(_shape(last.shape))
-            attrs.update(shape="oval", style="bold")
-        elif s.kind == "joint":
-            lines = [last.op, _shape(last.shape)]
-            attrs.update(shape="ellipse", fillcolor=KIND_COLORS["joint"], fontsize="8")
-        else:
-            lines = _chain_text([n.op for n in ops])
-            mods = list(dict.fromkeys(n.module for n in ops if n.module))
-            if module:
-                lines.append(module)
-            elif mods:
-                lines.append(_few(mods, 3))
-            if last.shape is not None:
-                lines.append(_shape(last.shape))
+        lines = _segment_lines(s.kind, ops, module, attrs)
         cls: list[str] = []
         if grp is not None:
-            lines.insert(0, f"G{grp.id}")
-            tip.append(f"GeZIG {grp.id}: {grp.name} ({len(grp.slices)} variable slices"
-                       + (f", {len(grp.dependents)} dependent slices" if grp.dependents else "") + ")")
-            cls += ["groups", f"g-{grp.id}"]
-            attrs["id"] = f"group_{grp.id}"
-            if grp.prunable:
-                attrs["fillcolor"] = PALETTE[grp.id % len(PALETTE)]
-            else:
-                attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
-                lines.append("not erasable: " + _short(grp.reason or "unknown", 38))
-                tip.append("not erasable because " + (grp.reason or "unknown"))
-            if zero is not None and grp.id in zero:
-                cls += ["redundant", f"zg-{grp.id}"]
-                attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2.5")
-                lines[0] += " · ZERO"
-                tip.append("redundant: all its variables are zero; erased in the sub-network")
+            cls = _gezig_marks(grp, zero, lines, tip, attrs)
         else:
             attrs["id"] = f"seg_{s.id}"
             if s.kind == "chain":

@@ -57,8 +57,8 @@ def canonical_op(target: Any) -> str:
         name = target._qualified_op_name
     elif isinstance(target, torch._ops.OpOverload):
         name = target._schema.name
-    else:
-        name = getattr(target, "__name__", str(target))
+    else:  # a python callable (operator.mul on sizes, a higher-order op): never an ATen rule's business
+        return f"python::{getattr(target, '__name__', str(target))}"
     ns, _, short = name.rpartition("::")
     short = short.split(".")[0]
     if short.endswith("_") and not short.endswith("__") and len(short) > 1:
