@@ -180,9 +180,12 @@ class ChannelAnalysis:
         """A size ``value`` written in the forward must become ``len(kept elems)`` on the slimmed copy."""
         if not isinstance(value, int) or value == -1:
             return  # -1 or a size computed at runtime follows the channels by itself
-        keys = self._size_attribute(call.node.module, value)
-        if len(keys) == 1:  # several attributes with this value: which one the forward reads is unknown
-            self.size_sites.setdefault(keys[0], []).append(list(elems))
+        own, config = self._size_attribute(call.node.module, value)
+        # one attribute of the module (else of its config) holds the value: the forward reads that one; its
+        # config twins describe the same size.  Two attributes of the module with it: which one is unknown.
+        if len(own) == 1 or (not own and config):
+            for key in own + config:
+                self.size_sites.setdefault(key, []).append(list(elems))
             return
         self.literal_sites.append((f"{what} {value} at {self.describe(call)}", list(elems)))
 
@@ -215,16 +218,16 @@ class ChannelAnalysis:
         except AttributeError:
             return None
 
-    def _size_attribute(self, path: str, value: int) -> list[tuple[str, str]]:
-        """Attributes of module ``path`` (or of its config) that hold ``value``."""
+    def _size_attribute(self, path: str, value: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Attributes of module ``path``, and of its config, that hold ``value``."""
         mod = self._module(path)
         if mod is None:
-            return []
+            return [], []
         config = getattr(mod, "config", None)
-        found = [(path, name) for name in SIZE_ATTRIBUTES if _is_int(getattr(mod, name, None), value)]
-        found += [(path, f"config.{name}") for name in CONFIG_SIZE_ATTRIBUTES
-                  if config is not None and _is_int(getattr(config, name, None), value)]
-        return found
+        own = [(path, name) for name in SIZE_ATTRIBUTES if _is_int(getattr(mod, name, None), value)]
+        conf = [(path, f"config.{name}") for name in CONFIG_SIZE_ATTRIBUTES
+                if config is not None and _is_int(getattr(config, name, None), value)]
+        return own, conf
 
     # ------------------------------------------------------------------ walk
     def run(self) -> PruneSpace:

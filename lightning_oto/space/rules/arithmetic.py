@@ -222,10 +222,46 @@ class ReverseSub(AddSub):
     joint = False
 
 
+class Where(Rule):
+    """where(cond, x, y): entry-wise choice with a condition broadcast over the channels (a causal mask):
+    channel i of the result comes from channel i of x or y only; it stays zero when both choices are."""
+
+    kind = "accessory"
+
+    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+        out = call.node.shape
+        cond, x, y = call["condition"], call.input, call.args.get("other")
+        tx, ty = ctx.channels(x), ctx.channels(y)
+        t = tx or ty
+        if t is None:
+            ctx.set(call, None)
+            return
+        cd = out_cdim(t, ctx.shape(x if tx is not None else y), len(out))
+        pieces = [(v, ctx.channels(v)) for v in (cond, x, y)]
+        for v, tv in pieces:
+            if tv is None and isinstance(v, torch.fx.Node) and size_at(ctx.shape(v) or (), cd, len(out)) > 1:
+                ctx.refuse(call, f"{ctx.describe(call)} chooses per channel with an untracked tensor")
+                return
+            if tv is not None and (out_cdim(tv, ctx.shape(v), len(out)) != cd or len(tv.elems) != len(t.elems)):
+                ctx.refuse(call, f"{ctx.describe(call)} mixes channels laid out differently")
+                return
+        for _, tv in pieces[1:]:
+            if tv is not None and tv is not t:
+                for a, b in zip(t.elems, tv.elems):
+                    ctx.el.union(a, b)
+        zi = [all(z) for z in zip(*[tv.zi if tv is not None else [v == 0] * len(t.elems)
+                                    for v, tv in pieces[1:]])]
+        ctx.set(call, TensorChannels(cd, list(t.elems), zi, t.taint or f"{ctx.describe(call)} fills a constant"))
+
+    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
+        return is_zero(call.input) and is_zero(call.args.get("other"))
+
+
 add(AddSub(), "add", "sub")
+add(Where(), "where")
 add(ReverseSub(), "rsub")
 add(Multiply(), "mul")
 add(Divide(), "div", "floor_divide")
 add(MaskedFill(), "masked_fill")
 
-__all__ = ["Broadcasting", "AddSub", "ReverseSub", "Multiply", "Divide", "MaskedFill", "out_cdim", "size_at"]
+__all__ = ["Broadcasting", "AddSub", "ReverseSub", "Where", "Multiply", "Divide", "MaskedFill", "out_cdim", "size_at"]

@@ -179,15 +179,21 @@ class Reshape(Rule):
 
     @staticmethod
     def free_axis(ctx: "ChannelAnalysis", call: Call, so: tuple, outs: list[int], lit: list | None) -> int:
-        """The dim written -1 (or computed at runtime), else one holding a head-count attribute of the
-        module, else the largest (a trial construction then checks the guess)."""
+        """The outer dim when written -1 (``view(B, N, -1, D)``), else one holding a head-count attribute of
+        the module (``view(B, N, self.num_heads, -1)``), else one written -1, else the largest (a trial
+        construction then checks the guess)."""
+        def free(d: int) -> bool:
+            return not isinstance(lit[d], int) or lit[d] == -1
+
         if lit is not None:
-            for d in outs:
-                if not isinstance(lit[d], int) or lit[d] == -1:
-                    return d
+            if free(outs[0]):
+                return outs[0]
             attrs = ctx.module_sizes(call.node.module, HEAD_COUNT_NAMES)
             for d in outs:
                 if lit[d] in attrs:
+                    return d
+            for d in outs:
+                if free(d):
                     return d
         return max(outs, key=lambda d: (so[d], -d))
 
