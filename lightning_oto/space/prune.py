@@ -27,7 +27,7 @@ from torch import nn
 from ..graph.trace import OpGraph, OpNode
 from .channels import ChannelElements, ParamRef, TensorChannels, merge_slots
 from .groups import Group
-from .rules import Call, ModuleRule, module_rule_for, rule_for
+from .rules import MODULE_RULES, Call, ModuleRule, module_rule_for, rule_for
 
 log = logging.getLogger("lightning_oto")
 
@@ -307,11 +307,7 @@ class ChannelAnalysis:
     # ------------------------------------------------------------------ module rules
     def _module_calls(self) -> dict[int, tuple[ModuleRule, str, nn.Module, list[OpNode]]]:
         """First node id -> (rule, path, module, nodes) of each call of a module that has a module rule."""
-        if self.model is None:
-            return {}
-        from .rules import MODULE_RULES
-
-        if not MODULE_RULES:
+        if self.model is None or not MODULE_RULES:
             return {}
         calls: dict[str, tuple[ModuleRule, str, nn.Module, list[OpNode]]] = {}
         for node in self.g.nodes:
@@ -425,11 +421,6 @@ def _clean_path(path: str) -> str:
     if "self" in path and "]" in path:
         path = path.split("]", 1)[-1].lstrip(".")
     return path
-
-
-def _merge(slices: list[tuple[str, int, int]]) -> list:
-    """Kept for older callers: see :func:`.channels.merge_slots`."""
-    return merge_slots(slices)
 
 
 def _group_name(slices: list[tuple[str, int, int]]) -> str:
