@@ -205,11 +205,11 @@ def mismatch_hint(space: PruneSpace | None, zero_ids: Sequence[int]) -> str:
 @torch.no_grad()
 def _trial(model: nn.Module, inputs: tuple, space: PruneSpace, ids: Sequence[int]) -> str | None:
     """None when removing groups ``ids`` gives an exact sub-network; else what went wrong."""
-    full = copy.deepcopy(model)
-    params = dict(full.named_parameters())
-    for i in ids:
-        zero_group(space.groups[i], params)
     try:
+        full = copy.deepcopy(model)
+        params = dict(full.named_parameters())
+        for i in ids:
+            zero_group(space.groups[i], params)
         sub = prune_subnet(full, space, ids)
         err, scale = output_difference(full, sub, inputs)
     except Exception as e:  # noqa: BLE001 - a failing forward is the answer
