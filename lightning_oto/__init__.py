@@ -5,8 +5,8 @@ from .space.rules import register_rule
 
 __version__ = "0.1.0"
 
-__all__ = ["OTO", "OTOCallback", "OTOMixin", "TraceError", "SubnetMismatchError", "InvalidSubnetError",
-           "register_rule"]
+__all__ = ["OTO", "OTOCallback", "OTOMixin", "load", "register_rule", "TraceError", "SubnetMismatchError",
+           "InvalidSubnetError"]
 
 
 def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed for the engine
@@ -14,4 +14,8 @@ def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed 
         from . import lightning as _l
 
         return getattr(_l, name)
+    if name == "load":  # lightning_oto.load(path): an exported sub-network as a plain nn.Module
+        from .subnet.load import load
+
+        return load
     raise AttributeError(name)

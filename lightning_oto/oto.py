@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .errors import InvalidSubnetError, SubnetMismatchError  # noqa: F401 - re-exported
+from .graph import dynamic
 from .graph.trace import OpGraph, normalize_inputs, trace
-from .space.groups import Group, group_norm, zero_group
-from .space.prune import build_prune_space
-from .subnet.slim import confirm_literal_sizes, mismatch_hint, prune_subnet
-from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, allowed_error, output_difference
+from .modes import make_mode
+from .space import controls
+from .space.groups import Group, group_is_zero, zero_group
+from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_difference
 
 log = logging.getLogger("lightning_oto")
 
@@ -31,47 +33,73 @@ class OTO:
     """Search space of ``model`` for ``mode`` ("prune": channel ZIGs; "erase": operator GeZIGs).
 
     The model is traced once on ``example_inputs`` (a tensor or tuple of tensors); it is never
-    modified except by the methods that say so (``random_set_zero_groups`` and the optimizers,
-    which write its parameters).
+    modified except by the methods that say so (``random_set_zero_groups``,
+    ``recalibrate_batchnorm`` and the optimizers, which write its parameters).
+
+    ``dynamic_shapes``: which input dimensions the trace (and so an erased sub-network) keeps
+    dynamic — ``"auto"`` (every dimension the model allows: batch, sequence length, image size of
+    a fully convolutional net), ``"static"``, or a torch.export-style spec, which is strict.
+
+    The controls pruning users expect (:mod:`lightning_oto.space.controls`): ``ignored_layers``
+    (modules or name patterns whose variables stay), ``max_group_sparsity`` (``{module or pattern:
+    cap in [0, 1]}`` on the fraction of its groups that may go) and, in prune mode, ``round_to=N``
+    (channels go N at a time per layer).
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any = None, mode: str = "prune") -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any = None, mode: str = "prune", *,
+                 ignored_layers: Iterable[Any] | None = None, max_group_sparsity: dict[Any, float] | None = None,
+                 round_to: int = 1, dynamic_shapes: Any = dynamic.AUTO) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameters: there is nothing to compress.")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}.")
+        if round_to > 1 and mode != "prune":
+            raise ValueError("round_to counts channels: it applies to mode='prune' only.")
+        ignored = controls.module_names(model, ignored_layers or (), "ignored_layers")
         self.model = model
         self.mode = mode
         self.example_inputs = normalize_inputs(model, example_inputs)
-        self.graph: OpGraph = trace(model, self.example_inputs)
-        self.segment_graph = None
-        self.unsupported_ops: dict[str, str] = {}
-        self.prune_space = None
-        if mode == "prune":
-            space = build_prune_space(self.graph, model)
-            confirm_literal_sizes(model, self.example_inputs, space)
-            self.prune_space = space
-            self.groups: list[Group] = space.groups
-            self.unsupported_ops = space.unprunable_ops
-        else:
-            from .space.erase import build_erase_space
+        self.graph: OpGraph = trace(model, self.example_inputs, dynamic_shapes=dynamic_shapes)
+        self._mode = make_mode(mode, self.graph, model, self.example_inputs)
+        self.groups: list[Group] = controls.bundle(self._mode.groups, round_to)
+        self._mode.groups = self.groups
+        controls.apply_ignored(self.groups, ignored)
+        self.candidate_filter = controls.cap_filter(model, self.groups, max_group_sparsity or {})
+        self.unsupported_ops: dict[str, str] = self._mode.unsupported
+        self._explain_search_space()
 
-            space = build_erase_space(self.graph)
-            self.groups = space.groups
-            self.segment_graph = space.segment_graph
-            self.unsupported_ops = space.unerasable
-        if self.unsupported_ops:
+    def _explain_search_space(self) -> None:
+        word = "prunable" if self.mode == "prune" else "erasable"
+        if not self.prunable_groups:
+            reasons = Counter(g.reason for g in self.groups if g.reason)
+            reasons.update(r for r in self.unsupported_ops.values() if r not in reasons)
+            why = "; ".join(f"{r} ({n} groups)" if n > 1 else r for r, n in reasons.most_common(5))
+            why = why or "no operator owns removable variables"
+            log.warning("lightning_oto: %s has no %s group (%d groups found): %s.", type(self.model).__name__, word,
+                        len(self.groups), why)
+        elif self.unsupported_ops:
             kinds = ", ".join(sorted(self.unsupported_ops)[:5])
             more = "" if len(self.unsupported_ops) <= 5 else f" (+{len(self.unsupported_ops) - 5} more)"
-            log.warning("lightning_oto: groups touching %s%s are kept (not %s).", kinds, more,
-                        "prunable" if mode == "prune" else "erasable")
+            log.warning("lightning_oto: groups touching %s%s are kept (not %s).", kinds, more, word)
 
     # ------------------------------------------------------------------ groups
     @property
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
+
+    @property
+    def segment_graph(self) -> Any:
+        """Erase mode: the segment graph the hierarchy check runs on (None in prune mode)."""
+        return getattr(self._mode, "segment_graph", None)
+
+    @property
+    def dynamic_dims(self) -> list[list[int]]:
+        """Per example input, the dimensions the trace kept dynamic."""
+        return self.graph.dynamic_dims
 
     def _params(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())
@@ -79,14 +107,17 @@ class OTO:
     def zero_group_ids(self) -> list[int]:
         """Prunable groups whose variables are all exactly zero in the model right now."""
         params = self._params()
-        return [g.id for g in self.prunable_groups if group_norm(g, params) == 0.0]
+        return [g.id for g in self.prunable_groups if group_is_zero(g, params)]
 
     def hierarchy_check(self, accepted: frozenset[int], candidate: int) -> bool:
-        """Erase mode: True when removing ``candidate`` on top of ``accepted`` keeps inputs connected to outputs."""
-        if self.segment_graph is None:
-            return True
-        return self.segment_graph.removal_is_valid(
-            {self.groups[i].vertex for i in accepted} | {self.groups[candidate].vertex})
+        """True when ``candidate`` may be removed on top of ``accepted`` (erase: nothing gets disconnected)."""
+        return self._mode.hierarchy_check(accepted, candidate)
+
+    def can_remove(self, accepted: frozenset[int], candidate: int) -> bool:
+        """The hierarchy check and the per-module caps together."""
+        if self.candidate_filter is not None and not self.candidate_filter(accepted, candidate):
+            return False
+        return self.hierarchy_check(accepted, candidate)
 
     def random_set_zero_groups(self, fraction: float = 0.5, seed: int = 0) -> list[int]:
         """Zero a random valid set of round(fraction * #prunable) groups in the model; returns their ids."""
@@ -100,7 +131,7 @@ class OTO:
         for gid in cand:
             if len(chosen) >= k:
                 break
-            if self.hierarchy_check(frozenset(chosen), gid):
+            if self.can_remove(frozenset(chosen), gid):
                 chosen.append(gid)
         params = self._params()
         for gid in chosen:
@@ -121,7 +152,7 @@ class OTO:
         from .optim import DHSPG
 
         return DHSPG(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
-                     **kwargs)
+                     **self._filter_kwargs(kwargs))
 
     def h2spg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """H2SPG: hierarchical search over the erase-mode GeZIGs, then hybrid training."""
@@ -132,53 +163,59 @@ class OTO:
         from .optim import H2SPG
 
         return H2SPG(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
-                     hierarchy_check=self.hierarchy_check, **kwargs)
+                     hierarchy_check=self.hierarchy_check, **self._filter_kwargs(kwargs))
 
     def hesso(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """HESSO-style progressive shrinking (prune mode)."""
         _check_sparsity(target_group_sparsity)
-        from . import optim
+        from .optim import HESSO
 
-        if not hasattr(optim, "HESSO"):
-            raise NotImplementedError("HESSO is not available in this build.")
-        return optim.HESSO(self._named_trainable(), self.groups, lr=lr,
-                           target_group_sparsity=target_group_sparsity, **kwargs)
+        return HESSO(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
+                     **self._filter_kwargs(kwargs))
+
+    def _filter_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The per-module caps travel to the optimizer as its ``candidate_filter``."""
+        if self.candidate_filter is not None and "candidate_filter" not in kwargs:
+            kwargs = dict(kwargs, candidate_filter=self.candidate_filter)
+        return kwargs
+
+    def recalibrate_batchnorm(self, batches: Iterable[Any], num_batches: int = 20,
+                              inputs_of: Callable[[Any], tuple] | None = None) -> int:
+        """Re-estimate the model's BatchNorm running statistics on ``num_batches`` batches (see
+        :func:`lightning_oto.subnet.recalibrate.recalibrate_batchnorm`); call it before construction."""
+        from .subnet.recalibrate import recalibrate_batchnorm
+
+        return recalibrate_batchnorm(self.model, batches, num_batches=num_batches, inputs_of=inputs_of)
 
     # ------------------------------------------------------------------ construction
-    def construct_subnet(self, verify: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> nn.Module:
+    def construct_subnet(self, verify: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                         verify_inputs: Sequence[Any] = ()) -> nn.Module:
         """A new, physically smaller module without the zero groups; the original model is untouched.
 
-        With ``verify`` the sub-network's outputs are compared with the full model's on the example
-        input (eval mode) and :class:`SubnetMismatchError` is raised if they differ by more than
+        Construction itself proves that every zero group is gone (:class:`IncompleteRemovalError`
+        otherwise).  With ``verify`` the sub-network's outputs are compared with the full model's in
+        eval mode on the example input and each of ``verify_inputs`` (e.g. another batch size or
+        sequence length) and :class:`SubnetMismatchError` is raised if they differ by more than
         ``atol + rtol * max|full(x)|`` (the relative part absorbs float32 rounding on large outputs).
         """
         zero = self.zero_group_ids()
         if not zero:
             warnings.warn("construct_subnet: no group is zero yet; returning an equal-size copy.", stacklevel=2)
-        if self.mode == "prune":
-            sub = self._slim(zero)
-        else:
-            from .subnet.erase import erase_subnet
-
-            sub = erase_subnet(self, zero)
+        zero_groups = [self.groups[i] for i in zero]
+        sub = self._mode.construct(self.model, zero_groups)
         if verify:
-            hint = mismatch_hint(self.prune_space, zero)
             try:
-                err, scale = self.verify(sub, return_scale=True)
-            except Exception as e:  # noqa: BLE001 - the sub-network's forward failed
+                err = check_outputs(self.model, sub, self.example_inputs, atol, rtol)
+                for i, extra in enumerate(verify_inputs):
+                    inputs = normalize_inputs(self.model, extra)
+                    err = max(err, check_outputs(self.model, sub, inputs, atol, rtol, context=f"verify_inputs[{i}]"))
+            except Exception as e:  # noqa: BLE001 - name the user rules the removed channels went through
+                hint = getattr(self._mode, "mismatch_hint", lambda groups: "")(zero_groups)
                 if not hint:
                     raise
-                raise SubnetMismatchError(f"the sub-network's forward failed ({type(e).__name__}: {e}).{hint}") from e
-            if not err <= allowed_error(scale, atol, rtol):
-                raise SubnetMismatchError(
-                    f"sub-network outputs differ from the full model by {err:.3g} (outputs up to {scale:.3g}; "
-                    f"allowed {atol} + {rtol} x scale); this is a bug or an operator the engine mis-handles — "
-                    f"please report it with the model.{hint}")
+                raise SubnetMismatchError(f"{e}{hint}") from e
             sub.oto_verification_error = err  # type: ignore[attr-defined]
         return sub
-
-    def _slim(self, zero: Sequence[int]) -> nn.Module:
-        return prune_subnet(self.model, self.prune_space, zero)
 
     def verify(self, sub: nn.Module, inputs: Any = None, return_scale: bool = False) -> Any:
         """Max |sub(x) - full(x)| over all outputs, both models in eval mode (modes restored).
@@ -194,25 +231,25 @@ class OTO:
         """Parameters and FLOPs (torch.utils.flop_counter) of the full model vs ``sub``."""
         from .subnet.report import compression_report
 
-        full = self.model
-        if self.mode == "erase":
-            # the erased sub-network is an exported program: count the full model in the same form, so fused
-            # eager kernels (e.g. nn.MultiheadAttention's) are not counted differently on the two sides
-            from .graph.trace import export_program
-
-            full = export_program(self.model, self.example_inputs).module()
-        rep = compression_report(full, sub, self.example_inputs, self.groups, self.zero_group_ids())
+        rep = compression_report(self._mode.reference(self.model), sub, self.example_inputs, self.groups,
+                                 self.zero_group_ids())
         rep["params_full"] = sum(p.numel() for p in self.model.parameters())
         if sub is not None:
             rep["param_ratio"] = rep["params_sub"] / max(1, rep["params_full"])
         return rep
 
     def export(self, sub: nn.Module, out_dir: str | Path, formats: Iterable[str] = ("torch", "onnx"),
-               check: bool = True) -> dict[str, str]:
-        """Write ``sub`` as torch (state_dict + torch.export program) and/or ONNX, and check each reloads."""
+               check: bool = True, metadata: dict[str, Any] | None = None,
+               dynamic_shapes: Any = None) -> dict[str, str]:
+        """Write ``sub`` as torch (state_dict + torch.export program) and/or ONNX, and check each reloads;
+        ``lightning_oto.load(out_dir)`` gives it back.  ``metadata``: what inference needs (e.g.
+        :func:`lightning_oto.data.inference.inference_metadata`).  The exported files keep dynamic every
+        input dimension the sub-network allows (``dynamic_shapes="auto"``; a torch.export spec overrides)."""
         from .subnet.export import export_subnet
 
-        return export_subnet(sub, self.example_inputs, out_dir, formats=formats, check=check)
+        dynamic_shapes = dynamic.AUTO if dynamic_shapes is None else dynamic_shapes
+        return export_subnet(sub, self.example_inputs, out_dir, formats=formats, check=check, metadata=metadata,
+                             dynamic_shapes=dynamic_shapes)
 
     def visualize(self, out_dir: str | Path, what: Sequence[str] = ("trace", "space", "redundant", "subnet"),
                   sub: nn.Module | None = None) -> dict[str, str]:
@@ -220,6 +257,16 @@ class OTO:
         from .viz.graphviz import visualize
 
         return visualize(self, out_dir, what=what, sub=sub)
+
+    def summary(self, zero_ids: Sequence[int] | None = None) -> str:
+        """Per module: channels (prune) or operators (erase) before -> after for the zero groups (default:
+        those zero now), and why the groups that stay were kept."""
+        from .subnet.summary import erase_summary, format_summary, prune_summary
+
+        zero = self.zero_group_ids() if zero_ids is None else list(zero_ids)
+        if self.mode == "prune":
+            return format_summary(prune_summary(self.model, self.groups, zero), "channels")
+        return format_summary(erase_summary(self.groups, zero), "operators")
 
     def __repr__(self) -> str:
         return (f"OTO(mode={self.mode!r}, model={type(self.model).__name__}, ops={len(self.graph)}, "

@@ -238,7 +238,7 @@ def test_a_model_with_no_prunable_group_logs_why(caplog):
         oto = OTO(AllKept(), torch.randn(2, 3, 8, 8))
     assert not oto.prunable_groups
     msg = " ".join(r.getMessage() for r in caplog.records)
-    assert "no prunable channel group" in msg and "6 groups" in msg and "softmax" in msg
+    assert "no prunable group" in msg and "6 groups" in msg and "softmax" in msg
 
 
 # ------------------------------------------------------------------ matmul with a parameter (GPT-2 Conv1D)

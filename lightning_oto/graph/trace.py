@@ -7,6 +7,7 @@ torch internals again.
 from __future__ import annotations
 
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -15,7 +16,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import TraceError
+from ..errors import DynamicShapeError, TraceError
+from . import dynamic
 
 
 def op_name(target: Any) -> str:
@@ -26,6 +28,9 @@ def op_name(target: Any) -> str:
     if hasattr(target, "_schema"):
         name = target._schema.name.split("::")[-1]
     return name.split(".")[0]
+
+
+log = logging.getLogger("lightning_oto")
 
 
 @dataclass
@@ -58,6 +63,7 @@ class OpGraph:
     program: Any = field(default=None, repr=False)  # the ExportedProgram
     placeholder_to_param: dict[str, str] = field(default_factory=dict, repr=False)
     placeholder_to_buffer: dict[str, str] = field(default_factory=dict, repr=False)
+    dynamic_dims: list[list[int]] = field(default_factory=list)  # per input: dims kept symbolic in the trace
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -116,38 +122,62 @@ def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     return inputs
 
 
-def export_program(model: nn.Module, inputs: tuple, dynamic_batch: bool = False) -> Any:
+def export_program(model: nn.Module, inputs: tuple, dynamic_batch: bool = False,
+                   dynamic_shapes: Any = None) -> Any:
     """Non-strict torch.export in eval mode; the model's mode is restored afterwards.
 
-    ``dynamic_batch`` lets export keep dimension 0 symbolic (for programs users will run on other
-    batch sizes); where export cannot, it falls back to the example's static shapes.
+    ``dynamic_shapes``: ``None`` (static, or a dynamic batch with ``dynamic_batch``), ``"auto"``
+    (every dimension the model allows stays dynamic; falls back to a dynamic batch, then static
+    shapes, when export cannot), or a torch.export-style spec, which is strict: a dimension the model
+    pins raises :class:`DynamicShapeError` naming it and what pins it.
     """
     was_training = model.training
     model.eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if dynamic_batch:
-                # a batch of 1 would be specialized (0/1 rule): trace a batch of 2 made of copies instead
-                inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() > 0 and t.shape[0] == 1 else t
-                               for t in inputs)
-                dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in inputs)
-                try:
-                    return torch.export.export(model, inputs, dynamic_shapes=dyn, strict=False)
-                except Exception:  # noqa: BLE001 - static shapes still give a correct program
-                    pass
-            return torch.export.export(model, inputs, strict=False)
+            return _export_with_shapes(model, inputs, dynamic_batch, dynamic_shapes)
+    except DynamicShapeError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised with the tracer's reason
-        reason = str(e).strip().splitlines()
-        short = "\n".join(reason[:12])
         raise TraceError(
             f"Could not trace {type(model).__name__} with torch.export (non-strict). The tracer said:\n"
-            f"  {type(e).__name__}: {short}\n"
+            f"  {type(e).__name__}: {_first_lines(e)}\n"
             "Make the forward pass traceable (no data-dependent Python control flow on tensor values), "
             "or check that example_inputs match what forward() expects."
         ) from e
     finally:
         model.train(was_training)
+
+
+def _first_lines(e: BaseException, n: int = 12) -> str:
+    return "\n".join(str(e).strip().splitlines()[:n])
+
+
+def _export_with_shapes(model: nn.Module, inputs: tuple, dynamic_batch: bool, dynamic_shapes: Any) -> Any:
+    if dynamic_shapes in (None, dynamic.STATIC) and not dynamic_batch:
+        return torch.export.export(model, inputs, strict=False)
+    if dynamic_shapes in (None, dynamic.STATIC, dynamic.AUTO):
+        wide = dynamic.widen_unit_batch(inputs)
+        specs = [dynamic.auto_spec(wide)] if dynamic_shapes == dynamic.AUTO else []
+        specs.append(dynamic.batch_spec(wide))
+        for spec in specs:
+            try:
+                return torch.export.export(model, wide, dynamic_shapes=spec, strict=False)
+            except Exception as e:  # noqa: BLE001 - fewer dynamic dimensions still give a correct program
+                log.debug("lightning_oto: export with dynamic shapes %s failed (%s); trying fewer", spec,
+                          str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return torch.export.export(model, inputs, strict=False)
+    wanted = dynamic.requested_dims(dynamic_shapes, len(inputs))
+    try:
+        return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # noqa: BLE001 - say which dimension is pinned, and by what
+        if "onstraint" not in str(e) and "specialized" not in str(e):
+            raise
+        why = dynamic.explain_pins(model, inputs, wanted)
+        raise DynamicShapeError(
+            "dynamic_shapes asks for dimensions the model does not allow to vary:\n  - " + "\n  - ".join(why)
+            + "\nLeave them static (drop them from dynamic_shapes), or use dynamic_shapes='auto'.") from e
 
 
 def _module_of(node: torch.fx.Node) -> tuple[str, str]:
@@ -160,6 +190,34 @@ def _module_of(node: torch.fx.Node) -> tuple[str, str]:
     if "self" in path and "]" in path:
         path = path.split("]", 1)[-1].lstrip(".")
     return path, typ.split(".")[-1]
+
+
+def concrete_size(s: Any) -> int:
+    """A size as an int; a symbolic size reads as the example's value *without* adding a guard
+    (``int(symint)`` would specialize the trace's dynamic dimension)."""
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        return int(hint) if hint is not None else int(s.node.shape_env.size_hint(s.node.expr))
+    return int(s)
+
+
+def concrete_shape(val: Any) -> tuple[int, ...] | None:
+    """A tensor's shape as ints: symbolic sizes (a dynamic trace) read as the example's sizes."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(concrete_size(s) for s in val.shape)
+
+
+def _is_size_arithmetic(fx: torch.fx.Node) -> bool:
+    """Nodes of a dynamic trace that compute sizes, not tensors (sym_size, SymInt math, shape asserts)."""
+    if fx.op != "call_function":
+        return False
+    val = fx.meta.get("val")
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)) or val is None:
+        # a value read from tensor *contents* (item) is a real dependency: only metadata reads qualify
+        return all(not isinstance(a.meta.get("val"), torch.Tensor) for a in fx.all_input_nodes) or \
+            op_name(fx.target) in ("sym_size", "sym_numel", "sym_stride", "sym_storage_offset")
+    return False
 
 
 def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -182,12 +240,13 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 def build_graph(program: Any) -> OpGraph:
     """Convert an ExportedProgram into an OpGraph in one pass over its fx nodes."""
+    dynamic_dims = dynamic.symbolic_dims(program)
     sig = program.graph_signature
     ph_param = dict(sig.inputs_to_parameters)
     ph_buffer = dict(sig.inputs_to_buffers)
     ph_const = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
     state = program.state_dict
-    param_shapes = {name: tuple(state[name].shape) for name in ph_param.values() if name in state}
+    param_shapes = {name: tuple(int(d) for d in state[name].shape) for name in ph_param.values() if name in state}
     buffer_shapes: dict[str, tuple[int, ...]] = {}
     for name in ph_buffer.values():
         t = state.get(name)
@@ -208,7 +267,7 @@ def build_graph(program: Any) -> OpGraph:
             if not isinstance(val, torch.Tensor):
                 continue
             nid = len(nodes)
-            nodes.append(OpNode(nid, fx.name, "input", "input", shape=tuple(val.shape), fx_node=fx))
+            nodes.append(OpNode(nid, fx.name, "input", "input", shape=concrete_shape(val), fx_node=fx))
             index[fx] = nid
             input_ids.append(nid)
             continue
@@ -221,11 +280,10 @@ def build_graph(program: Any) -> OpGraph:
                     node.inputs.append(index[a])
             output_ids.append(nid)
             continue
-        if fx.op != "call_function":
+        if fx.op != "call_function" or _is_size_arithmetic(fx):
             continue
         op = op_name(fx.target)
-        val = fx.meta.get("val")
-        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+        shape = concrete_shape(fx.meta.get("val"))
         mod, mtyp = _module_of(fx)
         node = OpNode(len(nodes), fx.name, op, "op", shape=shape, module=mod, module_type=mtyp, fx_node=fx)
         for a in _tensor_args(fx):
@@ -240,14 +298,19 @@ def build_graph(program: Any) -> OpGraph:
     for n in nodes:
         for i in n.inputs:
             nodes[i].outputs.append(n.id)
-    return OpGraph(nodes, input_ids, output_ids, param_shapes, buffer_shapes, program, ph_param, ph_buffer)
+    return OpGraph(nodes, input_ids, output_ids, param_shapes, buffer_shapes, program, ph_param, ph_buffer,
+                   dynamic_dims)
 
 
-def trace(model: nn.Module, example_inputs: Any) -> OpGraph:
-    """Trace ``model`` on ``example_inputs`` (tensor or tuple) into an OpGraph; the model is not modified."""
+def trace(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> OpGraph:
+    """Trace ``model`` on ``example_inputs`` (tensor or tuple) into an OpGraph; the model is not modified.
+
+    ``dynamic_shapes``: see :func:`export_program` (``"auto"`` keeps every dimension the model
+    allows dynamic; the OpGraph's shapes are always the example's sizes).
+    """
     inputs = normalize_inputs(model, example_inputs)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    program = export_program(model, inputs)
+    program = export_program(model, inputs, dynamic_shapes=dynamic_shapes)
     # non-strict export runs forward on fake tensors; make sure nothing leaked into the user's state
     after = model.state_dict()
     for k, v in before.items():

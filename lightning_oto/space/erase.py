@@ -41,6 +41,7 @@ class Segment:
     outputs: list[int] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
     concat: bool = False         # a joint that concatenates (dropping an input needs affiliated slicing)
+    param_nodes: list[int] = field(default_factory=list)  # folded parameter expressions (gamma.reshape(-1, 1, 1))
 
     @property
     def last(self) -> int:
@@ -53,6 +54,9 @@ class SegmentGraph:
     node_segment: list[int]       # OpNode id -> segment id
     input_segments: list[int]
     output_segments: list[int]
+    # removable segment -> the segments that only feed it (its branch: attention Q/K/V before an output
+    # projection, a norm before the first conv); they die with it and are removed at construction
+    branch: dict[int, set[int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -81,41 +85,48 @@ class SegmentGraph:
         return dead
 
     def removal_is_valid(self, removed: Iterable[int]) -> bool:
-        """True when removing the ``removed`` segments leaves a working network (inputs reach outputs).
+        """True when removing the ``removed`` segments leaves a working network with nothing orphaned.
 
-        Only inputs that reach an output in the full network count: an input the model never uses, or
-        uses only in dead code, cannot be disconnected by a removal.
+        Every segment that contributes to an output in the full network (graph inputs included) must
+        still reach an output through live segments, unless it belongs to the branch of a removed
+        segment (it only fed that segment; construction removes it with it).  Otherwise the removal
+        would silently take structures with it that are not zero.  O(V_s + E_s).
         """
         removed = {r for r in removed if r is not None}
         dead = self.dead_set(removed)
-        if dead is None:
+        if dead is None or any(o in dead for o in self.output_segments):
             return False
-        if any(o in dead for o in self.output_segments):
-            return False
-        live = self._live_inputs()
-        return all(self._reaches_output(src, dead) for src in live)
+        allowed = set().union(*(self.branch.get(r, ()) for r in removed)) if removed else set()
+        return self.orphans(dead) <= allowed
 
-    def _live_inputs(self) -> list[int]:
-        cached = getattr(self, "_live_cache", None)
+    def orphans(self, dead: set[int]) -> set[int]:
+        """Segments that contributed to an output but no longer do once ``dead`` is gone."""
+        return self._useful() - dead - self._reaching_outputs(dead)
+
+    def removed_with(self, removed: Iterable[int]) -> set[int]:
+        """Every segment construction deletes for ``removed``: dead joints and the removed branches too."""
+        removed = set(removed)
+        dead = self.dead_set(removed) or set(removed)
+        return dead.union(*(self.branch.get(r, ()) for r in removed)) if removed else dead
+
+    def _useful(self) -> set[int]:
+        cached = getattr(self, "_useful_cache", None)
         if cached is None:
-            cached = [src for src in self.input_segments if self._reaches_output(src, set())]
-            self._live_cache = cached
+            cached = self._reaching_outputs(set())
+            self._useful_cache = cached
         return cached
 
-    def _reaches_output(self, src: int, dead: set[int]) -> bool:
-        outputs = set(self.output_segments)
-        seen = {src}
-        q = deque([src])
+    def _reaching_outputs(self, dead: set[int]) -> set[int]:
+        """Segments not in ``dead`` with a path of live segments to an output (backward BFS)."""
+        seen = {o for o in self.output_segments if o not in dead}
+        q = deque(seen)
         while q:
             s = q.popleft()
-            for t in self.segments[s].outputs:
-                if t in dead or t in seen:
-                    continue
-                if t in outputs:
-                    return True
-                seen.add(t)
-                q.append(t)
-        return False
+            for t in self.segments[s].inputs:
+                if t not in dead and t not in seen:
+                    seen.add(t)
+                    q.append(t)
+        return seen
 
 
 @dataclass
@@ -141,31 +152,50 @@ def is_joint(node: OpNode, graph: OpGraph | None = None) -> bool:
 
 
 def build_segment_graph(graph: OpGraph) -> SegmentGraph:
-    """Algorithm 2, first phase: one pass in topological order grows chains and cuts at joints/forks."""
+    """Algorithm 2, first phase: one pass in topological order grows chains and cuts at joints/forks.
+
+    Parameter expressions (nodes computed from parameters and constants only, e.g. a layer scale
+    ``gamma.reshape(-1, 1, 1)``) are not operators of their own: they fold into their consumer's
+    segment, which then owns their parameters.
+    """
+    exprs = _parameter_expressions(graph)
     segs: list[Segment] = []
     node_seg = [-1] * len(graph.nodes)
     for node in graph.nodes:
+        if node.id in exprs:
+            continue
+        inputs = [i for i in node.inputs if i not in exprs]
+        folded = _folded(graph, node, exprs)
+        params = list(dict.fromkeys(node.params + [x for e in folded for x in graph.nodes[e].params]))
         if node.kind in ("input", "output"):
             kind = node.kind
         elif is_joint(node, graph):
             kind = "joint"
         else:
             kind = "chain"
-        if kind == "chain" and len(node.inputs) == 1:
-            p = graph.nodes[node.inputs[0]]
+        if kind == "chain" and len(inputs) == 1:
+            p = graph.nodes[inputs[0]]
             ps = segs[node_seg[p.id]] if node_seg[p.id] >= 0 else None
             if ps is not None and ps.kind == "chain" and len(p.outputs) == 1 and ps.last == p.id:
                 ps.nodes.append(node.id)
-                ps.params += [x for x in node.params if x not in ps.params]
+                ps.params += [x for x in params if x not in ps.params]
+                ps.param_nodes += [e for e in folded if e not in ps.param_nodes]
                 node_seg[node.id] = ps.id
                 continue
-        s = Segment(len(segs), kind, [node.id], params=list(dict.fromkeys(node.params)),
-                    concat=kind == "joint" and node.op in ("cat", "concat"))
+        s = Segment(len(segs), kind, [node.id], params=params, concat=kind == "joint" and node.op in ("cat", "concat"),
+                    param_nodes=folded)
         segs.append(s)
         node_seg[node.id] = s.id
+    for e in exprs:  # a folded expression belongs to its consumers' segment; one shared by several to none
+        owners = {node_seg[c] for c in _consumers(graph, e, exprs)}
+        node_seg[e] = owners.pop() if len(owners) == 1 else -1
+    for seg in segs:
+        seg.param_nodes = [e for e in seg.param_nodes if node_seg[e] == seg.id]
     for node in graph.nodes:
         t = node_seg[node.id]
         for i in node.inputs:
+            if i in exprs or node.id in exprs:
+                continue
             s = node_seg[i]
             if s != t and t not in segs[s].outputs:
                 segs[s].outputs.append(t)
@@ -173,6 +203,42 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
     ins = [node_seg[i] for i in graph.input_ids]
     outs = [node_seg[i] for i in graph.output_ids]
     return SegmentGraph(segs, node_seg, ins, outs)
+
+
+def _parameter_expressions(graph: OpGraph) -> set[int]:
+    """Operators whose value depends on no graph input: only on parameters, buffers and constants."""
+    exprs: set[int] = set()
+    for node in graph.nodes:  # topological order
+        if node.kind not in ("input", "output") and all(i in exprs for i in node.inputs) and node.outputs:
+            exprs.add(node.id)
+    return exprs
+
+
+def _folded(graph: OpGraph, node: OpNode, exprs: set[int]) -> list[int]:
+    """The parameter expressions ``node`` reads, transitively (in topological order)."""
+    out: set[int] = set()
+    stack = [i for i in node.inputs if i in exprs]
+    while stack:
+        e = stack.pop()
+        if e not in out:
+            out.add(e)
+            stack += [i for i in graph.nodes[e].inputs if i in exprs]
+    return sorted(out)
+
+
+def _consumers(graph: OpGraph, e: int, exprs: set[int]) -> list[int]:
+    """The non-expression operators that read expression ``e`` (directly or through other expressions)."""
+    out, stack, seen = [], list(graph.nodes[e].outputs), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in exprs:
+            stack += graph.nodes[n].outputs
+        else:
+            out.append(n)
+    return sorted(out)
 
 
 def _output_is_zero(graph: OpGraph, seg: Segment) -> bool:
@@ -189,7 +255,7 @@ def _output_is_zero(graph: OpGraph, seg: Segment) -> bool:
             return bool(a) and all(is_zero(x) for x in a)
         return isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0
 
-    for nid in seg.nodes:
+    for nid in sorted(set(seg.nodes) | set(seg.param_nodes)):  # folded parameter expressions first
         fx = graph.nodes[nid].fx_node
         rule = rules.rule_for(fx.target)
         call = rules.Call.of(graph.nodes[nid])
@@ -206,9 +272,8 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
     analysis.walk()
     param_segments: dict[str, set[int]] = {}
     for s in sg.segments:
-        for nid in s.nodes:
-            for p in graph.nodes[nid].params:
-                param_segments.setdefault(p, set()).add(s.id)
+        for p in s.params:
+            param_segments.setdefault(p, set()).add(s.id)
     groups: list[Group] = []
     unerasable: dict[str, str] = {}
     for s in sg.segments:
@@ -225,6 +290,9 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
         extra: list[ParamSlice] = []
         if reason is None:
             reason, extra, deps = _concat_dependents(graph, sg, analysis, s)
+        if reason is None:
+            reason, branch_deps = _branch(graph, sg, s, param_segments)
+            deps += branch_deps
         name = _segment_name(graph, s)
         if reason:
             unerasable[name] = reason
@@ -232,28 +300,70 @@ def build_erase_space(graph: OpGraph) -> EraseSpace:
             id=len(groups), name=name, slices=[ParamSlice(p) for p in s.params] + extra, dependents=deps,
             prunable=reason is None, reason=reason, vertex=s.id,
         ))
-    _drop_overlapping_affiliates(groups, unerasable)
+    _share_affiliated_tensors(groups, graph, unerasable)
     return EraseSpace(groups, sg, unerasable, analysis)
 
 
-def _drop_overlapping_affiliates(groups: list[Group], unerasable: dict[str, str]) -> None:
-    """Erasable groups must own disjoint variables: a concat affiliate (channels of a norm after the
-    concat) that is also a whole variable of another erasable group keeps its own group instead."""
-    owner: dict[str, Group] = {}
+def _branch(graph: OpGraph, sg: SegmentGraph, s: Segment,
+            param_segments: dict[str, set[int]]) -> tuple[str | None, list[ParamSlice]]:
+    """The segments that only feed ``s`` die with it: record them and the parameters only they read.
+
+    Returns (reason it cannot be erased, the branch's parameters as whole-tensor dependents).
+    """
+    dead = sg.dead_set({s.id}) or {s.id}
+    branch = sg.orphans(dead)
+    cut = [i for i in sg.input_segments if i in branch]
+    if cut:
+        return f"removing it would disconnect the input {graph.nodes[sg.segments[cut[0]].nodes[0]].name}", []
+    sg.branch[s.id] = branch
+    gone = dead | branch
+    names = {p for b in branch for p in sg.segments[b].params}
+    return None, [ParamSlice(p) for p in sorted(names) if param_segments[p] <= gone]
+
+
+def _share_affiliated_tensors(groups: list[Group], graph: OpGraph, unerasable: dict[str, str]) -> None:
+    """Dense connectivity: a norm after a concat belongs to the layer that reads it, but its channels of an
+    earlier layer's output are that layer's concat affiliates.  The reading layer keeps the other
+    channels as variables and the whole tensor as a dependent (it dies with the layer); groups stay
+    disjoint, and zeroing either still zeroes its output.  A claim the split cannot honour (two
+    dimensions, or two claimants of one channel) leaves the claimant unerasable, as before.
+    """
+    claims: dict[str, dict[int, dict[int, Group]]] = {}  # tensor -> dim -> index -> claiming group
     for g in groups:
         if g.prunable:
             for sl in g.slices:
-                if sl.indices is None:
-                    owner[sl.name] = g
+                if sl.indices is not None:
+                    taken = claims.setdefault(sl.name, {}).setdefault(sl.dim, {})
+                    for i in sl.indices:
+                        if taken.setdefault(i, g) is not g:
+                            _refuse(g, f"its concat affiliates overlap those of {taken[i].name}", unerasable)
     for g in groups:
         if not g.prunable:
             continue
-        clash = next((owner[sl.name] for sl in g.slices
-                      if sl.indices is not None and sl.name in owner and owner[sl.name] is not g), None)
-        if clash is not None:
-            g.prunable = False
-            g.reason = f"its concat affiliates belong to the removal structure {clash.name}"
-            unerasable[g.name] = g.reason
+        for k, sl in enumerate(list(g.slices)):
+            dims = claims.get(sl.name, {}) if sl.indices is None else {}
+            other = {d: {i for i, c in ix.items() if c is not g} for d, ix in dims.items()}
+            other = {d: ix for d, ix in other.items() if ix}
+            if not other:
+                continue
+            if len(other) > 1:
+                for d in other:
+                    for c in {dims[d][i] for i in other[d]}:
+                        _refuse(c, f"its concat affiliates are a variable of {g.name}", unerasable)
+                continue
+            (dim, taken), = other.items()
+            size = (graph.param_shapes.get(sl.name) or graph.buffer_shapes[sl.name])[dim]
+            rest = tuple(i for i in range(size) if i not in taken)
+            g.slices[k] = ParamSlice(sl.name, dim, rest)
+            g.dependents.append(ParamSlice(sl.name))
+        g.slices = [sl for sl in g.slices if sl.indices is None or sl.indices]
+
+
+def _refuse(g: Group, reason: str, unerasable: dict[str, str]) -> None:
+    if g.prunable:
+        g.prunable = False
+        g.reason = reason
+        unerasable[g.name] = reason
 
 
 def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,

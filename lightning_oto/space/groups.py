@@ -50,6 +50,33 @@ class Group:
     def param_names(self) -> list[str]:
         return sorted({s.name for s in self.slices})
 
+    def __str__(self) -> str:
+        """A readable table: what the group zeroes, what construction removes with it, and its status."""
+        status = "removable" if self.prunable else f"kept: {self.reason}"
+        lines = [f"Group {self.id} {self.name!r} ({status})"]
+        for kind, slices in (("zeroes", self.slices), ("removes", self.dependents)):
+            for s in slices:
+                where = "whole tensor" if s.indices is None else f"dim {s.dim}, indices {_ranges(s.indices)}"
+                lines.append(f"  {kind:<8} {s.name:<40} {where}")
+        return "\n".join(lines)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (channel lists stay one line)."""
+    out: list[str] = []
+    start = prev = None
+    for i in sorted(indices):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ", ".join(out)
+
 
 def group_values(group: Group, params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The group's variables as a list of tensors (views where possible)."""
@@ -70,6 +97,18 @@ def group_norm(group: Group, params: dict[str, torch.Tensor]) -> float:
     if not vals:
         return 0.0
     return float(torch.sqrt(sum((v.double() ** 2).sum() for v in vals)))
+
+
+@torch.no_grad()
+def group_is_zero(group: Group, params: dict[str, torch.Tensor]) -> bool:
+    """Every variable of the group is exactly zero (no norm computed: one pass, no float64 copies)."""
+    for s in group.slices:
+        p = params[s.name]
+        if s.indices is not None:
+            p = p.index_select(s.dim, torch.as_tensor(s.indices, device=p.device))
+        if bool(p.any()):
+            return False
+    return True
 
 
 @torch.no_grad()

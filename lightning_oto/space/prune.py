@@ -16,7 +16,6 @@ number is a :class:`LiteralSize` that a trial construction confirms before train
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -24,7 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..graph.trace import OpGraph, OpNode
+from ..graph.trace import OpGraph, OpNode, concrete_shape
 from .channels import ChannelElements, ParamRef, TensorChannels, merge_slots
 from .groups import Group
 from .rules import MODULE_RULES, Call, ModuleRule, module_rule_for, rule_for
@@ -42,17 +41,21 @@ SIZE_ATTRIBUTES = (
 CONFIG_SIZE_ATTRIBUTES = ("num_attention_heads", "num_key_value_heads", "n_head", "num_heads", "n_heads")
 
 
+Plan = dict[tuple[str, int], set[int]]  # (tensor name, dim) -> indices removed (subnet.plan's removal plan)
+
+
 @dataclass(frozen=True)
 class SizeAttribute:
     """Attribute ``attr`` of module ``module`` (``config.<name>`` for its config) equals the number of
-    entries of ``groups`` left after a removal (``None``: an entry no group removes)."""
+    ``entries`` a removal plan leaves: each entry is one variable slot of the group it goes with (None:
+    nothing removes it), so the value follows whatever groups are removed, bundled or kept."""
 
     module: str
     attr: str
-    groups: tuple[int | None, ...]
+    entries: tuple[tuple[str, int, int] | None, ...]
 
-    def value_after(self, removed: set[int]) -> int:
-        return sum(1 for g in self.groups if g is None or g not in removed)
+    def value_after(self, plan: Plan) -> int:
+        return sum(1 for e in self.entries if e is None or e[2] not in plan.get((e[0], e[1]), ()))
 
 
 @dataclass(frozen=True)
@@ -71,16 +74,15 @@ class PruneSpace:
     unprunable_ops: dict[str, str] = field(default_factory=dict)  # op description -> reason
     size_attributes: list[SizeAttribute] = field(default_factory=list)
     literal_sizes: list[LiteralSize] = field(default_factory=list)
-    user_rules: dict[int, tuple[str, ...]] = field(default_factory=dict)  # group id -> user rules it passed
+    user_rules: dict[str, tuple[str, ...]] = field(default_factory=dict)  # variable -> user rules its channels passed
 
-    def rules_of(self, group_ids: Iterable[int]) -> list[str]:
-        """User rules the channels of ``group_ids`` passed through (named in construction errors)."""
-        return sorted({r for g in group_ids for r in self.user_rules.get(g, ())})
+    def rules_of(self, groups: Iterable[Group]) -> list[str]:
+        """User rules the channels of ``groups`` passed through (named in construction errors)."""
+        return sorted({r for g in groups for s in g.slices for r in self.user_rules.get(s.name, ())})
 
-    def attribute_values(self, removed: Iterable[int]) -> dict[tuple[str, str], int]:
-        """(module path, attribute) -> value on the copy without the ``removed`` groups."""
-        rem = set(removed)
-        return {(a.module, a.attr): a.value_after(rem) for a in self.size_attributes}
+    def attribute_values(self, plan: Plan) -> dict[tuple[str, str], int]:
+        """(module path, attribute) -> its value on the copy that ``plan`` slims."""
+        return {(a.module, a.attr): a.value_after(plan) for a in self.size_attributes}
 
 
 class ChannelAnalysis:
@@ -147,7 +149,7 @@ class ChannelAnalysis:
         if isinstance(a, torch.fx.Node):
             v = a.meta.get("val")
             if isinstance(v, torch.Tensor):
-                return tuple(_concrete(s) for s in v.shape)
+                return concrete_shape(v)
         return None
 
     def set(self, call: Call, out: Any) -> None:
@@ -336,7 +338,8 @@ class ChannelAnalysis:
                 if a not in inside and a not in inputs and not (a.op == "placeholder" and (
                         a.name in self.ph_param or a.name in self.ph_buffer)):
                     inputs.append(a)
-        outputs = [n.fx_node for n in nodes if any(u not in inside for u in n.fx_node.users)]
+        ids = {n.id for n in nodes}
+        outputs = [n.fx_node for n in nodes if any(u not in ids for u in n.outputs)]  # tensors read outside
         calls = [Call.of(n) for n in nodes]
         self._consumed = set()
         try:
@@ -374,46 +377,38 @@ class ChannelAnalysis:
     def make_groups(self) -> PruneSpace:
         el = self.el
         group_of_root: dict[int, int] = {}
+        slot_of_root: dict[int, tuple[str, int, int]] = {}
         groups: list[Group] = []
-        user_rules: dict[int, tuple[str, ...]] = {}
+        user_rules: dict[str, set[str]] = {}
         for root, elems in sorted(el.uf.components().items()):
             vars_ = [s for e in elems for s in el.variables(e)]
             if not vars_:
                 continue
             deps = [s for e in elems for s in el.dependents(e)]
             reason = next((el.reasons[e] for e in elems if e in el.reasons), None)
-            gid = len(groups)
-            group_of_root[root] = gid
-            groups.append(Group(id=gid, name=_group_name(vars_), slices=merge_slots(vars_),
+            group_of_root[root], slot_of_root[root] = len(groups), vars_[0]
+            groups.append(Group(id=len(groups), name=_group_name(vars_), slices=merge_slots(vars_),
                                 dependents=merge_slots(deps), prunable=reason is None, reason=reason))
-            rules = sorted({r for e in elems for r in el.via_rules.get(e, ())})
-            if rules:
-                user_rules[gid] = tuple(rules)
+            for r in {r for e in elems for r in el.via_rules.get(e, ())}:
+                for name, _, _ in vars_:
+                    user_rules.setdefault(name, set()).add(r)
 
         def gid(e: int) -> int | None:
             return group_of_root.get(el.root(e))
 
-        attrs = [SizeAttribute(path, attr, tuple(gid(e) for e in sites[0]))
+        attrs = [SizeAttribute(path, attr, tuple(slot_of_root.get(el.root(e)) for e in sites[0]))
                  for (path, attr), sites in self.size_sites.items()]
         literals = []
         for where, elems in self.literal_sites:
             ids = tuple(sorted({g for g in map(gid, elems) if g is not None and groups[g].prunable}))
             if ids:
                 literals.append(LiteralSize(where, ids))
-        return PruneSpace(groups, dict(self.unknown_ops), attrs, literals, user_rules)
+        return PruneSpace(groups, dict(self.unknown_ops), attrs, literals,
+                          {n: tuple(sorted(r)) for n, r in user_rules.items()})
 
 
 def _is_int(v: Any, value: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v == value
-
-
-def _concrete(s: Any) -> int:
-    """A dimension size as an int (symbolic sizes of a dynamic export by their example value)."""
-    try:
-        return int(s)
-    except Exception:  # noqa: BLE001 - a SymInt without a static value
-        hint = getattr(getattr(s, "node", None), "hint", None)
-        return int(hint) if hint is not None else -1
 
 
 def _clean_path(path: str) -> str:
@@ -437,18 +432,9 @@ def _group_name(slices: list[tuple[str, int, int]]) -> str:
 
 
 def _log_kept(space: PruneSpace) -> None:
-    """Say why groups are kept: per reason, how many groups; a warning when nothing is prunable."""
+    """Say, once per operator, why the groups it touches are kept (``OTO`` sums it up per model)."""
     for desc, why in space.unprunable_ops.items():
         log.info("lightning_oto: %s -> touched channel groups are unprunable (%s)", desc, why)
-    kept = Counter(g.reason or "unknown" for g in space.groups if not g.prunable)
-    if space.groups and not any(g.prunable for g in space.groups):
-        top = "; ".join(f"{n} because {why}" for why, n in kept.most_common(6))
-        more = "" if len(kept) <= 6 else f"; and {len(kept) - 6} more reasons"
-        log.warning("lightning_oto: no prunable channel group: all %d groups are kept: %s%s",
-                    len(space.groups), top, more)
-    elif not space.groups:
-        log.warning("lightning_oto: no channel group found: no operator of the model owns prunable variables "
-                    "(conv / linear / matmul with a parameter)")
 
 
 def build_prune_space(graph: OpGraph, model: nn.Module | None = None) -> PruneSpace:
@@ -462,4 +448,4 @@ def build_prune_space(graph: OpGraph, model: nn.Module | None = None) -> PruneSp
     return space
 
 
-__all__ = ["ChannelAnalysis", "PruneSpace", "SizeAttribute", "LiteralSize", "TInfo", "build_prune_space"]
+__all__ = ["ChannelAnalysis", "PruneSpace", "SizeAttribute", "LiteralSize", "Plan", "TInfo", "build_prune_space"]

@@ -1,112 +1,177 @@
-"""Export a sub-network: state_dict + torch.export program (no pickled code) and ONNX, each reload-checked."""
+"""Export a sub-network into a self-contained directory that :func:`lightning_oto.load` reads back.
+
+One ``torch.export`` program is traced per export and serves both files: ``subnet.pt2`` and the ONNX
+model (one file, weights embedded, below protobuf's 2 GB limit). Both carry the metadata inference
+needs (input shape and dtype, normalisation, class names), and every file is reloaded through
+:func:`lightning_oto.load` and compared with the sub-network. The files and what each is for are
+listed in :mod:`lightning_oto.subnet.load`.
+"""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from ..graph.trace import export_program
+from .load import (FILE_ROLES, MANIFEST_FILE, METADATA_FILE, METADATA_KEY, ONNX_FILE, PROGRAM_FILE,
+                       STATE_DICT_FILE, OnnxModule, load_program)
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs
 
 FORMATS = ("torch", "onnx")
+METADATA_VERSION = 1
+_RESERVED = ("inputs", "metadata_version")
+
+# loggers that narrate the ONNX export step by step ("Removed 38 unused nodes", every registered op)
+_CHATTY_LOGGERS = {"onnx_ir": logging.WARNING, "onnxscript": logging.WARNING, "torch.onnx": logging.ERROR}
 
 
 @contextlib.contextmanager
 def _quiet_onnx():
-    """The ONNX exporter logs every step (and missing torchvision ops) at WARNING; keep user logs readable."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                              "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    buf = io.StringIO()
+    """Keep the exporter's narration and prints off the user's terminal; real errors still raise."""
+    loggers = {logging.getLogger(name): level for name, level in _CHATTY_LOGGERS.items()}
+    before = {lg: lg.level for lg in loggers}
+    for lg, level in loggers.items():
+        lg.setLevel(level)
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # exporter-internal deprecation notices; the result is checked with onnxruntime instead
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+        for lg, level in before.items():
+            lg.setLevel(level)
 
 
-def _onnx_export(sub: nn.Module, inputs: tuple, path: Path) -> None:
-    """ONNX via the dynamo exporter with a dynamic batch dimension (static shapes if that fails)."""
+# ---- metadata --------------------------------------------------------------------------------------
+def _input_specs(program: Any) -> list[dict[str, Any]]:
+    """Shape (None where the program keeps a dimension symbolic) and dtype of every user input."""
+    names = list(program.graph_signature.user_inputs)
+    by_name = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    specs = []
+    for i, name in enumerate(names):
+        val = by_name[name].meta.get("val") if name in by_name else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        shape = [int(d) if isinstance(d, int) else None for d in val.shape]
+        specs.append({"name": f"input_{i}", "shape": shape, "dtype": str(val.dtype).replace("torch.", "")})
+    return specs
+
+
+def _build_metadata(user: Mapping[str, Any] | None, program: Any) -> dict[str, Any]:
+    meta = dict(user or {})  # a copy: the caller's dict is not touched
+    clash = [k for k in _RESERVED if k in meta]
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved: the input shapes and dtypes are recorded from the "
+                         "example inputs.")
+    meta["inputs"] = _input_specs(program)
+    meta["metadata_version"] = METADATA_VERSION
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
+    return meta
+
+
+# ---- tracing ---------------------------------------------------------------------------------------
+def _program(sub: nn.Module, inputs: tuple, dynamic_shapes: Any) -> Any:
+    """The one program both files are written from.
+
+    ``None``: a dynamic batch, as exports always had. ``"auto"`` or a torch.export spec: passed to
+    :func:`export_program`, where a spec is strict (a dimension the model pins raises
+    ``DynamicShapeError`` naming it).
+    """
+    if dynamic_shapes is not None:
+        return export_program(sub, inputs, dynamic_shapes=dynamic_shapes)
+    program = export_program(sub, inputs, dynamic_batch=True)
+    if any(s["shape"] and s["shape"][0] is not None for s in _input_specs(program)):
+        warnings.warn(f"torch.export could not keep the batch dimension of {type(sub).__name__} dynamic: "
+                      f"{PROGRAM_FILE} accepts the example's batch size only (the ONNX model runs other batch "
+                      "sizes in chunks).", stacklevel=3)
+    return program
+
+
+# ---- writers ---------------------------------------------------------------------------------------
+def _write_onnx(program: Any, inputs: tuple, path: Path, meta: dict[str, Any]) -> None:
+    """ONNX from the program; weights embedded unless the model is over 2 GB (the exporter decides)."""
     names = [f"input_{i}" for i in range(len(inputs))]
-    with warnings.catch_warnings(), _quiet_onnx():
-        warnings.simplefilter("ignore")
-        try:
-            program = export_program(sub, inputs, dynamic_batch=True)
-            torch.onnx.export(program, inputs, str(path), dynamo=True, verbose=False, input_names=names)
-            return
-        except Exception:  # noqa: BLE001 - fall back to the example's static shapes
-            pass
-        torch.onnx.export(sub, inputs, str(path), dynamo=True, verbose=False, input_names=names)
+    stale = path.with_name(path.name + ".data")  # a previous export's external weights
+    if stale.exists():
+        stale.unlink()
+    with _quiet_onnx():
+        onnx_program = torch.onnx.export(program, inputs, dynamo=True, verbose=False, input_names=names)
+        onnx_program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
+        onnx_program.save(str(path), external_data=None)
 
 
-def _outputs(fn, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [t for t in tree_leaves(fn(*inputs)) if isinstance(t, torch.Tensor)]
+def _remove_stale(out: Path, formats: tuple[str, ...]) -> None:
+    """Drop a previous export's files of formats not written now: ``load(dir)`` must not find an old network."""
+    stale = {"torch": (PROGRAM_FILE, STATE_DICT_FILE), "onnx": (ONNX_FILE, ONNX_FILE + ".data")}
+    for fmt, names in stale.items():
+        if fmt not in formats:
+            for name in names:
+                (out / name).unlink(missing_ok=True)
 
 
-def _max_diff(a: list[torch.Tensor], b: list) -> float:
-    return max(float((torch.as_tensor(x).float() - torch.as_tensor(y).float()).abs().max()) for x, y in zip(a, b))
+def _check(sub: nn.Module, loaded: nn.Module, inputs: tuple, what: str, atol: float) -> str:
+    err = check_outputs(sub, loaded, inputs, atol=atol, rtol=DEFAULT_RTOL, context=f"reloaded {what}")
+    return f"{err:.3g}"
 
 
-def export_subnet(sub: nn.Module, example_inputs: Sequence[torch.Tensor], out_dir: str | Path,
-                  formats: Iterable[str] = FORMATS, check: bool = True, atol: float = 1e-4) -> dict[str, str]:
-    """Write ``sub`` to ``out_dir``; returns {kind: path}. With ``check`` every file is reloaded and compared."""
+def export_subnet(sub: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, out_dir: str | Path,
+                  formats: Iterable[str] = FORMATS, check: bool = True, metadata: Mapping[str, Any] | None = None,
+                  dynamic_shapes: Any = None, atol: float = DEFAULT_ATOL) -> dict[str, str]:
+    """Write ``sub`` into ``out_dir`` so that ``lightning_oto.load(out_dir)`` gives it back; returns {kind: path}.
+
+    ``formats``: ``"torch"`` (state dict + ``subnet.pt2``) and/or ``"onnx"``. ``metadata``: a JSON-able
+    dict of what inference needs (see :func:`lightning_oto.data.inference.inference_metadata`); the input shapes and dtypes are
+    added from the example inputs. ``dynamic_shapes``: a ``torch.export`` spec; default, a dynamic
+    batch. With ``check``, every file is reloaded and compared with ``sub`` (``SubnetMismatchError``).
+    Files of an earlier export into ``out_dir`` that this one does not rewrite are removed.
+    """
     formats = tuple(formats)
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown export format(s) {bad}; choose from {FORMATS}.")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    inputs = tuple(example_inputs)
+    _remove_stale(out, formats)
+    t0 = time.perf_counter()
     was = sub.training
     sub.eval()
-    paths: dict[str, str] = {}
     try:
-        ref = _outputs(sub, inputs)
+        program = _program(sub, inputs, dynamic_shapes)
+        meta = _build_metadata(metadata, program)
+        (out / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        paths = {"metadata": str(out / METADATA_FILE)}
         if "torch" in formats:
-            sd_path = out / "subnet_state_dict.pt"
-            torch.save(sub.state_dict(), sd_path)
-            paths["state_dict"] = str(sd_path)
-            program = export_program(sub, inputs, dynamic_batch=True)
-            pt2 = out / "subnet.pt2"
-            torch.export.save(program, pt2)
-            paths["program"] = str(pt2)
+            torch.save(sub.state_dict(), out / STATE_DICT_FILE)
+            torch.export.save(program, out / PROGRAM_FILE, extra_files={METADATA_KEY: json.dumps(meta)})
+            paths.update(state_dict=str(out / STATE_DICT_FILE), program=str(out / PROGRAM_FILE))
             if check:
-                loaded = torch.export.load(pt2).module()
-                err = _max_diff(ref, _outputs(loaded, inputs))
-                if err > atol:
-                    raise RuntimeError(f"reloaded torch.export program differs from the sub-network by {err:.3g}")
-                paths["program_check_error"] = f"{err:.3g}"
+                paths["program_check_error"] = _check(sub, load_program(out / PROGRAM_FILE), inputs, PROGRAM_FILE, atol)
         if "onnx" in formats:
-            onnx_path = out / "subnet.onnx"
-            _onnx_export(sub, inputs, onnx_path)
-            paths["onnx"] = str(onnx_path)
+            _write_onnx(program, inputs, out / ONNX_FILE, meta)
+            paths["onnx"] = str(out / ONNX_FILE)
             if check:
-                import onnxruntime as ort
-
-                sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-                feed = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
-                got = sess.run(None, feed)
-                err = _max_diff(ref, got)
-                if err > atol:
-                    raise RuntimeError(f"onnxruntime output differs from the sub-network by {err:.3g}")
-                paths["onnx_check_error"] = f"{err:.3g}"
+                paths["onnx_check_error"] = _check(sub, OnnxModule(out / ONNX_FILE), inputs, ONNX_FILE, atol)
     finally:
         sub.train(was)
-    (out / "export_manifest.json").write_text(json.dumps(paths, indent=2))
+    paths["export_seconds"] = f"{time.perf_counter() - t0:.2f}"
+    written = {name: role for name, role in FILE_ROLES.items() if (out / name).exists() or name == MANIFEST_FILE}
+    (out / MANIFEST_FILE).write_text(json.dumps({**paths, "files": written}, indent=2))
     return paths
 
 
 def load_exported_program(path: str | Path) -> nn.Module:
-    """Load a ``subnet.pt2`` written by :func:`export_subnet` as a callable module (no pickle)."""
-    return torch.export.load(str(path)).module()
+    """Load a ``subnet.pt2`` written by :func:`export_subnet` (see :func:`lightning_oto.load`)."""
+    return load_program(path)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..space.groups import zero_group
+from ..space.groups import Group, zero_group
 from ..space.prune import PruneSpace
 from .plan import plan_keeping_one, removal_plan  # noqa: F401 - removal_plan kept importable from here
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, allowed_error, output_difference
@@ -189,16 +189,17 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def prune_subnet(model: nn.Module, space: PruneSpace, zero_ids: Sequence[int]) -> nn.Module:
-    """The slimmed copy of ``model`` without the groups ``zero_ids`` of ``space``."""
-    shapes = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    plan, removed = plan_keeping_one([space.groups[i] for i in zero_ids], shapes)
-    return slim_copy(model, plan, space.attribute_values(g.id for g in removed))
+def prune_subnet(model: nn.Module, space: PruneSpace, zero_groups: Sequence[Group]) -> nn.Module:
+    """The slimmed copy of ``model`` without ``zero_groups`` (groups of ``space``, possibly bundled)."""
+    shapes = {n: tuple(t.shape) for n, t in list(model.named_parameters(remove_duplicate=False))
+              + list(model.named_buffers(remove_duplicate=False))}
+    plan, _ = plan_keeping_one(list(zero_groups), shapes)
+    return slim_copy(model, plan, space.attribute_values(plan))
 
 
-def mismatch_hint(space: PruneSpace | None, zero_ids: Sequence[int]) -> str:
+def mismatch_hint(space: PruneSpace | None, zero_groups: Sequence[Group]) -> str:
     """Names the user rules the removed channels went through (the likely culprits), or ''."""
-    rules = space.rules_of(zero_ids) if space is not None else []
+    rules = space.rules_of(zero_groups) if space is not None else []
     return f" The removed channels went through the user rule(s) {', '.join(rules)}: check them." if rules else ""
 
 
@@ -210,7 +211,7 @@ def _trial(model: nn.Module, inputs: tuple, space: PruneSpace, ids: Sequence[int
         params = dict(full.named_parameters())
         for i in ids:
             zero_group(space.groups[i], params)
-        sub = prune_subnet(full, space, ids)
+        sub = prune_subnet(full, space, [space.groups[i] for i in ids])
         err, scale = output_difference(full, sub, inputs)
     except Exception as e:  # noqa: BLE001 - a failing forward is the answer
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"

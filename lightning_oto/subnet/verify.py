@@ -88,4 +88,17 @@ def check_outputs(full: nn.Module, sub: nn.Module, inputs: Sequence[Any], atol: 
     return err
 
 
-__all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "output_difference", "allowed_error", "check_outputs", "tensor_leaves"]
+def check_plan_applied(after: dict[str, tuple[int, ...]], before: dict[str, tuple[int, ...]],
+                       plan: dict[tuple[str, int], set[int]], what: str = "sub-network") -> None:
+    """Every planned (tensor, dim) lost exactly its planned indices: what was zeroed is really gone."""
+    from ..errors import IncompleteRemovalError
+
+    wrong = [f"{name}[dim {dim}]: {after[name][dim]} != {before[name][dim]} - {len(idx)}"
+             for (name, dim), idx in plan.items()
+             if name in after and name in before and after[name][dim] != before[name][dim] - len(idx)]
+    if wrong:
+        raise IncompleteRemovalError(f"the {what} still holds zeroed entries: {'; '.join(wrong[:6])}. This is an "
+                                     "engine bug - please report it with the model.")
+
+
+__all__ = ["check_plan_applied", "DEFAULT_ATOL", "DEFAULT_RTOL", "output_difference", "allowed_error", "check_outputs", "tensor_leaves"]

@@ -1,15 +1,12 @@
 """Rules for broadcasting element-wise arithmetic between two operands: add / sub / mul / div."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.fx
 
 from ..channels import TensorChannels
-from .registry import Call, IsZero, Rule, add
-
-if TYPE_CHECKING:
-    from ..prune import ChannelAnalysis
+from .registry import Call, Context, IsZero, Rule, add
 
 
 def out_cdim(t: TensorChannels, shape: tuple[int, ...] | None, n_out: int) -> int:
@@ -44,7 +41,7 @@ class Broadcasting(Rule):
     def zi_param(self, t: TensorChannels, buffer: bool) -> list[bool]:
         raise NotImplementedError
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         a, b = call.input, call.args.get("other")
         out = call.node.shape
         if out is None:
@@ -69,7 +66,7 @@ class Broadcasting(Rule):
         else:
             self.with_untracked(ctx, call, ta, cd, b, n)
 
-    def both_tracked(self, ctx: "ChannelAnalysis", call: Call, a: tuple, b: tuple, n: int) -> None:
+    def both_tracked(self, ctx: "Context", call: Call, a: tuple, b: tuple, n: int) -> None:
         (xa, ta), (xb, tb) = a, b
         sa, sb = ctx.shape(xa), ctx.shape(xb)
         cd, cb = out_cdim(ta, sa, n), out_cdim(tb, sb, n)
@@ -84,10 +81,10 @@ class Broadcasting(Rule):
         self.after_union(ctx, call, tb)
         ctx.set(call, TensorChannels(cd, list(ta.elems), self.zi_both(ta.zi, tb.zi), ta.taint or tb.taint))
 
-    def after_union(self, ctx: "ChannelAnalysis", call: Call, tb: TensorChannels) -> None:
+    def after_union(self, ctx: "Context", call: Call, tb: TensorChannels) -> None:
         pass
 
-    def with_untracked(self, ctx: "ChannelAnalysis", call: Call, ta: TensorChannels, cd: int,
+    def with_untracked(self, ctx: "Context", call: Call, ta: TensorChannels, cd: int,
                        b: torch.fx.Node, n: int) -> None:
         sb = ctx.shape(b) or ()
         if size_at(sb, cd, n) <= 1:
@@ -110,7 +107,7 @@ class Broadcasting(Rule):
     def param_is_variable(self, buffer: bool) -> bool:
         return not buffer
 
-    def untracked_left(self, ctx: "ChannelAnalysis", call: Call, a: Any, b: Any, tb: TensorChannels, n: int) -> None:
+    def untracked_left(self, ctx: "Context", call: Call, a: Any, b: Any, tb: TensorChannels, n: int) -> None:
         sa = ctx.shape(a)
         cd = out_cdim(tb, ctx.shape(b), n)
         if sa is not None and size_at(sa, cd, n) > 1:
@@ -179,10 +176,10 @@ class Divide(Broadcasting):
     def param_is_variable(self, buffer: bool) -> bool:
         return False
 
-    def after_union(self, ctx: "ChannelAnalysis", call: Call, tb: TensorChannels) -> None:
+    def after_union(self, ctx: "Context", call: Call, tb: TensorChannels) -> None:
         ctx.el.mark(tb.elems, f"{ctx.describe(call)} divides by a channel tensor")
 
-    def untracked_left(self, ctx: "ChannelAnalysis", call: Call, a: Any, b: Any, tb: TensorChannels, n: int) -> None:
+    def untracked_left(self, ctx: "Context", call: Call, a: Any, b: Any, tb: TensorChannels, n: int) -> None:
         ctx.refuse(call, f"{ctx.describe(call)} divides by a channel tensor")
 
     def zero_output(self, call: Call, is_zero: IsZero) -> bool:
@@ -198,7 +195,7 @@ class MaskedFill(Rule):
 
     kind = "accessory"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         if t is None:
             ctx.set(call, None)
@@ -228,7 +225,7 @@ class Where(Rule):
 
     kind = "accessory"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         out = call.node.shape
         cond, x, y = call["condition"], call.input, call.args.get("other")
         tx, ty = ctx.channels(x), ctx.channels(y)

@@ -8,7 +8,6 @@ describes the same groups directly on the module's parameters.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
@@ -16,10 +15,7 @@ from torch import nn
 
 from ..channels import TensorChannels
 from .arithmetic import size_at
-from .registry import MODULE_RULES, Call, IsZero, ModuleRule, Rule, add
-
-if TYPE_CHECKING:
-    from ..prune import ChannelAnalysis
+from .registry import Call, Context, IsZero, MODULE_RULES, ModuleRule, Rule, add
 
 
 class AttentionHeads(Rule):
@@ -34,7 +30,7 @@ class AttentionHeads(Rule):
 
     kind = "joint"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         q, k, v = call["query"], call["key"], call["value"]
         tq, tk, tv = ctx.channels(q), ctx.channels(k), ctx.channels(v)
         sq, out = ctx.shape(q), call.node.shape
@@ -55,7 +51,7 @@ class AttentionHeads(Rule):
                              "or key/value from an untracked tensor)")
 
     @staticmethod
-    def by_head(ctx: "ChannelAnalysis", call: Call, tq: TensorChannels, tk: TensorChannels, tv: TensorChannels,
+    def by_head(ctx: "Context", call: Call, tq: TensorChannels, tk: TensorChannels, tv: TensorChannels,
                 out: tuple) -> None:
         hq, hkv = len(tq.elems), len(tk.elems)
         if len(tv.elems) != hkv or hq % hkv:
@@ -75,7 +71,7 @@ class AttentionHeads(Rule):
         ctx.set(call, TensorChannels(len(out) - 3, list(tq.elems), zi, tv.taint))
 
     @staticmethod
-    def within_head(ctx: "ChannelAnalysis", call: Call, tq: TensorChannels, tk: TensorChannels,
+    def within_head(ctx: "Context", call: Call, tq: TensorChannels, tk: TensorChannels,
                     tv: TensorChannels | None, out: tuple) -> None:
         if len(tq.elems) != len(tk.elems):
             ctx.refuse(call)
@@ -101,7 +97,7 @@ class MultiheadAttentionHeads(ModuleRule):
 
     kind = "stem"
 
-    def module_channels(self, ctx: "ChannelAnalysis", path: str, module: nn.Module, calls: list[Call],
+    def module_channels(self, ctx: "Context", path: str, module: nn.Module, calls: list[Call],
                         inputs: list[torch.fx.Node], outputs: list[torch.fx.Node]) -> None:
         mha = module
         pre = f"{path}." if path else ""
@@ -141,22 +137,23 @@ class MultiheadAttentionHeads(ModuleRule):
                 ctx.el.mark(heads, f"the attention weights of {path} (MultiheadAttention) are used")
 
     @staticmethod
-    def downstream(calls: list[Call], w_out: str, ctx: "ChannelAnalysis") -> set[torch.fx.Node]:
-        """The out-projection's result and the reshapes after it, inside the module call."""
-        inside = {c.fx for c in calls}
-        start = [c.fx for c in calls if c.key == "linear"
+    def downstream(calls: list[Call], w_out: str, ctx: "Context") -> set[torch.fx.Node]:
+        """The out-projection's result and the reshapes after it (one tensor input each) inside the call."""
+        inside = {c.node.id for c in calls}
+        nodes = ctx.g.nodes
+        start = [c.node.id for c in calls if c.key == "linear"
                  and ctx.ph_param.get(getattr(c["weight"], "name", "")) == w_out]
-        seen: set[torch.fx.Node] = set()
+        seen: set[int] = set()
         while start:
             n = start.pop()
             if n in seen:
                 continue
             seen.add(n)
-            start += [u for u in n.users if u in inside and len(u.all_input_nodes) == 1]
-        return seen
+            start += [u for u in nodes[n].outputs if u in inside and len(nodes[u].inputs) == 1]
+        return {nodes[n].fx_node for n in seen}
 
     @staticmethod
-    def read_inputs(ctx: "ChannelAnalysis", calls: list[Call], inputs: list[torch.fx.Node], w_in: str, e: int) -> None:
+    def read_inputs(ctx: "Context", calls: list[Call], inputs: list[torch.fx.Node], w_in: str, e: int) -> None:
         """Every input holding channels is read through the in-projection's columns (shared by q, k, v)."""
         tracked = [(t, len(ctx.shape(a))) for t, a in ((ctx.channels(a), a) for a in inputs) if t is not None]
         if not tracked:

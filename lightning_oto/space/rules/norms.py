@@ -2,13 +2,9 @@
 layer / RMS norm (over trailing dimensions)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from ..channels import TensorChannels
-from .registry import Call, IsZero, Rule, add
-
-if TYPE_CHECKING:
-    from ..prune import ChannelAnalysis
+from .registry import Call, Context, IsZero, Rule, add
 
 
 def uses_input_statistics(call: Call) -> bool:
@@ -26,7 +22,7 @@ class BatchNorm(Rule):
     kind = "accessory"
     keeps_channels = True
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         stats = [ctx.param(call.args.get(k)) for k in ("running_mean", "running_var")]
         if t is None:
@@ -66,7 +62,7 @@ class GroupNorm(Rule):
     kind = "accessory"
     keeps_channels = False  # slicing channels upstream would cut a normalisation block
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         wn = ctx.param_name(call.args.get("weight"))
         bn = ctx.param_name(call.args.get("bias"))
@@ -108,7 +104,7 @@ class LayerNorm(Rule):
 
     kind = "accessory"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None or xs is None:

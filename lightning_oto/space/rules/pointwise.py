@@ -1,16 +1,12 @@
 """Rules for operators acting on each entry alone: activations, casts, dropout, pooling, padding."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from ..channels import ParamRef, TensorChannels
-from .registry import Call, IsZero, Rule, add
-
-if TYPE_CHECKING:
-    from ..prune import ChannelAnalysis
+from .registry import Call, Context, IsZero, Rule, add
 
 
-def same_channels(ctx: "ChannelAnalysis", call: Call, keep_zero: bool, why: str = "") -> None:
+def same_channels(ctx: "Context", call: Call, keep_zero: bool, why: str = "") -> None:
     """Output channel i is a function of input channel i only (same shape)."""
     t = ctx.channels(call.input)
     if t is None:
@@ -29,7 +25,7 @@ class ZeroInvariantUnary(Rule):
     kind = "accessory"
     keeps_channels = True
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         same_channels(ctx, call, keep_zero=True)
 
     def zero_output(self, call: Call, is_zero: IsZero) -> bool:
@@ -42,7 +38,7 @@ class Cast(ZeroInvariantUnary):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         ref = ctx.param(call.input)
         if ref is not None:
             ctx.set(call, ref)
@@ -59,7 +55,7 @@ class NotZeroInvariantUnary(Rule):
 
     infinite_at_zero = ("reciprocal", "rsqrt", "log", "log2", "log10", "logit")
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         same_channels(ctx, call, keep_zero=False)
 
     def poisons(self, call: Call, is_zero: IsZero) -> bool:
@@ -84,7 +80,7 @@ class Clamp(Rule):
         ok_hi = hi is None or (isinstance(hi, (int, float)) and hi >= 0)
         return ok_lo and ok_hi
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         if any(ctx.channels(a) is not None for a in call.tensor_args() if a is not call.input):
             ctx.refuse(call, f"{ctx.describe(call)} clamps to bounds that are channel tensors")
             return
@@ -104,7 +100,7 @@ class Power(Rule):
         p = call.args.get("exponent")
         return isinstance(p, (int, float)) and p > 0
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         if ctx.channels(call.args.get("exponent")) is not None:
             ctx.refuse(call, f"{ctx.describe(call)} raises to a channel tensor")
             return
@@ -125,7 +121,7 @@ class PReLU(Rule):
     kind = "accessory"
     keeps_channels = True
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         ref = ctx.param(call["weight"])
         if t is None:
@@ -151,7 +147,7 @@ class Spatial(Rule):
     kind = "accessory"
     keeps_channels = True
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None:
@@ -184,7 +180,7 @@ class Pad(Rule):
         value = call.args.get("value")
         return mode != "constant" or value is None or value == 0
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None:
@@ -211,7 +207,7 @@ class ShapedLike(Rule):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         if t is None:
             ctx.set(call, None)
@@ -228,7 +224,7 @@ class NoTensorOutput(Rule):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         ctx.set(call, None)
 
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 import torch
 import torch.fx
 
-if TYPE_CHECKING:  # the analysis imports the rules, not the other way round
+if TYPE_CHECKING:
     from ...graph.trace import OpNode
-    from ..prune import ChannelAnalysis
 
 KINDS = ("stem", "joint", "accessory", "shape", "unknown")
 
@@ -132,6 +131,33 @@ class Call:
 IsZero = Callable[[Any], bool]
 
 
+class Context(Protocol):
+    """What a rule may ask of the prune analysis (:class:`lightning_oto.space.prune.ChannelAnalysis`).
+
+    ``el`` is the element store (:class:`~lightning_oto.space.channels.ChannelElements`): new elements,
+    unions, reasons, variable and dependent slots.
+    """
+
+    el: Any
+    g: Any
+    info: dict[str, Any]
+    ph_param: dict[str, str]
+
+    def channels(self, a: Any) -> Any: ...                              # TensorChannels of a tensor arg, or None
+    def param(self, a: Any, consume: bool = True) -> Any: ...           # ParamRef of a parameter (view), or None
+    def param_name(self, a: Any) -> str | None: ...                     # name of a parameter used as is
+    def keep_whole(self, ref: Any, why: str) -> None: ...               # a use that needs every entry
+    def shape(self, a: Any) -> tuple[int, ...] | None: ...
+    def set(self, call: "Call", out: Any) -> None: ...                  # the output's channels
+    def refuse(self, call: "Call", why: str | None = None) -> None: ... # keep every channel the call reads
+    def describe(self, call: Any) -> str: ...
+    def literal(self, call: "Call", value: Any, elems: list[int], what: str) -> None: ...
+    def size_attributes(self, call: "Call", value: int, elems: list[int], names: Iterable[str]) -> None: ...
+    def module_sizes(self, path: str, names: Iterable[str]) -> set[int]: ...
+    def take_params(self, calls: list["Call"], names: Iterable[str]) -> bool: ...
+    def refuse_module(self, calls: list["Call"], inputs: list[Any], outputs: list[Any], why: str) -> None: ...
+
+
 class Rule:
     """What one operator means to the engine; subclasses override what differs from "unknown".
 
@@ -157,7 +183,7 @@ class Rule:
         ops = ", ".join(self.ops) or "?"
         return f"{self.name} (user rule for {ops})" if self.user else f"{self.name} ({ops})"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         """Prune mode: give the output its channels (``ctx.set``) or refuse (``ctx.refuse``)."""
         ctx.refuse(call)
 
@@ -188,7 +214,7 @@ class ModuleRule(Rule):
     reads from outside and its calls whose results are used outside; it sets the outputs' channels.
     """
 
-    def module_channels(self, ctx: "ChannelAnalysis", path: str, module: torch.nn.Module, calls: list[Call],
+    def module_channels(self, ctx: "Context", path: str, module: torch.nn.Module, calls: list[Call],
                         inputs: list[torch.fx.Node], outputs: list[torch.fx.Node]) -> None:
         ctx.refuse_module(calls, inputs, outputs, f"{self.name} cannot analyse this call")
 

@@ -8,15 +8,12 @@ entries.  The channel's chunk may keep it in one dim (a move), split it into sev
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch.fx
 
 from ..channels import ParamRef, TensorChannels
-from .registry import Call, IsZero, Rule, add
-
-if TYPE_CHECKING:
-    from ..prune import ChannelAnalysis
+from .registry import Call, Context, IsZero, Rule, add
 
 HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_heads", "n_head",
                     "n_kv_heads", "heads", "num_head", "nheads")
@@ -74,7 +71,7 @@ class Permute(Rule):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         xs = ctx.shape(call.input)
         perm = permutation(call, len(xs or ()))
         ref = ctx.param(call.input, consume=False)
@@ -102,7 +99,7 @@ class Reshape(Rule):
     with the dims after it (each channel becomes a block of features), or split into several dims where
     one of them shrinks (heads: each head's block of channels is removed whole, so the other dims keep
     their size).  A size written in the forward at the shrinking dim must follow (``-1``, a module
-    attribute, or a trial construction confirms it: see :meth:`ChannelAnalysis.literal`).
+    attribute, or a trial construction confirms it: see :meth:`Context.literal`).
     """
 
     kind = "shape"
@@ -119,7 +116,7 @@ class Reshape(Rule):
             return [None] * dim + sizes + [None] * (n_out - dim - len(sizes))
         return None
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         si, so = ctx.shape(call.input), call.node.shape
         ref = ctx.param(call.input, consume=False)
         if ref is not None:
@@ -156,7 +153,7 @@ class Reshape(Rule):
             return
         self.match_other(ctx, call, out)
 
-    def split(self, ctx: "ChannelAnalysis", call: Call, t: TensorChannels, so: tuple, outs: list[int],
+    def split(self, ctx: "Context", call: Call, t: TensorChannels, so: tuple, outs: list[int],
               lit: list | None) -> TensorChannels:
         """Channels split over ``outs``: the dim that may shrink (the head count) gets the elements, each
         coupling the channels of its block (the other dims of the block keep their size)."""
@@ -178,7 +175,7 @@ class Reshape(Rule):
         return TensorChannels(free, reps, zi, t.taint)
 
     @staticmethod
-    def free_axis(ctx: "ChannelAnalysis", call: Call, so: tuple, outs: list[int], lit: list | None) -> int:
+    def free_axis(ctx: "Context", call: Call, so: tuple, outs: list[int], lit: list | None) -> int:
         """The outer dim when written -1 (``view(B, N, -1, D)``), else one holding a head-count attribute of
         the module (``view(B, N, self.num_heads, -1)``), else one written -1, else the largest (a trial
         construction then checks the guess)."""
@@ -198,7 +195,7 @@ class Reshape(Rule):
         return max(outs, key=lambda d: (so[d], -d))
 
     @staticmethod
-    def match_other(ctx: "ChannelAnalysis", call: Call, out: TensorChannels) -> None:
+    def match_other(ctx: "Context", call: Call, out: TensorChannels) -> None:
         """``*_as(other)``: the target size comes from ``other``, so its channels must be these."""
         other = call.args.get("other")
         if other is None:
@@ -213,7 +210,7 @@ class Reshape(Rule):
         ctx.set(call, out)
 
     @staticmethod
-    def param_view(ctx: "ChannelAnalysis", call: Call, ref: ParamRef, si: tuple | None, so: tuple | None) -> None:
+    def param_view(ctx: "Context", call: Call, ref: ParamRef, si: tuple | None, so: tuple | None) -> None:
         """A view of a parameter that only adds or drops size-1 dims keeps it a parameter view
         (``gamma.reshape(-1, 1, 1)``); anything else is a computed tensor."""
         if si is None or so is None:
@@ -246,7 +243,7 @@ class Expand(Rule):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         xs, out = ctx.shape(call.input), call.node.shape
         ref = ctx.param(call.input, consume=False)
         if ref is not None and xs is not None and out is not None:
@@ -281,7 +278,7 @@ class Select(Rule):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None:
@@ -302,7 +299,7 @@ class GetItem(Rule):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         src, i = call.args.get("self"), call.args.get("index")
         v = ctx.info.get(src.name) if isinstance(src, torch.fx.Node) else None
         ctx.set(call, v[i] if isinstance(v, list) and isinstance(i, int) and i < len(v) else None)
@@ -318,7 +315,7 @@ class RollOtherDims(Rule):
     kind = "shape"
     keeps_channels = True
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None:
@@ -341,7 +338,7 @@ class RepeatInterleave(Rule):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         if t is None:
             ctx.set(call, None)
@@ -369,7 +366,7 @@ class Reduction(Rule):
     keeps_channels = True
     not_zero = ("logsumexp",)
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None:
@@ -397,7 +394,7 @@ class Softmax(Rule):
 
     kind = "accessory"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None:

@@ -3,13 +3,9 @@ tensor_split, channel slices, GLU."""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 from ..channels import TensorChannels
-from .registry import Call, IsZero, Rule, add
-
-if TYPE_CHECKING:
-    from ..prune import ChannelAnalysis
+from .registry import Call, Context, IsZero, Rule, add
 
 
 class ChannelConcat(Rule):
@@ -22,7 +18,7 @@ class ChannelConcat(Rule):
     keeps_channels = True
     joint = True
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         tensors, out = list(call["tensors"]), call.node.shape
         if out is None:
             ctx.refuse(call)
@@ -43,7 +39,7 @@ class ChannelConcat(Rule):
             self.coupled(ctx, call, tensors, infos, cd)
 
     @staticmethod
-    def side_by_side(ctx: "ChannelAnalysis", call: Call, tensors: list, infos: list, dim: int) -> None:
+    def side_by_side(ctx: "Context", call: Call, tensors: list, infos: list, dim: int) -> None:
         elems: list[int] = []
         zi: list[bool] = []
         taint = ""
@@ -60,7 +56,7 @@ class ChannelConcat(Rule):
         ctx.set(call, TensorChannels(dim, elems, zi, taint))
 
     @staticmethod
-    def coupled(ctx: "ChannelAnalysis", call: Call, tensors: list, infos: list, cd: int) -> None:
+    def coupled(ctx: "Context", call: Call, tensors: list, infos: list, cd: int) -> None:
         first = next(i for i in infos if i is not None)
         n = len(first.elems)
         for t, i in zip(tensors, infos):
@@ -98,7 +94,7 @@ class Stack(ChannelConcat):
 
     joint = False
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         tensors, out = list(call["tensors"]), call.node.shape
         infos = [ctx.channels(t) for t in tensors]
         if all(i is None for i in infos):
@@ -116,7 +112,7 @@ class Stack(ChannelConcat):
         ctx.set(call, TensorChannels(cd, list(infos[0].elems), zi, infos[0].taint))
 
 
-def _blocks(call: Call, ctx: "ChannelAnalysis", dim: int) -> list[int]:
+def _blocks(call: Call, ctx: "Context", dim: int) -> list[int]:
     val = call.fx.meta.get("val")
     return [int(v.shape[dim]) for v in val] if isinstance(val, (list, tuple)) else []
 
@@ -127,13 +123,13 @@ class ChannelSplit(Rule):
     Along another dim every piece keeps the channels.  Along the channels, equal blocks are coupled
     channel by channel (block b's channel i goes with every other block's channel i), so every block
     keeps the same size and ``chunk(n)`` or ``split(C // n)`` still cuts at the block borders; a size
-    written in the forward must follow (``ChannelAnalysis.literal``).  Unequal blocks shrink on their own,
+    written in the forward must follow (``Context.literal``).  Unequal blocks shrink on their own,
     each with its written size.
     """
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         val = call.fx.meta.get("val")
@@ -166,7 +162,7 @@ class ChannelSplit(Rule):
         ctx.set(call, pieces)
 
     @staticmethod
-    def written_sizes(ctx: "ChannelAnalysis", call: Call, pieces: list[TensorChannels]) -> None:
+    def written_sizes(ctx: "Context", call: Call, pieces: list[TensorChannels]) -> None:
         if call.key == "split":
             ctx.literal(call, call["split_size"], pieces[0].elems, "split size")
         elif call.key == "split_with_sizes":
@@ -189,7 +185,7 @@ class ChannelSlice(Rule):
 
     kind = "shape"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None:
@@ -238,7 +234,7 @@ class GatedLinearUnit(Rule):
 
     kind = "accessory"
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
         xs = ctx.shape(call.input)
         if t is None:

@@ -3,16 +3,13 @@ embeddings.  Their output channels are new elements (the weight rows / columns a
 the variables); the input channels they read are consumed through weight columns (dependents)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..channels import ParamRef, TensorChannels
-from .registry import Call, IsZero, Rule, add
-
-if TYPE_CHECKING:
-    from ..prune import ChannelAnalysis
+from .registry import Call, Context, IsZero, Rule, add
 
 
-def consume_columns(ctx: "ChannelAnalysis", call: Call, t: TensorChannels | None, wname: str | None, dim: int,
+def consume_columns(ctx: "Context", call: Call, t: TensorChannels | None, wname: str | None, dim: int,
                     n: int, reason: str | None) -> None:
     """Input channel c of ``t`` is read through entry c of ``wname`` along ``dim``.
 
@@ -36,7 +33,7 @@ def consume_columns(ctx: "ChannelAnalysis", call: Call, t: TensorChannels | None
         ctx.el.add_dep(e, wname, dim, c)
 
 
-def new_channels(ctx: "ChannelAnalysis", n: int, reason: str | None,
+def new_channels(ctx: "Context", n: int, reason: str | None,
                  slots: list[tuple[str | None, int, int]]) -> list[int]:
     """``n`` fresh elements; output o owns entry ``o % per`` of each named tensor along its dim, for
     each ``(name, dim, per)`` of ``slots`` (``name`` None: no such tensor)."""
@@ -67,7 +64,7 @@ class Convolution(Rule):
             return bool(call.get("transposed", False))
         return call.key.startswith("conv_transpose")
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         w, b = call["weight"], call.args.get("bias")
         transposed, groups = self.transposed(call), int(call.get("groups", 1))
         wname = ctx.param_name(w)
@@ -99,7 +96,7 @@ class Convolution(Rule):
             self.grouped(ctx, call, t, outs, groups, cin)
 
     @staticmethod
-    def grouped(ctx: "ChannelAnalysis", call: Call, t: TensorChannels | None, outs: list[int], groups: int,
+    def grouped(ctx: "Context", call: Call, t: TensorChannels | None, outs: list[int], groups: int,
                 cin: int) -> None:
         """Removing a conv-group removes its input channels too: they must be ours to remove."""
         if t is None or len(t.elems) != cin:
@@ -124,7 +121,7 @@ class Linear(Rule):
     def weight_layout(self, key: str) -> tuple[int, int]:
         return 0, 1
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         w, b = call["weight"], call.args.get("bias")
         wname = ctx.param_name(w)
         bname = ctx.param_name(b) if b is not None else None
@@ -158,7 +155,7 @@ class Embedding(Rule):
     def weight_layout(self, key: str) -> tuple[int, int]:
         return 1, 0
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         wname = ctx.param_name(call["weight"])
         wshape, out = ctx.shape(call["weight"]), call.node.shape
         if wname is None or wshape is None or out is None or len(wshape) != 2:
@@ -192,7 +189,7 @@ class Matmul(Rule):
     def weight_layout(self, key: str) -> tuple[int, int]:
         return 1, 0  # x @ W with W of shape (in, out), as GPT-2's Conv1D
 
-    def channels(self, ctx: "ChannelAnalysis", call: Call) -> None:
+    def channels(self, ctx: "Context", call: Call) -> None:
         ln, rn, an = OPERANDS[call.key]
         left, right, addend = call[ln], call[rn], call.args.get(an) if an else None
         sl, sr, out = ctx.shape(left), ctx.shape(right), call.node.shape
@@ -218,13 +215,13 @@ class Matmul(Rule):
             ctx.set(call, None)
 
     @staticmethod
-    def refuse_if_tracked(ctx: "ChannelAnalysis", call: Call) -> None:
+    def refuse_if_tracked(ctx: "Context", call: Call) -> None:
         if any(ctx.channels(a) is not None for a in call.tensor_args()):
             ctx.refuse(call, f"{ctx.describe(call)} multiplies vectors")
         else:
             ctx.set(call, None)
 
-    def times_weight(self, ctx: "ChannelAnalysis", call: Call, t: TensorChannels, w: Any, ref: ParamRef,
+    def times_weight(self, ctx: "Context", call: Call, t: TensorChannels, w: Any, ref: ParamRef,
                      addend: Any, out: tuple[int, ...], row_major: bool) -> None:
         """x @ W (row_major) or W @ x: the weight's contracted dim is consumed, its other dim produces."""
         ws = ctx.shape(w)
@@ -249,7 +246,7 @@ class Matmul(Rule):
         consume_columns(ctx, call, t, ref.name, pk, ws[k_dim], None)
 
     @staticmethod
-    def between_activations(ctx: "ChannelAnalysis", call: Call, tl: TensorChannels, tr: TensorChannels,
+    def between_activations(ctx: "Context", call: Call, tl: TensorChannels, tr: TensorChannels,
                             sl: tuple, sr: tuple, out: tuple, addend: Any) -> None:
         nl, nr, no = len(sl), len(sr), len(out)
         batch_l, batch_r = tl.cdim < nl - 2, tr.cdim < nr - 2
@@ -269,7 +266,7 @@ class Matmul(Rule):
         ctx.refuse(call, f"{ctx.describe(call)} mixes channels of both factors")
 
     @staticmethod
-    def channels_pass(ctx: "ChannelAnalysis", call: Call, x: Any, out: tuple, addend: Any, contracted: bool) -> None:
+    def channels_pass(ctx: "Context", call: Call, x: Any, out: tuple, addend: Any, contracted: bool) -> None:
         """One tracked factor whose channels sit in a row / batch dim: they pass to the same output dim."""
         t = ctx.channels(x)
         if contracted:

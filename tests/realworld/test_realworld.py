@@ -1,0 +1,36 @@
+"""The models people use, through the public API, in both modes (issues 11 and 12).
+
+For every zoo model and mode: ``OTO(model, x, mode)``, ``random_set_zero_groups(0.5)``,
+``construct_subnet()``, then
+
+- no crash, and the user's model is changed only by ``random_set_zero_groups``;
+- the sub-network equals the full model (``atol + rtol * max|full|``) on the example input and on
+  a second input with another batch size (and sequence length / image size where the model allows);
+- with removable groups: the sub-network's parameter count is the full count minus exactly what the
+  removed zero groups own (slices and dependents; prune mode keeps one group where a tensor would
+  empty, as ``plan_keeping_one`` says), no parameter of it is dead, and params and FLOPs drop;
+- without removable groups: the OTO object says why.
+
+Every violated property of a run is listed in one assertion message, so one failing stage does
+not hide the others.  ``benchmarks/realworld_table.py`` turns the same measurements into
+``docs/realworld.md``.
+"""
+from __future__ import annotations
+
+import pytest
+
+from .harness import run_case
+from .zoo import ZOO
+
+MODES = ("prune", "erase")
+CASES = [pytest.param(name, mode, id=f"{name}-{mode}", marks=[pytest.mark.slow] if entry.slow else [])
+         for name, entry in ZOO.items() for mode in MODES]
+
+
+@pytest.mark.parametrize(("name", "mode"), CASES)
+def test_realworld_model(name: str, mode: str) -> None:
+    out = run_case(ZOO[name], mode)
+    problems = out.failures()
+    if problems:
+        pytest.fail(f"{name} in {mode} mode:\n" + "\n".join(f"  [{cls}] {what}" for cls, what in problems),
+                    pytrace=False)
