@@ -12,9 +12,7 @@ a JSON report.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -24,8 +22,7 @@ from torch import nn
 
 from lightning_oto import OTOCallback
 from lightning_oto.lightning import load_compressed
-
-warnings.filterwarnings("ignore", category=FutureWarning)
+from lightning_oto.lightning.terminal import quiet_terminal
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -119,25 +116,21 @@ def main() -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    quiet_terminal()
     t0 = time.perf_counter()
     L.seed_everything(args.seed, verbose=False)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.out) / args.mode
     dm = digits_datamodule(batch_size=64, seed=args.seed)
     model = DigitsClassifier(width=args.width)
-
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=str(out),
-        enable_model_summary=False,
-        callbacks=[OTOCallback(mode=args.mode, target_group_sparsity=args.sparsity, warmup_epochs=2,
-                               projection_epochs=2, export_dir=out / "export", network_attr="net")],
-    )
+    oto = OTOCallback(mode=args.mode, target_group_sparsity=args.sparsity, warmup_epochs=2, projection_epochs=2,
+                      export_dir=out / "export", network_attr="net")
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, default_root_dir=str(out),
+                        enable_model_summary=False, callbacks=[oto])
     trainer.fit(model, datamodule=dm)
 
-    # the full model (its removed groups are exactly zero) and the exported sub-network agree on test data
+    # the full model (its removed groups are exactly zero) and the exported sub-network agree on test data;
+    # the test metrics also go into the callback's report
     full_acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
     exported = load_compressed(out / "export")  # torch.export program: no pickled code
     correct = total = 0
@@ -145,13 +138,14 @@ def main() -> dict:
         for x, y in dm.test_dataloader():
             correct += int((exported(x).argmax(1) == y).sum())
             total += len(y)
-    rep = json.loads((out / "export" / "oto_report.json").read_text())
+    rep = oto.report
     print(f"\n{rep['mode']} mode, {rep['optimizer']}: {rep['num_zero_groups']}/{rep['num_prunable_groups']} groups "
           f"removed (group sparsity {rep['group_sparsity']:.3f}, target {rep['target_group_sparsity']}), "
           f"max |sub - full| = {rep['verification_max_abs_error']:.2g}")
     print(f"test accuracy: full model {full_acc:.4f} | exported sub-network {correct / total:.4f}")
-    print(f"params {rep['params_full']:,} -> {rep['params_sub']:,} ({100 * (1 - rep['param_ratio']):.1f}% fewer), "
-          f"FLOPs {rep['flops_full']:,} -> {rep['flops_sub']:,} ({100 * (1 - rep['flop_ratio']):.1f}% fewer)")
+    print(f"params {rep['params_full']:,} -> {rep['params_sub']:,} ({100 * rep['params_removed_fraction']:.1f}% "
+          f"removed), FLOPs {rep['flops_full']:,} -> {rep['flops_sub']:,} "
+          f"({100 * rep['flops_removed_fraction']:.1f}% removed)")
     print(f"files: {', '.join(sorted(Path(v).name for k, v in rep['exports'].items() if not k.endswith('error')))}"
           f" + oto_report.json in {out / 'export'}   ({time.perf_counter() - t0:.0f}s)")
     return rep

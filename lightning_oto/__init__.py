@@ -5,12 +5,12 @@ from .space.rules import register_rule
 
 __version__ = "0.1.0"
 
-__all__ = ["OTO", "OTOCallback", "OTOMixin", "load", "register_rule", "TraceError", "SubnetMismatchError",
-           "InvalidSubnetError"]
+__all__ = ["OTO", "OTOCallback", "OTOMixin", "OTOSettings", "load", "load_checkpoint", "register_rule", "TraceError",
+           "SubnetMismatchError", "InvalidSubnetError"]
 
 
 def __getattr__(name: str):  # lazy: importing Lightning is slow and not needed for the engine
-    if name in ("OTOCallback", "OTOMixin"):
+    if name in ("OTOCallback", "OTOMixin", "OTOSettings", "load_checkpoint"):
         from . import lightning as _l
 
         return getattr(_l, name)

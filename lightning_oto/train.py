@@ -1,8 +1,10 @@
 """Hydra entry point: ``python -m lightning_oto.train [experiment=<name>] [key=value ...]``.
 
-One run = build data + model, train with the OTOCallback (trace, DHSPG/H2SPG, construct, verify,
-export), test the sub-network, write ``result.json`` into the run directory.  ``-m`` sweeps (e.g.
-over ``oto.target_group_sparsity``) are aggregated with ``python -m lightning_oto.sweep <dir>``.
+One run = build data + model, train with the OTOCallback (trace, DHSPG/H2SPG, BatchNorm
+recalibration, construct, verify, export), validate and test the sub-network, write ``result.json``
+into the run directory.  ``baseline=true`` also trains the same model densely (``<run>/baseline``,
+its ``result.json`` has ``"baseline": true``).  ``-m`` sweeps (e.g. over ``oto.target_group_sparsity``)
+are aggregated with ``python -m lightning_oto.sweep <dir>``.
 """
 from __future__ import annotations
 
@@ -13,64 +15,66 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("lightning_oto.train")
+
+#: report fields copied into result.json (the sweep table reads them)
+REPORT_FIELDS = ("params_full", "params_sub", "flops_full", "flops_sub", "param_ratio", "flop_ratio",
+                 "params_removed_fraction", "flops_removed_fraction", "group_sparsity", "num_zero_groups",
+                 "num_prunable_groups", "verification_max_abs_error", "phase_reached", "search_finished",
+                 "removed_nothing", "bn_recalibration_batches_used", "zeroed_by_half_space", "forced_at_deadline")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; returns the result dict (also written to result.json)."""
-    import lightning as L
-    import torch
-    from hydra.utils import instantiate
+    from .lightning.terminal import quiet_terminal
 
+    quiet_terminal()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("task", "oto") == "compofa":
-        from .compofa import run_compofa
+        return _run_compofa(cfg, out_dir)
+    use_oto = bool(cfg.oto.get("enabled", True))
+    result = _run_one(cfg, out_dir, use_oto)
+    if cfg.get("baseline", False) and use_oto:
+        base = _run_one(_dense_copy(cfg, out_dir / "baseline"), out_dir / "baseline", use_oto=False)
+        result.update(baseline_test_acc=base.get("test_acc"), baseline_params=base.get("params_full"),
+                      baseline_result=base["files"]["result"])
+    _write_result(result, out_dir)
+    log.info(_run_summary(result))
+    return result
 
-        ccfg = OmegaConf.to_container(cfg.compofa, resolve=True)
-        ccfg.setdefault("output_dir", str(out_dir / "compofa"))
-        ccfg.setdefault("seed", int(cfg.seed))
-        summary = run_compofa(ccfg)
-        result = {"experiment": "compofa", "seed": cfg.seed, "valid": True,
-                  "num_architectures": summary.get("num_architectures"),
-                  "teacher_test_accuracy": summary.get("teacher_test_accuracy"),
-                  "pareto": summary.get("pareto"), "summary": str(Path(ccfg["output_dir"]) / "summary.json")}
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
-        return result
 
-    from .data import build_datamodule
-    from .experiments.module import ClassifierModule
-    from .lightning import OTOCallback
-    from .models import build_model
+def _dense_copy(cfg: DictConfig, out_dir: Path) -> DictConfig:
+    """``cfg`` for the dense reference run: no OTO, everything written below ``out_dir``."""
+    dense = cfg.copy()
+    with open_dict(dense):
+        dense.paths.output_dir = str(out_dir)
+        dense.oto.enabled = False
+        dense.baseline = False
+    return dense
+
+
+def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
+    """Train (compressing with the OTOCallback when ``use_oto``), validate and test; the result dict."""
+    import lightning as L
+    import torch
+
     from .errors import InvalidSubnetError
 
-    L.seed_everything(cfg.seed, workers=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
-    dm = build_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
-    net = build_model(cfg.model.name, num_classes=dm.num_classes, in_channels=cfg.model.in_channels,
-                      image_size=cfg.model.image_size, **OmegaConf.to_container(cfg.model.kwargs, resolve=True))
-    g = torch.Generator().manual_seed(cfg.seed)
-    example = torch.randn(2, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size, generator=g)
-    module = ClassifierModule(net, dm.num_classes, example, **OmegaConf.to_container(cfg.optim, resolve=True))
-
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None and "_target_" in c]
+    dm, module = _data_and_module(cfg)
+    oto_cb, trainer = _trainer(cfg, out_dir, use_oto)
     oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
-    use_oto = bool(oto_cfg.pop("enabled", True))
-    oto_cb = None
-    if use_oto:
-        oto_cb = OTOCallback(network_attr="net", export_dir=str(out_dir / "oto"), swap_subnet=True, **oto_cfg)
-        callbacks.append(oto_cb)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-
     result: dict[str, Any] = {
         "experiment": cfg.get("experiment_name", "default"), "model": cfg.model.name, "data": cfg.data.name,
-        "seed": cfg.seed, "mode": oto_cfg.get("mode") if use_oto else None,
+        "seed": cfg.seed, "baseline": not use_oto, "mode": oto_cfg.get("mode") if use_oto else None,
         "optimizer": oto_cfg.get("optimizer") if use_oto else "sgd",
         "target_group_sparsity": oto_cfg.get("target_group_sparsity") if use_oto else 0.0,
-        "valid": True, "error": None,
+        "valid": True, "error": None, "files": {"result": str(out_dir / "result.json")},
     }
     t0 = time.time()
     try:
@@ -79,33 +83,124 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result.update(valid=False, error=str(e).splitlines()[0])
         log.warning("invalid sub-network: %s", e)
     result["fit_seconds"] = round(time.time() - t0, 1)
-    report_path = out_dir / "oto" / "oto_report.json"
-    if report_path.exists():
-        rep = json.loads(report_path.read_text())
-        for k in ("params_full", "params_sub", "flops_full", "flops_sub", "param_ratio", "flop_ratio",
-                  "group_sparsity", "num_zero_groups", "num_prunable_groups", "verification_max_abs_error"):
-            result[k] = rep.get(k)
+    if oto_cb is not None and oto_cb.report is not None:
+        result.update({k: oto_cb.report.get(k) for k in REPORT_FIELDS})
     elif not use_oto:
-        from .subnet.report import count_flops
-
-        result["params_full"] = result["params_sub"] = sum(p.numel() for p in net.parameters())
-        result["flops_full"] = result["flops_sub"] = count_flops(net, (example,))
+        result.update(_dense_size(module))
     if cfg.get("run_test", True) and result["valid"]:
-        metrics = trainer.test(module, datamodule=dm, verbose=False)
-        if metrics:
-            result["test_acc"] = float(metrics[0].get("test_acc", float("nan")))
-            result["test_loss"] = float(metrics[0].get("test_loss", float("nan")))
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
-    if cfg.get("plot_curves", True) and logger:
-        try:
-            from .viz.curves import plot_training_curves
+        result.update(_evaluate(trainer, module, dm))
+    if oto_cb is not None and oto_cb.report is not None:  # the report now holds the metrics too
+        result["val_before_recalibration"] = oto_cb.report["metrics"].get("val_before_recalibration")
+        result["files"].update({k: v for k, v in oto_cb.report.get("files", {}).items() if v})
+        result["files"]["export_dir"] = oto_cb.report["export_dir"]
+    elif cfg.get("plot_curves", True) and trainer.logger is not None:
+        result["files"]["curves"] = _plot_dense_curves(trainer, out_dir)
+    result["curves_png"] = result["files"].get("curves")
+    _write_result(result, out_dir)
+    return result
 
-            csv = Path(trainer.logger.log_dir) / "metrics.csv"
-            if csv.exists():
-                result["curves_png"] = str(plot_training_curves(str(csv), str(out_dir / "training_curves.png")))
-        except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
-            log.warning("could not plot training curves: %s", e)
-    log.info("result: %s", json.dumps(result, default=str))
+
+def _data_and_module(cfg: DictConfig) -> tuple[Any, Any]:
+    """The datamodule and the classifier around the model built for the input the data implies."""
+    import torch
+
+    from .data import build_datamodule
+    from .experiments.module import ClassifierModule
+    from .models import build_model
+
+    dm = build_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
+    net = build_model(cfg.model.name, num_classes=dm.num_classes, in_channels=dm.in_channels,
+                      image_size=dm.image_size, **OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+    g = torch.Generator().manual_seed(int(cfg.seed))  # what OTO traces and Lightning's summary counts FLOPs on
+    example = torch.randn(2, dm.in_channels, dm.image_size, dm.image_size, generator=g)
+    module = ClassifierModule(net, dm.num_classes, example, **OmegaConf.to_container(cfg.optim, resolve=True))
+    return dm, module
+
+
+def _trainer(cfg: DictConfig, out_dir: Path, use_oto: bool) -> tuple[Any, Any]:
+    from hydra.utils import instantiate
+
+    from .lightning import OTOCallback
+
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None and "_target_" in c]
+    oto_cb = None
+    if use_oto:
+        oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
+        oto_cfg.pop("enabled", None)
+        oto_cfg.setdefault("plot_curves", bool(cfg.get("plot_curves", True)))
+        oto_cb = OTOCallback(network_attr="net", export_dir=str(out_dir / "oto"), swap_subnet=True, **oto_cfg)
+        callbacks.append(oto_cb)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    return oto_cb, trainer
+
+
+def _evaluate(trainer: Any, module: Any, dm: Any) -> dict[str, Any]:
+    """Validation (quietly: it feeds the report's after-recalibration row) and the test with its table."""
+    out: dict[str, Any] = {}
+    val = trainer.validate(module, datamodule=dm, verbose=False)
+    test = trainer.test(module, datamodule=dm)
+    for metrics in (val[0] if val else {}, test[0] if test else {}):
+        out.update({k: float(v) for k, v in metrics.items()})
+    return out
+
+
+def _dense_size(module: Any) -> dict[str, Any]:
+    from .subnet.report import count_flops, count_params
+
+    params, flops = count_params(module.net), count_flops(module.net, (module.example_input_array,))
+    return {"params_full": params, "params_sub": params, "flops_full": flops, "flops_sub": flops,
+            "param_ratio": 1.0, "flop_ratio": 1.0}
+
+
+def _plot_dense_curves(trainer: Any, out_dir: Path) -> str | None:
+    from .viz.curves import plot_training_curves
+
+    csv = Path(trainer.logger.log_dir) / "metrics.csv"
+    if not csv.exists():
+        return None
+    try:
+        return str(plot_training_curves(str(csv), str(out_dir / "training_curves.png")))
+    except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
+        log.warning("could not plot training curves: %s", e)
+        return None
+
+
+def _write_result(result: dict[str, Any], out_dir: Path) -> None:
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f}%"
+
+
+def _run_summary(result: dict[str, Any]) -> str:
+    """One line: size next to accuracy (and the dense reference when there is one)."""
+    head = f"{result['model']} on {result['data']}, " + (f"{result['mode']} mode" if result["mode"] else "dense")
+    size = (f"params {result.get('params_full') or 0:,} -> {result.get('params_sub') or 0:,} "
+            f"({_pct(result.get('params_removed_fraction') or 0.0)} removed)")
+    if result.get("removed_nothing"):
+        size += f", NOTHING REMOVED (search ended in the {result.get('phase_reached')} phase)"
+    acc = f"test_acc {_pct(result.get('test_acc'))}, val_acc {_pct(result.get('val_acc'))}"
+    if result.get("baseline_test_acc") is not None:
+        acc += f" (dense baseline test_acc {_pct(result['baseline_test_acc'])})"
+    return f"{head}: {size}; {acc}; {result['files']['result']}"
+
+
+def _run_compofa(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """The CompOFA pipeline with the Hydra trainer config (accelerator, devices, strategy, precision)."""
+    from .compofa import run_compofa
+
+    ccfg = OmegaConf.to_container(cfg.compofa, resolve=True)
+    ccfg.setdefault("output_dir", str(out_dir / "compofa"))
+    ccfg.setdefault("seed", int(cfg.seed))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else {}
+    summary = run_compofa(ccfg, trainer_kwargs=trainer_kwargs)
+    result = {"experiment": "compofa", "seed": cfg.seed, "valid": True,
+              "num_architectures": summary.get("num_architectures"),
+              "teacher_test_accuracy": summary.get("teacher_test_accuracy"),
+              "pareto": summary.get("pareto"), "summary": str(Path(ccfg["output_dir"]) / "summary.json")}
+    _write_result(result, out_dir)
     return result
 
 

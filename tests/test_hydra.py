@@ -13,11 +13,11 @@ from omegaconf import OmegaConf, open_dict
 
 EXPERIMENTS = ["demonet", "stackedunets", "superresnet", "darts", "regnet"]
 TINY = {
-    "demonet": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
-    "stackedunets": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
-    "superresnet": ["++model.kwargs.width_mult=0.25", "model.image_size=16"],
-    "darts": ["++model.kwargs.layers=2", "++model.kwargs.C=4", "++model.kwargs.stem_stride=1", "model.image_size=16"],
-    "regnet": ["model.name=regnet_200m", "++model.kwargs.width_mult=0.25", "model.image_size=16"],
+    "demonet": ["++model.kwargs.width_mult=0.25", "data.image_size=16"],
+    "stackedunets": ["++model.kwargs.width_mult=0.25", "data.image_size=16"],
+    "superresnet": ["++model.kwargs.width_mult=0.25", "data.image_size=16"],
+    "darts": ["++model.kwargs.layers=2", "++model.kwargs.C=4", "++model.kwargs.stem_stride=1", "data.image_size=16"],
+    "regnet": ["model.name=regnet_200m", "++model.kwargs.width_mult=0.25", "data.image_size=16"],
 }
 FAST = ["data=synthetic", "+data.num_samples=96", "data.batch_size=16", "trainer.max_epochs=2",
         "oto.warmup_epochs=null", "oto.projection_epochs=null", "+oto.warmup_steps=3", "+oto.projection_steps=3",
@@ -59,10 +59,17 @@ def test_experiment_runs_tiny(name, tmp_path):
     OmegaConf.resolve(cfg.trainer)
     result = run(cfg)
     saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["model"] == cfg.model.name and saved["valid"]
+    assert saved["model"] == cfg.model.name and saved["valid"] and saved["baseline"] is False
     assert saved["verification_max_abs_error"] <= 1e-3
     assert saved["params_sub"] <= saved["params_full"]
-    assert 0.0 <= result["test_acc"] <= 1.0
+    assert 0.0 <= result["test_acc"] <= 1.0 and 0.0 <= result["val_acc"] <= 1.0
+    assert saved["phase_reached"] == "hybrid" and saved["search_finished"] is True
+    # one curves PNG per run, and every path result.json lists exists
+    assert [p.name for p in tmp_path.rglob("*.png")] == ["training_curves.png"]
+    assert saved["curves_png"] == saved["files"]["curves"]
+    assert all(Path(p).exists() for p in saved["files"].values()), saved["files"]
+    report = json.loads(Path(saved["files"]["report"]).read_text())
+    assert report["metrics"]["test"]["test_acc"] == pytest.approx(result["test_acc"])
 
 
 def test_multirun_sweep_and_aggregation(tmp_path):
@@ -89,8 +96,18 @@ def test_multirun_sweep_and_aggregation(tmp_path):
     assert params[0.8] <= params[0.2]
 
 
-def test_compofa_experiment_runs_tiny(tmp_path):
+def test_compofa_experiment_runs_tiny(tmp_path, monkeypatch):
+    from lightning_oto.compofa import training
     from lightning_oto.train import run
+
+    phase_trainers = []
+
+    def spy(epochs, max_steps=-1, **kw):  # every phase's Trainer gets the Hydra trainer config
+        phase_trainers.append(kw)
+        return make_trainer(epochs, max_steps, **kw)
+
+    make_trainer = training.make_trainer
+    monkeypatch.setattr(training, "make_trainer", spy)
 
     cfg = _compose(["experiment=compofa", "compofa.dataset=synthetic", "++compofa.num_samples=192",
                     "compofa.input_size=16", "compofa.teacher_epochs=1", "compofa.compound_warmup_epochs=0",
@@ -104,3 +121,47 @@ def test_compofa_experiment_runs_tiny(tmp_path):
     assert result["pareto"], "at least one latency target gives a sub-network"
     assert (tmp_path / "compofa" / "summary.json").exists()
     assert json.loads((tmp_path / "result.json").read_text())["experiment"] == "compofa"
+    assert len(phase_trainers) == 2 and all(kw["accelerator"] == cfg.trainer.accelerator for kw in phase_trainers)
+
+
+def test_data_configs_set_the_input_the_model_is_built_for(tmp_path):
+    from lightning_oto.train import _data_and_module
+
+    cfg = _compose(["experiment=demonet", "data=cifar10"])
+    assert (cfg.data.in_channels, cfg.data.image_size) == (3, 32)
+    _, module = _data_and_module(cfg)  # no CIFAR files needed to build the model
+    assert tuple(module.example_input_array.shape) == (2, 3, 32, 32)
+    assert module.net(module.example_input_array).shape == (2, 10)
+    assert (_compose(["experiment=demonet"]).data.in_channels, _compose([]).data.image_size) == (1, 28)
+
+
+def test_baseline_flag_runs_the_dense_model_alongside(tmp_path):
+    from lightning_oto.train import run
+
+    cfg = _compose(["experiment=demonet", *FAST, *TINY["demonet"], "trainer.max_epochs=1", "baseline=true"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    result = run(cfg)
+    dense = json.loads((tmp_path / "baseline" / "result.json").read_text())
+    assert dense["baseline"] is True and dense["mode"] is None and dense["target_group_sparsity"] == 0.0
+    assert dense["params_sub"] == dense["params_full"] == result["params_full"]
+    assert result["baseline"] is False and result["baseline_test_acc"] == dense["test_acc"]
+    assert result["baseline_result"] == str(tmp_path / "baseline" / "result.json")
+
+
+def test_one_epoch_demonet_compresses_or_says_it_did_not(tmp_path):
+    """experiment=demonet trainer.max_epochs=1: its 2 + 2 epochs of search are scaled into the one epoch."""
+    from lightning_oto.train import run
+
+    cfg = _compose(["experiment=demonet", "data=synthetic", "+data.num_samples=96", "data.batch_size=16",
+                    "oto.export_formats=[]", "callbacks=none", "threads=1", "trainer.max_epochs=1",
+                    *TINY["demonet"]])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    result = run(cfg)
+    summary = (tmp_path / "oto" / "oto_summary.txt").read_text()
+    if result["removed_nothing"]:
+        assert "nothing was removed" in summary
+    else:
+        assert result["params_sub"] < result["params_full"] and result["search_finished"]
+    assert result["phase_reached"] in ("warmup", "projection", "hybrid")

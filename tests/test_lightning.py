@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_oto import OTOCallback, OTOMixin
 from lightning_oto.lightning import PHASE_CODES, load_compressed
-from lightning_oto.lightning._common import rebind_scheduler, user_hparams
+from lightning_oto.lightning.optimizer_swap import rebind_scheduler
+from lightning_oto.optim.factory import hparams_from_torch_optimizer as user_hparams
 from lightning_oto.optim import DHSPG, H2SPG
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -130,7 +131,7 @@ def test_prune_end_to_end_metrics_scheduler_carry_over(tmp_path):
     assert hp["initial_lr"] == 0.05
     assert math.isclose(hp["lr"], 0.05 * 0.5 ** 4)  # StepLR stepped the new optimizer once per epoch
     assert tr.lr_scheduler_configs[0].scheduler.optimizer is opt
-    assert set(cb.settings["carried_over"]) >= {"lr", "momentum", "weight_decay", "variant"}
+    assert set(cb.optimizer_settings["carried_over"]) >= {"lr", "momentum", "weight_decay", "variant"}
 
     # files
     for f in ("subnet.pt2", "subnet.onnx", "subnet_state_dict.pt", "oto_report.json", "oto_summary.txt"):
@@ -345,10 +346,6 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="export_formats"):
         OTOCallback(export_formats=("tflite",))
 
-    cb = OTOCallback(warmup_steps=1, projection_steps=1, export_formats=())
-    with pytest.raises(ValueError, match="example_input_array"):
-        trainer(tmp_path, [cb], max_steps=1).fit(LitTiny(example=False), data())
-
     class NoParams(LitTiny):
         def __init__(self):
             super().__init__()
@@ -393,10 +390,10 @@ def test_rebind_scheduler_with_several_param_groups():
 
 def test_epochs_convert_to_steps_with_gradient_accumulation(tmp_path):
     cb = OTOCallback(warmup_epochs=1, projection_epochs=0.5, export_formats=(), export_dir=tmp_path / "e")
-    trainer(tmp_path, [cb], max_epochs=1, accumulate_grad_batches=3).fit(LitTiny(), data())
+    trainer(tmp_path, [cb], max_epochs=3, accumulate_grad_batches=3).fit(LitTiny(), data())
     # 4 batches, accumulate 3 -> ceil(4/3) = 2 optimizer steps per epoch
     assert (cb.optimizer.warmup_steps, cb.optimizer.projection_steps) == (2, 1)
-    assert cb.optimizer.num_steps == 2
+    assert cb.optimizer.num_steps == 6 and not cb.optimizer_settings["phases_scaled_to_fit"]
 
 
 def test_default_phase_lengths_follow_the_planned_steps(tmp_path):

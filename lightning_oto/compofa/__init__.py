@@ -4,11 +4,11 @@ Pipeline: :class:`CompOFASupernet` (weight-shared MobileNetV3-style, prefix slic
 :func:`train_phases` with :func:`compofa_phases` (teacher, then compound sampled-subnet training
 with distillation; :func:`progressive_shrinking_phases` for the OFA comparison) ->
 :func:`recalibrate_bn` -> :func:`evolutionary_search` under measured, memoized latency
-(:class:`LatencyTable`) -> :func:`extract_subnet` -> :func:`export_subnet`.  :func:`run_compofa`
+(:class:`LatencyTable`) -> :func:`extract_subnet` -> ``lightning_oto.subnet.export.export_subnet``.  :func:`run_compofa`
 chains everything from one flat config.
 """
 from .data import Loaders, build_loaders
-from .extract import StaticSubnet, export_onnx, export_subnet, extract_subnet, max_abs_diff_vs_supernet
+from .extract import StaticSubnet, extract_subnet, max_abs_diff_vs_supernet
 from .latency import LatencyTable, measure_latency_ms, supernet_latency_fn
 from .pipeline import CompOFARunConfig, run_compofa
 from .search import (
@@ -24,7 +24,7 @@ from .search import (
     search_pareto,
 )
 from .space import DesignSpace, SubnetConfig, SupernetConfig, full_config
-from .supernet import CompOFASupernet, count_params
+from .supernet import CompOFASupernet
 from .training import (
     AccuracyEvaluator,
     CompOFAModule,
@@ -57,14 +57,11 @@ __all__ = [
     "best_under",
     "build_loaders",
     "compofa_phases",
-    "count_params",
     "crossover",
     "default_targets",
     "evaluate_accuracy",
     "evolutionary_search",
     "exhaustive_evaluation",
-    "export_onnx",
-    "export_subnet",
     "extract_subnet",
     "frozen_teacher",
     "full_config",

@@ -1,4 +1,4 @@
-"""Extract a static sub-network from the supernet, and export it.
+"""Extract a static sub-network from the supernet (exported with ``lightning_oto.subnet.export``).
 
 The extracted module has plain ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.Linear`` layers of the sliced
 sizes and no elastic logic, so it can be saved, ``torch.export``-ed and converted to ONNX like any
@@ -6,14 +6,11 @@ hand-written network.  Its eval outputs equal the supernet's with the same confi
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Sequence
-
 import torch
 from torch import nn
 
 from .space import SubnetConfig
-from .supernet import CompOFASupernet, ElasticBatchNorm2d, ElasticInvertedResidual, make_act, se_hidden
+from .supernet import CompOFASupernet, ElasticInvertedResidual, make_act, se_hidden
 
 
 class StaticSE(nn.Module):
@@ -151,60 +148,3 @@ def max_abs_diff_vs_supernet(
         supernet.train(was_s)
         sub.train(was_sub)
     return float((a - b).abs().max())
-
-
-def export_subnet(
-    sub: nn.Module,
-    out_dir: str,
-    example_input: torch.Tensor,
-    formats: Sequence[str] = ("torch", "onnx"),
-    name: str = "subnet",
-    check_tol: float = 1e-4,
-) -> dict[str, Any]:
-    """Write ``sub`` as state_dict (+ ``torch.export`` program) and/or ONNX; verify ONNX with onnxruntime.
-
-    Returns the written paths and, for ONNX, the max abs difference to the eager output (raises if
-    it exceeds ``check_tol``: an export that changes the numbers is not an export).
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    sub = sub.eval()
-    result: dict[str, Any] = {}
-    with torch.no_grad():
-        ref = sub(example_input)
-    if "torch" in formats:
-        sd_path = os.path.join(out_dir, f"{name}_state_dict.pt")
-        torch.save(sub.state_dict(), sd_path)
-        result["state_dict"] = sd_path
-        ep = torch.export.export(sub, (example_input,))
-        ep_path = os.path.join(out_dir, f"{name}.pt2")
-        torch.export.save(ep, ep_path)
-        result["exported_program"] = ep_path
-        with torch.no_grad():
-            result["torch_export_max_abs_diff"] = float((ep.module()(example_input) - ref).abs().max())
-    if "onnx" in formats:
-        onnx_path = os.path.join(out_dir, f"{name}.onnx")
-        diff = export_onnx(sub, example_input, onnx_path)
-        if diff > check_tol:
-            raise RuntimeError(f"onnxruntime output differs from torch by {diff:.3g} > {check_tol}")
-        result["onnx"] = onnx_path
-        result["onnx_max_abs_diff"] = diff
-    return result
-
-
-def export_onnx(sub: nn.Module, example_input: torch.Tensor, path: str) -> float:
-    """``torch.onnx.export(dynamo=True)`` then run onnxruntime; returns max |ort - torch|."""
-    import warnings
-
-    import onnxruntime as ort
-
-    sub = sub.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(sub, (example_input,), dynamo=True, verbose=False)
-    prog.save(path)
-    with torch.no_grad():
-        ref = sub(example_input).numpy()
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0].name
-    out = sess.run(None, {inp: example_input.numpy()})[0]
-    return float(abs(out - ref).max())

@@ -17,14 +17,27 @@ from typing import Any, Mapping
 
 import torch
 
-from .data import build_loaders
-from .extract import export_subnet, extract_subnet, max_abs_diff_vs_supernet
+from ..subnet.export import export_subnet
+from ..subnet.report import count_flops, count_params
+from .data import Loaders, build_loaders
+from .extract import extract_subnet, max_abs_diff_vs_supernet
 from .latency import LatencyTable, supernet_latency_fn
 from .report import plot_pareto, write_table
 from .search import EvolutionConfig, SearchResult, best_under, default_targets, exhaustive_evaluation, pareto_front, search_pareto
 from .space import DesignSpace, SupernetConfig
-from .supernet import CompOFASupernet, count_params
-from .training import AccuracyEvaluator, compofa_phases, evaluate_accuracy, recalibrate_bn, train_phases
+from .supernet import CompOFASupernet
+from .training import AccuracyEvaluator, TrainResult, compofa_phases, evaluate_accuracy, recalibrate_bn, train_phases
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name`` (one place for each default)."""
+    return cls.__dataclass_fields__[name].default
+
+
+def _default_list(cls: type, name: str) -> Any:
+    """A field whose default is a fresh copy of ``cls``'s list default."""
+    factory = cls.__dataclass_fields__[name].default_factory
+    return field(default_factory=lambda: list(factory()))
 
 
 @dataclass
@@ -36,20 +49,19 @@ class CompOFARunConfig:
     num_threads: int = 1  # small convs: 1 thread is as fast and immune to oversubscription
     # data
     dataset: str = "digits"  # digits | mnist | synthetic
-    data_source: str = "auto"  # auto | local | shared (lightning_oto.data)
     batch_size: int = 64
-    num_samples: int | None = None
-    # supernet (see SupernetConfig)
-    input_size: int = 28
-    stem_channels: int = 16
-    stage_channels: list[int] = field(default_factory=lambda: [16, 24, 32, 48, 64])
-    stage_strides: list[int] = field(default_factory=lambda: [2, 1, 2, 1, 1])
-    stage_kernels: list[int] = field(default_factory=lambda: [3, 3, 5, 3, 5])
-    stage_se: list[bool] = field(default_factory=lambda: [False, False, True, True, True])
-    stage_act: list[str] = field(default_factory=lambda: ["relu", "relu", "hswish", "hswish", "hswish"])
-    depth_choices: list[int] = field(default_factory=lambda: [2, 3, 4])
-    expand_choices: list[int] = field(default_factory=lambda: [3, 4, 6])
-    head_channels: int = 128
+    num_samples: int | None = None  # synthetic: pool size; others: per-split cap
+    # supernet (see SupernetConfig, whose defaults these are)
+    input_size: int = _default(SupernetConfig, "input_size")
+    stem_channels: int = _default(SupernetConfig, "stem_channels")
+    stage_channels: list[int] = _default_list(SupernetConfig, "stage_channels")
+    stage_strides: list[int] = _default_list(SupernetConfig, "stage_strides")
+    stage_kernels: list[int] = _default_list(SupernetConfig, "stage_kernels")
+    stage_se: list[bool] = _default_list(SupernetConfig, "stage_se")
+    stage_act: list[str] = _default_list(SupernetConfig, "stage_act")
+    depth_choices: list[int] = _default_list(SupernetConfig, "depth_choices")
+    expand_choices: list[int] = _default_list(SupernetConfig, "expand_choices")
+    head_channels: int = _default(SupernetConfig, "head_channels")
     resolutions: list[int] | None = None  # elastic resolution for search; default [input_size]
     # training (paper: teacher 180 ep, compound 25 + 125 ep; scaled down)
     teacher_epochs: int = 3
@@ -76,11 +88,12 @@ class CompOFARunConfig:
     latency_targets_ms: list[float] | None = None  # default: spread between min and max network
     num_latency_targets: int = 3
     exhaustive: bool = False  # evaluate all 243 instead of evolutionary search
-    population_size: int = 20
-    num_iterations: int = 10
-    parent_ratio: float = 0.25
-    mutation_ratio: float = 0.5
-    mutate_prob: float = 0.1
+    # evolution (see EvolutionConfig, whose defaults these are)
+    population_size: int = _default(EvolutionConfig, "population_size")
+    num_iterations: int = _default(EvolutionConfig, "num_iterations")
+    parent_ratio: float = _default(EvolutionConfig, "parent_ratio")
+    mutation_ratio: float = _default(EvolutionConfig, "mutation_ratio")
+    mutate_prob: float = _default(EvolutionConfig, "mutate_prob")
     # extraction / export
     export_formats: list[str] = field(default_factory=lambda: ["torch", "onnx"])
 
@@ -132,183 +145,169 @@ class CompOFARunConfig:
         return cls(**d)
 
 
-def _flops(module: torch.nn.Module, x: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    module.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        module(x)
-    return int(fc.get_total_flops())
-
-
-def run_compofa(cfg_like: "CompOFARunConfig | Mapping[str, Any] | None" = None) -> dict[str, Any]:
+def run_compofa(cfg_like: "CompOFARunConfig | Mapping[str, Any] | None" = None,
+                trainer_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train the supernet (teacher -> compound), search per latency target, extract, export, report.
 
-    Writes into ``output_dir``: ``supernet.pt``, ``latency_table.json``, ``pareto.{csv,md,png}``,
-    ``subnets/`` (state_dict, ``.pt2``, ``.onnx`` per selected network) and ``summary.json``
-    (also returned).
+    ``trainer_kwargs`` (e.g. the Hydra ``trainer`` config's accelerator / devices / strategy / precision)
+    go to every training phase's ``lightning.Trainer``.  Writes into ``output_dir``: ``supernet.pt``,
+    ``latency_table.json``, ``pareto.{csv,md,png}``, ``subnets/<name>/`` (the export of each selected
+    network and its ``config.json``) and ``summary.json`` (also returned).
     """
     cfg = CompOFARunConfig.from_any(cfg_like)
-    out = cfg.output_dir
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(cfg.output_dir, exist_ok=True)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.num_threads)))
     t_start = time.perf_counter()
     try:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        loaders = build_loaders(
-            cfg.dataset,
-            cfg.input_size,
-            cfg.batch_size,
-            calib_size=cfg.calib_size,
-            seed=cfg.seed,
-            num_samples=cfg.num_samples,
-            source=cfg.data_source,
-        )
+        loaders = build_loaders(cfg.dataset, cfg.input_size, cfg.batch_size, calib_size=cfg.calib_size,
+                                seed=cfg.seed, num_samples=cfg.num_samples)
         sn_cfg = cfg.supernet_config(loaders.num_classes)
         supernet = CompOFASupernet(sn_cfg)
         space = DesignSpace.compound(sn_cfg, resolutions=cfg.resolutions or [cfg.input_size])
-        ofa_space = DesignSpace.ofa(sn_cfg)
-
-        # ---- train: teacher -> compound (one config, chained phases) ---------------------------
-        phases = compofa_phases(
-            sn_cfg,
-            teacher_epochs=cfg.teacher_epochs,
-            warmup_epochs=cfg.compound_warmup_epochs,
-            epochs=cfg.compound_epochs,
-            teacher_lr=cfg.teacher_lr,
-            warmup_lr=cfg.compound_warmup_lr,
-            lr=cfg.compound_lr,
-            n_sample=cfg.n_sample,
-        )
-        train = train_phases(
-            supernet,
-            phases,
-            loaders.train,
-            teacher="inplace" if cfg.teacher_mode == "inplace" else None,
-            kd_ratio=cfg.kd_ratio,
-            kd_temperature=cfg.kd_temperature,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            seed=cfg.seed,
-        )
-        torch.save(supernet.state_dict(), os.path.join(out, "supernet.pt"))
-
-        # ---- search --------------------------------------------------------------------------
-        acc_fn = AccuracyEvaluator(supernet, loaders.calib, loaders.val, cfg.calib_batches)
-        lat_path = cfg.latency_table or os.path.join(out, "latency_table.json")
-        measure = supernet_latency_fn(
-            supernet, num_threads=cfg.latency_threads, warmup=cfg.latency_warmup, runs=cfg.latency_runs
-        )
-        meta = {
-            "supernet": hashlib.sha1(json.dumps(sn_cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12],
-            "threads": cfg.latency_threads,
-            "batch": 1,
-            "warmup": cfg.latency_warmup,
-            "runs": cfg.latency_runs,
-        }
-        lat_table = LatencyTable(measure, meta=meta)
-        reused = False
-        if os.path.exists(lat_path):
-            old = LatencyTable.load(lat_path, measure)
-            if all(old.meta.get(k) == v for k, v in lat_table.meta.items()):
-                lat_table, reused = old, True  # same machine kind, supernet and protocol
-        t_search = time.perf_counter()
-        measure(space.max_config())  # throwaway: first-call kernel/allocator setup must not inflate a target
-        lat_lo = min(lat_table(space.min_config().with_resolution(r)) for r in space.resolutions)
-        lat_hi = max(lat_table(space.max_config().with_resolution(r)) for r in space.resolutions)
-        targets = list(cfg.latency_targets_ms or default_targets(lat_lo, lat_hi, cfg.num_latency_targets))
-        if cfg.exhaustive:
-            rows = exhaustive_evaluation(space, acc_fn, lat_table)
-            results = []
-            for t in targets:
-                b = best_under(rows, t)
-                results.append(
-                    SearchResult(t, b is not None, b["config"] if b else None,
-                                 b["accuracy"] if b else float("nan"), b["latency_ms"] if b else float("nan"),
-                                 candidates_checked=len(rows))
-                )
-        else:
-            results = search_pareto(space, acc_fn, lat_table, targets, cfg.evolution_config())
-        search_time = time.perf_counter() - t_search
-        lat_table.save(lat_path)
-
-        # ---- extract, verify, export ---------------------------------------------------------
-        sub_dir = os.path.join(out, "subnets")
-        pareto_rows = []
-        exported: dict[str, Any] = {}
-        for res in results:
-            row = res.row()
-            if res.feasible and res.config is not None:
-                c = res.config
-                recalibrate_bn(supernet, c, loaders.calib, cfg.calib_batches)
-                sub = extract_subnet(supernet, c).eval()
-                x = torch.randn(2, 1, c.resolution, c.resolution)
-                row["extract_max_abs_diff"] = max_abs_diff_vs_supernet(supernet, sub, c, x)
-                row["test_accuracy"] = round(evaluate_accuracy(sub, c, loaders.test), 4)
-                row["params"] = count_params(sub)
-                row["mflops"] = round(_flops(sub, x[:1]) / 1e6, 3)
-                name = c.short().replace("@", "_r")
-                if name not in exported:
-                    exported[name] = export_subnet(sub, sub_dir, x[:1], cfg.export_formats, name=name)
-                    with open(os.path.join(sub_dir, f"{name}.json"), "w") as f:
-                        json.dump(c.to_dict(), f)
-                row["export"] = name
-            pareto_rows.append(row)
-        front_idx = pareto_front([(r["latency_ms"], r["accuracy"]) for r in pareto_rows if r["feasible"]])
-        feas = [r for r in pareto_rows if r["feasible"]]
-        for i, r in enumerate(feas):
-            r["pareto_optimal"] = i in front_idx
-        write_table(pareto_rows, os.path.join(out, "pareto.csv"), os.path.join(out, "pareto.md"),
-                    title="CompOFA: best sub-network per latency target")
-        cloud = [
-            {"latency_ms": lat_table.table[k], "accuracy": a}
-            for k, a in acc_fn.cache.items()
-            if k in lat_table.table
-        ]
-        plot_pareto(os.path.join(out, "pareto.png"), pareto_rows, cloud, targets)
-
-        # ---- summary -----------------------------------------------------------------------
-        full = space.max_config()
-        recalibrate_bn(supernet, full, loaders.calib, cfg.calib_batches)
-        summary: dict[str, Any] = {
-            "config": asdict(cfg),
-            "data_source": loaders.source,
-            "num_architectures": space.num_architectures(),
-            "num_configs_with_resolution": space.num_configs(),
-            "ofa_num_architectures": ofa_space.num_architectures(),
-            "supernet_params": count_params(supernet),
-            "training": {
-                "phases": train.phases,
-                "wall_time_s": round(train.wall_time_s, 2),
-                "compound_wall_time_s": round(train.time_excluding("teacher"), 2),
-            },
-            "teacher_val_accuracy": acc_fn(full),
-            "teacher_test_accuracy": evaluate_accuracy(supernet, full, loaders.test),
-            "search": {
-                "mode": "exhaustive" if cfg.exhaustive else "evolutionary",
-                "targets_ms": targets,
-                "time_s": round(search_time, 3),
-                "latency_table": lat_table.stats(),
-                "latency_table_reused": reused,
-                "accuracy_evaluations": acc_fn.evaluations,
-                "accuracy_eval_time_s": round(acc_fn.eval_time_s, 3),
-            },
-            "pareto": pareto_rows,
-            "exported": exported,
-            "files": {
-                "supernet": os.path.join(out, "supernet.pt"),
-                "latency_table": lat_path,
-                "csv": os.path.join(out, "pareto.csv"),
-                "md": os.path.join(out, "pareto.md"),
-                "png": os.path.join(out, "pareto.png"),
-                "summary": os.path.join(out, "summary.json"),
-            },
-        }
+        train = _train(cfg, supernet, loaders, trainer_kwargs)
+        search = _search(cfg, supernet, space, loaders)
+        rows, exported = _extract_and_export(cfg, supernet, search["results"], loaders)
+        _write_pareto(cfg.output_dir, rows, search)
+        summary = _summary(cfg, supernet, space, loaders, train, search, rows, exported)
         summary["total_time_s"] = round(time.perf_counter() - t_start, 2)
-        with open(os.path.join(out, "summary.json"), "w") as f:
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, default=str)
         return summary
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def _train(cfg: CompOFARunConfig, supernet: CompOFASupernet, loaders: Loaders,
+           trainer_kwargs: Mapping[str, Any] | None) -> TrainResult:
+    """Teacher -> compound training (one config, chained phases); saves ``supernet.pt``."""
+    phases = compofa_phases(
+        supernet.cfg, teacher_epochs=cfg.teacher_epochs, warmup_epochs=cfg.compound_warmup_epochs,
+        epochs=cfg.compound_epochs, teacher_lr=cfg.teacher_lr, warmup_lr=cfg.compound_warmup_lr,
+        lr=cfg.compound_lr, n_sample=cfg.n_sample)
+    train = train_phases(
+        supernet, phases, loaders.train, teacher="inplace" if cfg.teacher_mode == "inplace" else None,
+        kd_ratio=cfg.kd_ratio, kd_temperature=cfg.kd_temperature, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, seed=cfg.seed, trainer_kwargs=trainer_kwargs)
+    torch.save(supernet.state_dict(), os.path.join(cfg.output_dir, "supernet.pt"))
+    return train
+
+
+def _latency_table(cfg: CompOFARunConfig, supernet: CompOFASupernet) -> tuple[LatencyTable, str, bool]:
+    """The memoized latency table: reused from disk when machine kind, supernet and protocol match."""
+    path = cfg.latency_table or os.path.join(cfg.output_dir, "latency_table.json")
+    measure = supernet_latency_fn(supernet, num_threads=cfg.latency_threads, warmup=cfg.latency_warmup,
+                                  runs=cfg.latency_runs)
+    meta = {
+        "supernet": hashlib.sha1(json.dumps(supernet.cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12],
+        "threads": cfg.latency_threads, "batch": 1, "warmup": cfg.latency_warmup, "runs": cfg.latency_runs,
+    }
+    table = LatencyTable(measure, meta=meta)
+    if os.path.exists(path):
+        old = LatencyTable.load(path, measure)
+        if all(old.meta.get(k) == v for k, v in table.meta.items()):
+            return old, path, True
+    return table, path, False
+
+
+def _search(cfg: CompOFARunConfig, supernet: CompOFASupernet, space: DesignSpace,
+            loaders: Loaders) -> dict[str, Any]:
+    """Best sub-network per latency target (evolutionary, or exhaustive over all 243)."""
+    acc_fn = AccuracyEvaluator(supernet, loaders.calib, loaders.val, cfg.calib_batches)
+    lat_table, lat_path, reused = _latency_table(cfg, supernet)
+    t_search = time.perf_counter()
+    lat_table.measure(space.max_config())  # throwaway: first-call kernel/allocator setup must not inflate a target
+    lat_lo = min(lat_table(space.min_config().with_resolution(r)) for r in space.resolutions)
+    lat_hi = max(lat_table(space.max_config().with_resolution(r)) for r in space.resolutions)
+    targets = list(cfg.latency_targets_ms or default_targets(lat_lo, lat_hi, cfg.num_latency_targets))
+    if cfg.exhaustive:
+        rows = exhaustive_evaluation(space, acc_fn, lat_table)
+        results = []
+        for t in targets:
+            b = best_under(rows, t)
+            results.append(SearchResult(t, b is not None, b["config"] if b else None,
+                                        b["accuracy"] if b else float("nan"), b["latency_ms"] if b else float("nan"),
+                                        candidates_checked=len(rows)))
+    else:
+        results = search_pareto(space, acc_fn, lat_table, targets, cfg.evolution_config())
+    search_time = time.perf_counter() - t_search
+    lat_table.save(lat_path)
+    return {"results": results, "acc_fn": acc_fn, "lat_table": lat_table, "lat_path": lat_path,
+            "reused": reused, "targets": targets, "time_s": search_time}
+
+
+def _extract_and_export(cfg: CompOFARunConfig, supernet: CompOFASupernet, results: list[SearchResult],
+                        loaders: Loaders) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Extract each selected network, check it against the supernet, count and export it (once per network)."""
+    sub_dir = os.path.join(cfg.output_dir, "subnets")
+    rows: list[dict[str, Any]] = []
+    exported: dict[str, Any] = {}
+    for res in results:
+        row = res.row()
+        if res.feasible and res.config is not None:
+            c = res.config
+            recalibrate_bn(supernet, c, loaders.calib, cfg.calib_batches)
+            sub = extract_subnet(supernet, c).eval()
+            x = torch.randn(2, 1, c.resolution, c.resolution)
+            row["extract_max_abs_diff"] = max_abs_diff_vs_supernet(supernet, sub, c, x)
+            row["test_accuracy"] = round(evaluate_accuracy(sub, c, loaders.test), 4)
+            row["params"] = count_params(sub)
+            row["mflops"] = round(count_flops(sub, x[:1]) / 1e6, 3)
+            name = c.short().replace("@", "_r")
+            if name not in exported and cfg.export_formats:
+                exported[name] = export_subnet(sub, (x[:1],), os.path.join(sub_dir, name),
+                                               formats=cfg.export_formats)
+                with open(os.path.join(sub_dir, name, "config.json"), "w") as f:
+                    json.dump(c.to_dict(), f)
+            row["export"] = name
+        rows.append(row)
+    front = pareto_front([(r["latency_ms"], r["accuracy"]) for r in rows if r["feasible"]])
+    for i, feasible in enumerate(r for r in rows if r["feasible"]):
+        feasible["pareto_optimal"] = i in front
+    return rows, exported
+
+
+def _write_pareto(out: str, rows: list[dict[str, Any]], search: dict[str, Any]) -> None:
+    write_table(rows, os.path.join(out, "pareto.csv"), os.path.join(out, "pareto.md"),
+                title="CompOFA: best sub-network per latency target")
+    lat_table = search["lat_table"]
+    cloud = [{"latency_ms": lat_table.table[k], "accuracy": a}
+             for k, a in search["acc_fn"].cache.items() if k in lat_table.table]
+    plot_pareto(os.path.join(out, "pareto.png"), rows, cloud, search["targets"])
+
+
+def _summary(cfg: CompOFARunConfig, supernet: CompOFASupernet, space: DesignSpace, loaders: Loaders,
+             train: TrainResult, search: dict[str, Any], rows: list[dict[str, Any]],
+             exported: dict[str, Any]) -> dict[str, Any]:
+    out = cfg.output_dir
+    full = space.max_config()
+    recalibrate_bn(supernet, full, loaders.calib, cfg.calib_batches)
+    acc_fn = search["acc_fn"]
+    return {
+        "config": asdict(cfg),
+        "data_source": loaders.source,
+        "num_architectures": space.num_architectures(),
+        "num_configs_with_resolution": space.num_configs(),
+        "ofa_num_architectures": DesignSpace.ofa(supernet.cfg).num_architectures(),
+        "supernet_params": count_params(supernet),
+        "training": {"phases": train.phases, "wall_time_s": round(train.wall_time_s, 2),
+                     "compound_wall_time_s": round(train.time_excluding("teacher"), 2)},
+        "teacher_val_accuracy": acc_fn(full),
+        "teacher_test_accuracy": evaluate_accuracy(supernet, full, loaders.test),
+        "search": {
+            "mode": "exhaustive" if cfg.exhaustive else "evolutionary",
+            "targets_ms": search["targets"],
+            "time_s": round(search["time_s"], 3),
+            "latency_table": search["lat_table"].stats(),
+            "latency_table_reused": search["reused"],
+            "accuracy_evaluations": acc_fn.evaluations,
+            "accuracy_eval_time_s": round(acc_fn.eval_time_s, 3),
+        },
+        "pareto": rows,
+        "exported": exported,
+        "files": {name: os.path.join(out, f) for name, f in (
+            ("supernet", "supernet.pt"), ("csv", "pareto.csv"), ("md", "pareto.md"), ("png", "pareto.png"),
+            ("summary", "summary.json"))} | {"latency_table": search["lat_path"]},
+    }

@@ -74,6 +74,25 @@ class InfeasibleTarget(RuntimeError):
     pass
 
 
+Member = tuple[float, list[int], SubnetConfig, float]  # (accuracy, genes, config, latency)
+
+
+def _children(space: DesignSpace, parents: Sequence[list[int]], n_mut: int, ecfg: EvolutionConfig,
+              rng: random.Random, draw: Callable[[Callable[[], list[int]]], tuple[list[int], SubnetConfig, float]],
+              accuracy_fn: Callable[[SubnetConfig], float]) -> list[Member]:
+    """One generation's offspring: ``n_mut`` mutated parents, then crossovers up to the population size."""
+    children: list[Member] = []
+    for _ in range(n_mut):
+        par = rng.choice(parents)
+        g, cfg, lat = draw(lambda: mutate(space, par, ecfg.mutate_prob, rng))
+        children.append((accuracy_fn(cfg), g, cfg, lat))
+    for _ in range(ecfg.population_size - len(parents) - n_mut):
+        pa, pb = rng.choice(parents), rng.choice(parents)
+        g, cfg, lat = draw(lambda: crossover(pa, pb, rng))
+        children.append((accuracy_fn(cfg), g, cfg, lat))
+    return children
+
+
 def evolutionary_search(
     space: DesignSpace,
     accuracy_fn: Callable[[SubnetConfig], float],
@@ -127,16 +146,7 @@ def evolutionary_search(
         if parents[0][0] > best[0]:
             best = parents[0]
         history.append(best[0])
-        children = []
-        for _ in range(n_mut):
-            par = rng.choice(parents)[1]
-            g, cfg, lat = draw(lambda: mutate(space, par, ecfg.mutate_prob, rng))
-            children.append((accuracy_fn(cfg), g, cfg, lat))
-        for _ in range(ecfg.population_size - n_parents - n_mut):
-            pa, pb = rng.choice(parents)[1], rng.choice(parents)[1]
-            g, cfg, lat = draw(lambda: crossover(pa, pb, rng))
-            children.append((accuracy_fn(cfg), g, cfg, lat))
-        pop = parents + children
+        pop = parents + _children(space, [p[1] for p in parents], n_mut, ecfg, rng, draw, accuracy_fn)
     top = max(pop, key=lambda t: t[0])
     if top[0] > best[0]:
         best = top

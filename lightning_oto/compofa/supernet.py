@@ -315,7 +315,3 @@ class CompOFASupernet(nn.Module):
 
     def elastic_bns(self) -> list[ElasticBatchNorm2d]:
         return [m for m in self.modules() if isinstance(m, ElasticBatchNorm2d)]
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -15,7 +15,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .space import DesignSpace, SubnetConfig, SupernetConfig, full_config
-from .supernet import CompOFASupernet, ElasticBatchNorm2d
+from .supernet import CompOFASupernet
 
 
 def resize_to(x: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -390,20 +390,42 @@ def progressive_shrinking_phases(
     return [p for p in phases if p.epochs > 0 or p.max_steps > 0]
 
 
+#: a phase's Trainer is quiet: no logger, checkpoints, progress bar or summary (whatever the config says)
+_PHASE_QUIET: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                                "enable_model_summary": False, "num_sanity_val_steps": 0}
+#: defaults a configuration may override (accelerator, devices, strategy, precision, ...)
+_PHASE_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": 1}
+#: keys of a full Trainer config that the phases set themselves
+_PHASE_OWNED = ("max_epochs", "max_steps", "callbacks", "default_root_dir", "log_every_n_steps", "_target_")
+
+
 def make_trainer(epochs: int, max_steps: int = -1, **kw: Any) -> L.Trainer:
-    """Quiet single-device CPU trainer (no logger/checkpoints/progress bar)."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max(1, epochs) if max_steps <= 0 else None,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
+    """The Trainer of one phase: ``kw`` (e.g. a Hydra trainer config's accelerator, devices, strategy,
+    precision) over the defaults; the phase sets its own length and stays quiet."""
+    settings = {**_PHASE_DEFAULTS, **{k: v for k, v in kw.items() if k not in _PHASE_OWNED}, **_PHASE_QUIET}
+    return L.Trainer(max_epochs=max(1, epochs) if max_steps <= 0 else None, max_steps=max_steps, **settings)
+
+
+def _fit_phase(module: "CompOFAModule", ph: PhaseSpec, train_loader: Iterable,
+               trainer_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Fit one phase; its record (wall time, steps, sampled sub-networks, first and last loss)."""
+    trainer = make_trainer(ph.epochs, ph.max_steps, **dict(trainer_kwargs or {}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*number of training batches.*")
+        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen teacher
+        t0 = time.perf_counter()
+        trainer.fit(module, train_dataloaders=train_loader)
+        wall = time.perf_counter() - t0
+    return {
+        **ph.describe(),
+        "wall_time_s": wall,
+        "step_time_s": module.step_time_s,
+        "steps": int(trainer.global_step),
+        "sampled_subnets": module.sampled_subnets,
+        "first_loss": module.loss_history[0] if module.loss_history else float("nan"),
+        "last_loss": module.loss_history[-1] if module.loss_history else float("nan"),
+    }
 
 
 @dataclass
@@ -436,11 +458,13 @@ def train_phases(
     weight_decay: float = 3e-5,
     seed: int = 0,
     on_phase_end: Callable[[PhaseSpec, dict[str, Any]], None] | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``phases`` in order on ``supernet`` (each a fresh optimizer + cosine schedule).
 
     The teacher for distilling phases is ``teacher`` if given, else a frozen copy of the supernet
     taken when the first distilling phase starts (i.e. right after the teacher phase).
+    ``trainer_kwargs`` configure every phase's Trainer (see :func:`make_trainer`).
     """
     result = TrainResult(teacher=teacher if isinstance(teacher, nn.Module) else None)
     for i, ph in enumerate(phases):
@@ -466,23 +490,7 @@ def train_phases(
             kd_temperature=kd_temperature,
             seed=seed * 7919 + i,
         )
-        trainer = make_trainer(ph.epochs, ph.max_steps)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*number of training batches.*")
-            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen teacher
-            t0 = time.perf_counter()
-            trainer.fit(module, train_dataloaders=train_loader)
-            wall = time.perf_counter() - t0
-        rec = {
-            **ph.describe(),
-            "wall_time_s": wall,
-            "step_time_s": module.step_time_s,
-            "steps": int(trainer.global_step),
-            "sampled_subnets": module.sampled_subnets,
-            "first_loss": module.loss_history[0] if module.loss_history else float("nan"),
-            "last_loss": module.loss_history[-1] if module.loss_history else float("nan"),
-        }
+        rec = _fit_phase(module, ph, train_loader, trainer_kwargs)
         result.phases.append(rec)
         if on_phase_end is not None:
             on_phase_end(ph, rec)

@@ -1,6 +1,11 @@
-"""Lightning integration: :class:`OTOCallback` (Trainer hooks) and :class:`OTOMixin` (LightningModule)."""
-from ._common import PHASE_CODES, OnnxModule, load_compressed
+"""Lightning integration: :class:`OTOCallback` (Trainer hooks), :class:`OTOMixin` (LightningModule), their
+shared :class:`OTOSettings`, and :func:`load_checkpoint` for checkpoints saved after ``swap_subnet``."""
 from .callback import OTOCallback
+from .checkpointing import load_checkpoint
+from .loading_compat import OnnxModule, load_compressed
 from .mixin import OTOMixin
+from .run_report import PHASE_CODES
+from .settings import OTOSettings
 
-__all__ = ["OTOCallback", "OTOMixin", "PHASE_CODES", "load_compressed", "OnnxModule"]
+__all__ = ["OTOCallback", "OTOMixin", "OTOSettings", "PHASE_CODES", "load_checkpoint", "load_compressed",
+           "OnnxModule"]

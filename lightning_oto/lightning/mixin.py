@@ -8,39 +8,51 @@ Use it when you prefer the module to own the compression settings::
             super().__init__()
             self.save_hyperparameters()
             self.net = ...
-            self.example_input_array = torch.randn(1, 3, 32, 32)
+            self.example_input_array = torch.randn(2, 3, 32, 32)   # optional: else a training batch
 
 The search space is traced lazily (first use of ``self.oto``: normally in ``configure_optimizers``,
-after Lightning moved the module to its device).  Recognized hparams (an ``oto_`` prefixed name wins
-over the plain one): ``oto_mode`` (``"prune"``), ``oto_optimizer``, ``target_group_sparsity``,
-``lr``, ``variant``, ``momentum``, ``nesterov``, ``betas``, ``eps``, ``weight_decay``,
-``warmup_steps``, ``projection_steps``, ``pruning_periods``, ``saliency``, ``saliency_ema``,
-``epsilon``, ``lambda_scale``, ``descent_margin``, ``network_attr``.
+after Lightning moved the module to its device).  Every :class:`OTOSettings` field that shapes the
+search is read from hparams (an ``oto_`` prefixed name wins over the plain one): ``oto_mode``,
+``oto_optimizer``, ``target_group_sparsity``, ``lr``, ``variant``, ``momentum``, ``nesterov``, ``betas``,
+``eps``, ``weight_decay``, ``warmup_steps``/``warmup_epochs``, ``projection_steps``/``projection_epochs``,
+``pruning_periods``, ``saliency``, ``saliency_ema``, ``epsilon``, ``lambda_scale``, ``descent_margin``,
+``erase_ablation``, ``network_attr``, ``ignored_layers``, ``max_group_sparsity``, ``round_to``,
+``dynamic_shapes``.  Unset base-optimizer values take the half-space optimizer's defaults.
 Add :class:`OTOCallback` as well to get progress logging and the export at fit end; it reuses this
-module's OTO and optimizer.
+module's OTO and optimizer.  After :meth:`swap_in_compressed` (or the callback's ``swap_subnet``),
+checkpoints reload with ``load_from_checkpoint`` and ``Trainer(ckpt_path=...)``: the module then trains
+its sub-network with the base optimizer, without a new search.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 from torch import nn
 
-from ..oto import OTO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
 from ..optim import HalfSpaceOptimizer
+from ..optim.factory import build_optimizer, trainable_named_params
+from ..oto import OTO
 from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL
-from . import _common as C
+from .checkpointing import CHECKPOINT_KEY, apply_subnet_payload, subnet_payload
+from .loading_compat import load_compressed
+from .network import install_subnet, resolve_example_inputs, resolve_network, to_device
+from .settings import OTOSettings, planned_steps, steps_per_epoch
 
 __all__ = ["OTOMixin"]
 
-_DEFAULTS: dict[str, Any] = {
-    "mode": "prune", "optimizer": None, "target_group_sparsity": 0.5, "lr": 0.1, "variant": "sgd",
-    "momentum": 0.9, "nesterov": False, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-    "warmup_steps": None, "projection_steps": None, "pruning_periods": 1, "saliency": "default",
-    "saliency_ema": 0.9, "epsilon": 0.0, "lambda_scale": 1.0, "descent_margin": 0.1, "network_attr": None,
-}
+#: the OTOSettings fields a LightningModule's hparams may set (the rest concern the callback's output)
+HPARAM_SETTINGS = (
+    "mode", "optimizer", "target_group_sparsity", "lr", "variant", "momentum", "nesterov", "betas", "eps",
+    "weight_decay", "warmup_steps", "warmup_epochs", "projection_steps", "projection_epochs", "pruning_periods",
+    "saliency", "saliency_ema", "epsilon", "lambda_scale", "descent_margin", "erase_ablation", "network_attr",
+    "ignored_layers", "max_group_sparsity", "round_to", "dynamic_shapes",
+)
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OTOSettings)}
 
 
 class OTOMixin:
@@ -48,66 +60,72 @@ class OTOMixin:
 
     _oto: OTO | None = None
     _oto_optimizer: HalfSpaceOptimizer | None = None
+    _oto_subnet_payload: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ settings
     def oto_hparam(self, name: str) -> Any:
-        """``hparams.oto_<name>``, else ``hparams.<name>``, else the default (see the module docstring)."""
+        """``hparams.oto_<name>``, else ``hparams.<name>``, else the :class:`OTOSettings` default."""
         hp = getattr(self, "hparams", None) or {}
         for key in (f"oto_{name}", name):
             if key in hp and hp[key] is not None:
                 return hp[key]
-        return _DEFAULTS[name]
+        return _FIELD_DEFAULTS[name]
+
+    def oto_settings(self, **overrides: Any) -> OTOSettings:
+        """The settings from hparams (``overrides`` win), validated."""
+        values = {k: overrides[k] if k in overrides else self.oto_hparam(k) for k in HPARAM_SETTINGS}
+        return OTOSettings(**values)
+
+    def _oto_trainer(self) -> Any:
+        try:
+            return self.trainer  # type: ignore[attr-defined]
+        except RuntimeError:  # not attached to a Trainer
+            return None
 
     @property
     def oto_network(self) -> nn.Module:
         """The module being compressed (``hparams.network_attr`` or the LightningModule itself)."""
-        return C.resolve_network(self, self.oto_hparam("network_attr"))  # type: ignore[arg-type]
+        return resolve_network(self, self.oto_hparam("network_attr"))  # type: ignore[arg-type]
 
     @property
     def oto(self) -> OTO:
-        """The search space, traced on first use from ``example_input_array``."""
+        """The search space, traced on first use from ``example_input_array`` (else a training batch)."""
         if self._oto is None:
+            settings = self.oto_settings()
             net = self.oto_network
-            x = C.resolve_example_inputs(self, None, f"{type(self).__name__} (OTOMixin)")
-            self._oto = OTO(net, C.to_device(x, net), mode=self.oto_hparam("mode"))
+            who = f"{type(self).__name__} (OTOMixin)"
+            x, source = resolve_example_inputs(self, None, who, self._oto_trainer())
+            if source == "a training batch":
+                rank_zero_info(f"[lightning_oto] {who}: no example_input_array; tracing with {source}, input "
+                               f"shape(s) {[tuple(t.shape) for t in x]}.")
+            self._oto = OTO(net, to_device(x, net), mode=settings.mode, **settings.oto_kwargs())
         return self._oto
 
-    def _planned_steps(self) -> float:
-        trainer = getattr(self, "_trainer", None)
-        if trainer is None:
-            return float("nan")
-        try:
-            return float(trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - only a default is derived from it
-            return float("nan")
-
     def oto_optimizer(self, **overrides: Any) -> HalfSpaceOptimizer:
-        """DHSPG / H2SPG over this module's search space, from hparams (``overrides`` win)."""
-        get = lambda k: overrides[k] if k in overrides else self.oto_hparam(k)  # noqa: E731
-        mode = get("mode")
-        name = C.check_mode_optimizer(mode, get("optimizer"))
-        target = C.check_target(get("target_group_sparsity"))
+        """DHSPG / H2SPG over this module's search space, from hparams (``overrides`` win).
+
+        A module holding a sub-network loaded from a checkpoint gets the same optimizer over no groups:
+        plain SGD/Adam(W) training of the sub-network, no new search.
+        """
+        s = self.oto_settings(**overrides)
+        named_extra = list(self.parameters())  # type: ignore[attr-defined]
+        if self._oto_subnet_payload is not None:
+            named = trainable_named_params(self.oto_network, named_extra)
+            opt = build_optimizer(s.optimizer, named, [], mode=s.mode, erase_ablation=s.erase_ablation,
+                                  **s.base_hparams(), target_group_sparsity=0.0, warmup_steps=0, projection_steps=0)
+            self._oto_optimizer = opt
+            return opt
         oto = self.oto
-        warm, proj = get("warmup_steps"), get("projection_steps")
-        if warm is None or proj is None:
-            total = self._planned_steps()
-            if not math.isfinite(total) or total <= 0:
-                raise ValueError("OTOMixin: set hparams warmup_steps and projection_steps (the number of training "
-                                 "steps is unknown here).")
-            warm = int(round(C.DEFAULT_WARMUP_FRACTION * total)) if warm is None else warm
-            proj = max(1, int(round(C.DEFAULT_PROJECTION_FRACTION * total))) if proj is None else proj
-        settings = {k: get(k) for k in ("lr", "variant", "momentum", "nesterov", "betas", "eps", "weight_decay",
-                                        "pruning_periods", "saliency", "saliency_ema", "epsilon", "lambda_scale",
-                                        "descent_margin")}
-        settings["betas"] = tuple(settings["betas"])
-        if settings["variant"] != "sgd":
-            settings["nesterov"] = False
-        settings.update(target_group_sparsity=target, warmup_steps=int(warm), projection_steps=int(proj))
-        named = [(n, p) for n, p in oto.model.named_parameters() if p.requires_grad]
-        seen = {id(p) for _, p in named}
-        extra = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]  # type: ignore[attr-defined]
-        named += [(f"<outside_network>.{i}", p) for i, p in enumerate(extra)]
-        opt = C.build_half_space(name, named, oto.groups, oto.hierarchy_check, settings)
+        trainer = self._oto_trainer()
+        need_epochs = s.warmup_epochs is not None or s.projection_epochs is not None
+        spe = steps_per_epoch(trainer) if need_epochs and trainer is not None else None
+        phases = s.phase_lengths(spe, planned_steps(trainer))
+        if phases.note:
+            rank_zero_warn(f"OTOMixin: {phases.note}")
+        named = trainable_named_params(oto.model, named_extra)
+        opt = build_optimizer(s.optimizer, named, oto.groups, mode=s.mode, hierarchy_check=oto.hierarchy_check,
+                              erase_ablation=s.erase_ablation, **s.base_hparams(), **s.search_hparams(),
+                              warmup_steps=phases.warmup_steps, projection_steps=phases.projection_steps)
         self._oto_optimizer = opt
         return opt
 
@@ -119,7 +137,7 @@ class OTOMixin:
     def construct_compressed(self, verify: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> nn.Module:
         """The physically smaller sub-network for the groups that are zero now (verified against the full one)."""
         oto = self.oto
-        oto.example_inputs = C.to_device(oto.example_inputs, oto.model)
+        oto.example_inputs = to_device(oto.example_inputs, oto.model)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="construct_subnet: no group is zero yet")
             return oto.construct_subnet(verify=verify, atol=atol, rtol=rtol)
@@ -139,10 +157,48 @@ class OTOMixin:
         """Construct, verify and export the sub-network (torch.export program and/or ONNX)."""
         return self.oto.export(self.construct_compressed(), out_dir, formats=tuple(formats))
 
+    def swap_in_compressed(self) -> nn.Module:
+        """Replace the compressed network by its verified sub-network; returns the full one.
+
+        Checkpoints saved afterwards carry what rebuilds the sub-network, so ``load_from_checkpoint`` works.
+        """
+        attr = self.oto_hparam("network_attr")
+        if self.oto.mode == "erase" and attr is None:
+            raise ValueError("swap_in_compressed in erase mode needs hparams.network_attr: the erased sub-network is "
+                             "a GraphModule that replaces a submodule (the LightningModule itself cannot be replaced).")
+        sub = self.construct_compressed()
+        payload = subnet_payload(self.oto, self.oto.zero_group_ids(), attr, sub)
+        full = install_subnet(self, attr, sub)  # type: ignore[arg-type]
+        self.oto_mark_compressed(payload)
+        return full
+
+    def oto_mark_compressed(self, payload: dict[str, Any]) -> None:
+        """Remember that this module now holds the sub-network ``payload`` describes (saved with checkpoints)."""
+        self._oto_subnet_payload = payload
+        self._oto_reset()
+
     @staticmethod
     def load_compressed(path_or_dir: str | Path) -> nn.Module:
         """Load an exported sub-network (``subnet.pt2`` preferred, else ``subnet.onnx``); no pickled code."""
-        return C.load_compressed(path_or_dir)
+        return load_compressed(path_or_dir)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """After the swap: store what rebuilds the sub-network; the search optimizer's state (over the full
+        network's tensors) is dropped until an optimizer over the sub-network exists."""
+        if self._oto_subnet_payload is not None:
+            checkpoint[CHECKPOINT_KEY] = self._oto_subnet_payload
+            if self._oto_optimizer is None and "optimizer_states" in checkpoint:
+                checkpoint["optimizer_states"] = []
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of the sub-network: rebuild its structure before Lightning loads the weights."""
+        payload = checkpoint.get(CHECKPOINT_KEY)
+        if payload is not None:
+            apply_subnet_payload(self, payload, checkpoint.get("state_dict"))  # type: ignore[arg-type]
+            self.oto_mark_compressed(payload)
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:
         # copies (construct_subnet deep-copies the module when it compresses itself) and pickles must not

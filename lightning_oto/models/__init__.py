@@ -2,8 +2,8 @@
 
 ``build_model(name, **kwargs)`` returns a fresh model; every model exposes ``num_classes``,
 ``in_channels``, ``image_size`` and ``example_input(batch)`` so the engine can trace it without
-knowing its resolution.  Complexity helpers (``count_params``, ``count_macs``) follow the papers'
-convention (MACs of conv/linear layers); see ``models/README.md`` for measured numbers.
+knowing its resolution.  The complexity counters (``count_params``, ``count_macs``) are re-exported
+from ``lightning_oto.subnet.report``; ``models/README.md`` lists the measured numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .common import ConvBN, calibrate_batchnorm, count_flops, count_macs, count_params
+from ..subnet.report import count_flops, count_macs, count_params
+from .common import ConvBN, calibrate_batchnorm
 from .darts import PRIMITIVES, DartsNetwork
 from .demonet import DemoNet
 from .regnet import REGNETX_CONFIGS, RegNet

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import MODEL_NAMES, build_model
-from .common import count_macs, count_params
+from ..subnet.report import count_macs, count_params
 
 
 @dataclass(frozen=True)

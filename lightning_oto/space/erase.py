@@ -206,12 +206,27 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
 
 
 def _parameter_expressions(graph: OpGraph) -> set[int]:
-    """Operators whose value depends on no graph input: only on parameters, buffers and constants."""
-    exprs: set[int] = set()
-    for node in graph.nodes:  # topological order
-        if node.kind not in ("input", "output") and all(i in exprs for i in node.inputs) and node.outputs:
-            exprs.add(node.id)
-    return exprs
+    """Operators whose value depends on no graph input: only on parameters, buffers and constants.
+
+    An expression that carries parameters and feeds several operators (T5's relative position bias,
+    shared by every layer) stays an operator of its own: folded into all its readers, removing all of
+    them would silently take its parameters along.
+    """
+    blocked: set[int] = set()
+    while True:
+        exprs: set[int] = set()
+        for node in graph.nodes:  # topological order
+            if node.kind not in ("input", "output") and node.id not in blocked and node.outputs and \
+                    all(i in exprs for i in node.inputs):
+                exprs.add(node.id)
+        shared = {e for e in exprs if len(_consumers(graph, e, exprs)) > 1 and _carries_params(graph, e, exprs)}
+        if not shared:
+            return exprs
+        blocked |= shared
+
+
+def _carries_params(graph: OpGraph, e: int, exprs: set[int]) -> bool:
+    return bool(graph.nodes[e].params) or any(graph.nodes[x].params for x in _folded(graph, graph.nodes[e], exprs))
 
 
 def _folded(graph: OpGraph, node: OpNode, exprs: set[int]) -> list[int]:

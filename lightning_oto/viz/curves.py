@@ -143,6 +143,72 @@ def _pretty(col: str) -> str:
     return col.replace("oto/", "").replace("_", " ")
 
 
+_LOSS_COLORS = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
+_ACC_COLORS = ["#2ca02c", "#d62728", "#e377c2", "#bcbd22"]
+_SPARSITY_COLORS = ["#e31a1c", "#636363", "#3182bd", "#31a354"]
+
+
+def _plot_loss_and_accuracy(ax: Any, rows: list[dict[str, Any]], steps: list[float], loss_cols: list[str],
+                            acc_cols: list[str]) -> None:
+    """Losses on the left axis (smoothed when dense), accuracies dashed on a right axis."""
+    handles = []
+    for i, c in enumerate(loss_cols[:5]):
+        xs, ys = _series(rows, steps, c)
+        col = _LOSS_COLORS[i % len(_LOSS_COLORS)]
+        if len(ys) > 60:
+            ax.plot(xs, ys, color=col, alpha=0.25, lw=0.8)
+            (h,) = ax.plot(xs, _smooth(ys, max(3, len(ys) // 40)), color=col, lw=1.6, label=f"{_pretty(c)} (smoothed)")
+        else:
+            (h,) = ax.plot(xs, ys, color=col, lw=1.5, marker="o" if len(ys) < 25 else None, ms=3, label=_pretty(c))
+        handles.append(h)
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if acc_cols:
+        ax_acc = ax.twinx()
+        for i, c in enumerate(acc_cols[:4]):
+            xs, ys = _series(rows, steps, c)
+            (h,) = ax_acc.plot(xs, ys, color=_ACC_COLORS[i % len(_ACC_COLORS)], lw=1.6, ls="--",
+                               marker="s" if len(ys) < 40 else None, ms=3.5, label=_pretty(c))
+            handles.append(h)
+        ax_acc.set_ylabel("accuracy")
+        top = max((y for c in acc_cols for y in _series(rows, steps, c)[1]), default=1.0)
+        if top <= 1.0:
+            ax_acc.set_ylim(0.0, 1.02)
+    if handles:
+        ax.legend(handles=handles, loc="center right", fontsize=8, framealpha=0.85)
+    else:
+        ax.text(0.5, 0.5, "no loss / accuracy logged", ha="center", va="center", transform=ax.transAxes,
+                color="#777777")
+
+
+def _plot_sparsity(ax_sp: Any, rows: list[dict[str, Any]], steps: list[float], sp_cols: list[str]) -> None:
+    for i, c in enumerate(sp_cols[:4]):
+        xs, ys = _series(rows, steps, c)
+        ax_sp.plot(xs, ys, lw=1.6, color=_SPARSITY_COLORS[i % len(_SPARSITY_COLORS)],
+                   ls="-" if "target" not in c.lower() else ":", label=_pretty(c), drawstyle="steps-post")
+    if sp_cols:
+        ax_sp.legend(loc="upper left", fontsize=8, framealpha=0.85)
+        ax_sp.set_ylim(-0.03, 1.03)
+    else:
+        ax_sp.text(0.5, 0.5, "no group sparsity logged", ha="center", va="center", transform=ax_sp.transAxes,
+                   color="#777777")
+    ax_sp.set_ylabel("group sparsity")
+    ax_sp.set_xlabel("step")
+    ax_sp.grid(alpha=0.3)
+
+
+def _mark_phases(axes: Sequence[Any], bounds: list[tuple[float, str]], x_min: float, x_max: float) -> None:
+    """Shaded spans, a dashed line where each phase starts, its name above the first axis."""
+    ends = [s for s, _ in bounds[1:]] + [max(x_max, bounds[-1][0]) if bounds else x_max]
+    for (start, name), end in zip(bounds, ends):
+        for a in axes:
+            a.axvspan(start, end, color=PHASE_COLORS.get(name, "#eeeeee"), alpha=0.35, lw=0, zorder=0)
+            if start > x_min:
+                a.axvline(start, color="#444444", ls="--", lw=1.0, zorder=1)
+        axes[0].text(start, 1.005, f" {name}", transform=axes[0].get_xaxis_transform(), ha="left", va="bottom",
+                     fontsize=9, color="#333333", clip_on=False)
+
+
 def plot_training_curves(metrics_csv_or_records: str | Path | Sequence[Mapping[str, Any]], out_png: str | Path,
                          phase_boundaries: Any = None, title: str | None = None) -> str:
     """Write loss/accuracy and group-sparsity curves vs step to ``out_png``; returns its path.
@@ -174,60 +240,10 @@ def plot_training_curves(metrics_csv_or_records: str | Path | Sequence[Mapping[s
     gs = fig.add_gridspec(2, 1, height_ratios=(2.1, 1.0), hspace=0.08)
     ax = fig.add_subplot(gs[0])
     ax_sp = fig.add_subplot(gs[1], sharex=ax)
-    colors = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
-    handles = []
-    for i, c in enumerate(loss_cols[:5]):
-        xs, ys = _series(rows, steps, c)
-        col = colors[i % len(colors)]
-        if len(ys) > 60:
-            ax.plot(xs, ys, color=col, alpha=0.25, lw=0.8)
-            (h,) = ax.plot(xs, _smooth(ys, max(3, len(ys) // 40)), color=col, lw=1.6, label=f"{_pretty(c)} (smoothed)")
-        else:
-            (h,) = ax.plot(xs, ys, color=col, lw=1.5, marker="o" if len(ys) < 25 else None, ms=3, label=_pretty(c))
-        handles.append(h)
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    if acc_cols:
-        ax_acc = ax.twinx()
-        for i, c in enumerate(acc_cols[:4]):
-            xs, ys = _series(rows, steps, c)
-            col = ["#2ca02c", "#d62728", "#e377c2", "#bcbd22"][i % 4]
-            (h,) = ax_acc.plot(xs, ys, color=col, lw=1.6, ls="--", marker="s" if len(ys) < 40 else None, ms=3.5,
-                               label=_pretty(c))
-            handles.append(h)
-        ax_acc.set_ylabel("accuracy")
-        top = max((y for c in acc_cols for y in _series(rows, steps, c)[1]), default=1.0)
-        if top <= 1.0:
-            ax_acc.set_ylim(0.0, 1.02)
-    if handles:
-        ax.legend(handles=handles, loc="center right", fontsize=8, framealpha=0.85)
-    else:
-        ax.text(0.5, 0.5, "no loss / accuracy logged", ha="center", va="center", transform=ax.transAxes,
-                color="#777777")
-    for i, c in enumerate(sp_cols[:4]):
-        xs, ys = _series(rows, steps, c)
-        ax_sp.plot(xs, ys, lw=1.6, color=["#e31a1c", "#636363", "#3182bd", "#31a354"][i % 4],
-                   ls="-" if "target" not in c.lower() else ":", label=_pretty(c), drawstyle="steps-post")
-    if sp_cols:
-        ax_sp.legend(loc="upper left", fontsize=8, framealpha=0.85)
-        ax_sp.set_ylim(-0.03, 1.03)
-    else:
-        ax_sp.text(0.5, 0.5, "no group sparsity logged", ha="center", va="center", transform=ax_sp.transAxes,
-                   color="#777777")
-    ax_sp.set_ylabel("group sparsity")
-    ax_sp.set_xlabel("step")
-    ax_sp.grid(alpha=0.3)
+    _plot_loss_and_accuracy(ax, rows, steps, loss_cols, acc_cols)
+    _plot_sparsity(ax_sp, rows, steps, sp_cols)
     ax.tick_params(labelbottom=False)
-
-    # phases: shaded spans, a dashed line where each starts, its name at the top
-    ends = [s for s, _ in bounds[1:]] + [max(x_max, bounds[-1][0]) if bounds else x_max]
-    for (start, name), end in zip(bounds, ends):
-        for a in (ax, ax_sp):
-            a.axvspan(start, end, color=PHASE_COLORS.get(name, "#eeeeee"), alpha=0.35, lw=0, zorder=0)
-            if start > x_min:
-                a.axvline(start, color="#444444", ls="--", lw=1.0, zorder=1)
-        ax.text(start, 1.005, f" {name}", transform=ax.get_xaxis_transform(), ha="left", va="bottom",
-                fontsize=9, color="#333333", clip_on=False)
+    _mark_phases((ax, ax_sp), bounds, x_min, x_max)
     ax.set_xlim(x_min, x_max if x_max > x_min else x_min + 1)
     fig.suptitle(title or "training curves", fontsize=11, y=0.985)
     fig.subplots_adjust(left=0.08, right=0.92, top=0.90, bottom=0.08)

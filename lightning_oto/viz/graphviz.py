@@ -21,7 +21,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -31,8 +31,21 @@ from ..space.channels import UnionFind
 from ..space.rules import canonical_op, kind_of, rule_for
 from .dot import PALETTE, Dot, legend_table, render
 
-if TYPE_CHECKING:
-    from ..oto import OTO
+
+class Drawable(Protocol):
+    """What the drawings read from an :class:`~lightning_oto.OTO` (no import of it: the facade sits above)."""
+
+    model: nn.Module
+    mode: str
+    graph: OpGraph
+    groups: list
+    example_inputs: tuple
+    segment_graph: Any
+
+    def zero_group_ids(self) -> list[int]: ...
+
+    def construct_subnet(self) -> nn.Module: ...
+
 
 log = logging.getLogger("lightning_oto")
 
@@ -318,7 +331,7 @@ def _owner_marks(gids: list[int], groups: Sequence[Any], cs: _CoupledSets, zero:
     attrs["class"] = _classes(*cls)
 
 
-def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
+def prune_space_dot(oto: "Drawable", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
     """Operators coloured per coupled set of layers (modules linked by shared channel groups)."""
     groups = oto.groups
     nodes = nodes_from_opgraph(oto.graph)
@@ -352,7 +365,7 @@ def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
     return d
 
 
-def _prune_legend(oto: "OTO", cs: _CoupledSets, zero: set[int] | None) -> tuple[str, Any]:
+def _prune_legend(oto: "Drawable", cs: _CoupledSets, zero: set[int] | None) -> tuple[str, Any]:
     groups = oto.groups
     prunable = sum(g.prunable for g in groups)
     title = f"{type(oto.model).__name__} · prune-mode search space"
@@ -454,7 +467,7 @@ def _gezig_marks(grp: Any, zero: set[int] | None, lines: list[str], tip: list[st
     return cls
 
 
-def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
+def erase_space_dot(oto: "Drawable", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
     """Segment graph: one node per segment listing its operators, coloured per GeZIG."""
     sg = oto.segment_graph
     g = oto.graph
@@ -520,7 +533,7 @@ def _weight(v: VNode) -> str | None:
     return v.params[0] if v.params else None
 
 
-def subnet_dot(oto: "OTO", sub: nn.Module | None, cluster_depth: int = 3) -> Dot:
+def subnet_dot(oto: "Drawable", sub: nn.Module | None, cluster_depth: int = 3) -> Dot:
     """What remains: erase mode the erased fx graph, prune mode the trace of the slimmed copy.
 
     ``sub=None`` means nothing is removed yet: the full model's trace is drawn as the sub-network.
@@ -567,7 +580,7 @@ def subnet_dot(oto: "OTO", sub: nn.Module | None, cluster_depth: int = 3) -> Dot
 
 
 # --------------------------------------------------------------------------- entry point
-def build_source(oto: "OTO", name: str, sub: nn.Module | None = None, cluster_depth: int = 3,
+def build_source(oto: "Drawable", name: str, sub: nn.Module | None = None, cluster_depth: int = 3,
                  zero: Sequence[int] | None = None) -> str:
     """DOT source of one drawing (``name`` in :data:`DRAWINGS`)."""
     if name == "trace":
@@ -587,7 +600,7 @@ def build_source(oto: "OTO", name: str, sub: nn.Module | None = None, cluster_de
     raise ValueError(f"unknown drawing {name!r}; choose from {DRAWINGS}")
 
 
-def visualize(oto: "OTO", out_dir: str | Path, what: Sequence[str] | str = DRAWINGS, sub: nn.Module | None = None,
+def visualize(oto: "Drawable", out_dir: str | Path, what: Sequence[str] | str = DRAWINGS, sub: nn.Module | None = None,
               formats: Sequence[str] = ("svg", "pdf"), cluster_depth: int = 3, prefix: str = "",
               timeout: float = 120.0) -> dict[str, str]:
     """Draw ``what`` (any of "trace", "space", "redundant", "subnet") of ``oto`` into ``out_dir``.
