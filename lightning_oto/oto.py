@@ -24,11 +24,6 @@ log = logging.getLogger("lightning_oto")
 MODES = ("prune", "erase")
 
 
-def _check_sparsity(target: float) -> None:
-    if not isinstance(target, (int, float)) or not (0.0 <= float(target) < 1.0):
-        raise ValueError(f"target_group_sparsity must be a number in [0, 1), got {target!r}.")
-
-
 class OTO:
     """Search space of ``model`` for ``mode`` ("prune": channel ZIGs; "erase": operator GeZIGs).
 
@@ -143,41 +138,29 @@ class OTO:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def dhspg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
-        """DHSPG over this search space (prune mode; in erase mode only for the paper's Table 4 ablation)."""
-        _check_sparsity(target_group_sparsity)
-        if self.mode == "erase" and not kwargs.pop("allow_erase_ablation", False):
-            raise ValueError(
-                "dhspg() is the prune-mode optimizer; in erase mode use oto.h2spg(), which keeps the network "
-                "connected. (For the Table 4 ablation pass allow_erase_ablation=True.)")
-        from .optim import DHSPG
-
-        return DHSPG(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
-                     **self._filter_kwargs(kwargs))
+        """DHSPG over this search space (prune mode; in erase mode only for the paper's Table 4 ablation,
+        with ``allow_erase_ablation=True``)."""
+        return self._optimizer("dhspg", lr, target_group_sparsity, kwargs)
 
     def h2spg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """H2SPG: hierarchical search over the erase-mode GeZIGs, then hybrid training."""
-        _check_sparsity(target_group_sparsity)
-        if self.mode != "erase":
-            raise ValueError("h2spg() works on the erase-mode search space: build OTO(model, x, mode='erase'), "
-                             "or use oto.dhspg() for pruning.")
-        from .optim import H2SPG
-
-        return H2SPG(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
-                     hierarchy_check=self.hierarchy_check, **self._filter_kwargs(kwargs))
+        return self._optimizer("h2spg", lr, target_group_sparsity, kwargs)
 
     def hesso(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """HESSO-style progressive shrinking (prune mode)."""
-        _check_sparsity(target_group_sparsity)
-        from .optim import HESSO
+        return self._optimizer("hesso", lr, target_group_sparsity, kwargs)
 
-        return HESSO(self._named_trainable(), self.groups, lr=lr, target_group_sparsity=target_group_sparsity,
-                     **self._filter_kwargs(kwargs))
+    def _optimizer(self, name: str, lr: float, target: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+        """One construction path (:mod:`lightning_oto.optim.factory`); per-module caps travel as the
+        optimizer's ``candidate_filter``."""
+        from .optim.factory import build_optimizer
 
-    def _filter_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The per-module caps travel to the optimizer as its ``candidate_filter``."""
-        if self.candidate_filter is not None and "candidate_filter" not in kwargs:
-            kwargs = dict(kwargs, candidate_filter=self.candidate_filter)
-        return kwargs
+        ablation = bool(kwargs.pop("allow_erase_ablation", False))
+        if self.candidate_filter is not None:
+            kwargs.setdefault("candidate_filter", self.candidate_filter)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return build_optimizer(name, named, self.groups, mode=self.mode, hierarchy_check=self.hierarchy_check,
+                               erase_ablation=ablation, lr=lr, target_group_sparsity=target, **kwargs)
 
     def recalibrate_batchnorm(self, batches: Iterable[Any], num_batches: int = 20,
                               inputs_of: Callable[[Any], tuple] | None = None) -> int:

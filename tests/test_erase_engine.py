@@ -153,11 +153,11 @@ def test_erased_subnet_trains_saves_and_exports(tmp_path):
     paths = oto.export(sub, tmp_path, formats=("torch", "onnx"))
     assert float(paths["onnx_check_error"]) <= 1e-4
     assert float(paths["program_check_error"]) <= 1e-4
-    from lightning_oto.subnet.export import load_exported_program
+    from lightning_oto import load
 
     sub.eval()
     with torch.no_grad():
-        assert torch.allclose(load_exported_program(paths["program"])(x), sub(x), atol=1e-5)
+        assert torch.allclose(load(paths["program"])(x), sub(x), atol=1e-5)
 
 
 def test_groups_have_readable_names_and_cover_segments():

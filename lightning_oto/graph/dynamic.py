@@ -22,8 +22,10 @@ STATIC = "static"
 
 
 def auto_spec(inputs: Sequence[torch.Tensor]) -> tuple:
-    """Every dimension of every input may stay dynamic (torch.export decides)."""
-    return tuple({d: Dim.AUTO for d in range(t.dim())} if t.dim() else None for t in inputs)
+    """Every dimension of every input may stay dynamic (torch.export decides); size-1 dimensions are static
+    (torch specializes them anyway, with a warning)."""
+    return tuple({d: Dim.AUTO for d in range(t.dim()) if t.shape[d] != 1} or None if t.dim() else None
+                 for t in inputs)
 
 
 def batch_spec(inputs: Sequence[torch.Tensor]) -> tuple:

@@ -2,7 +2,8 @@
 shared :class:`OTOSettings`, and :func:`load_checkpoint` for checkpoints saved after ``swap_subnet``."""
 from .callback import OTOCallback
 from .checkpointing import load_checkpoint
-from .loading_compat import OnnxModule, load_compressed
+from ..subnet.load import OnnxModule
+from ..subnet.load import load as load_compressed  # the name earlier versions used
 from .mixin import OTOMixin
 from .run_report import PHASE_CODES
 from .settings import OTOSettings

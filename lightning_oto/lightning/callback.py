@@ -24,7 +24,6 @@ groups pushed to zero), 2 = hybrid (redundant groups stay zero, the rest trains)
 """
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from pathlib import Path
@@ -476,20 +475,13 @@ class OTOCallback(Callback):
             lg.log_metrics(finals, step=trainer.global_step)
 
     def _export(self, trainer: "pl.Trainer", sub: nn.Module, out_dir: Path) -> dict[str, str]:
-        """Export ``sub`` with what inference needs (the datamodule's input normalisation, class names) and the
-        configured dynamic shapes, where the exporter takes them."""
+        """Export ``sub`` with what inference needs (the datamodule's input normalisation, class names)."""
         assert self.oto is not None
-        from ..subnet import export as exporter
+        from ..data.inference import inference_metadata
 
-        accepts = inspect.signature(exporter.export_subnet).parameters
-        kwargs: dict[str, Any] = {}
-        describe = getattr(exporter, "inference_metadata", None)
-        if describe is not None and "metadata" in accepts:
-            kwargs["metadata"] = describe(getattr(trainer, "datamodule", None))
-        if self.settings.dynamic_shapes is not None and "dynamic_shapes" in accepts:
-            kwargs["dynamic_shapes"] = self.settings.dynamic_shapes
-        return exporter.export_subnet(sub, self.oto.example_inputs, out_dir, formats=self.settings.export_formats,
-                                      **kwargs)
+        meta = inference_metadata(getattr(trainer, "datamodule", None))
+        return self.oto.export(sub, out_dir, formats=self.settings.export_formats, metadata=meta,
+                               dynamic_shapes=self.settings.dynamic_shapes)
 
     def _write_report(self, out_dir: Path) -> None:
         assert self.report is not None

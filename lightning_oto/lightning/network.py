@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..subnet.recalibrate import _default_inputs as batch_inputs
+from ..subnet.recalibrate import batch_inputs
 from .compat import module_stores
 
 #: samples of a training batch used as the example input when none is given (2: export keeps the batch dynamic)

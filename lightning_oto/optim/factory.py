@@ -54,10 +54,10 @@ def resolve_optimizer(mode: str, name: str | None = None, erase_ablation: bool =
     if resolved in ALLOWED_OPTIMIZERS[mode] or (erase_ablation and resolved in ABLATION_OPTIMIZERS[mode]):
         return resolved
     if mode == "erase":
-        hint = ("erase mode needs H2SPG, whose hierarchy check keeps the network connected (erase_ablation=True "
-                "runs DHSPG/HESSO without it, for the Table 4 ablation)")
+        hint = ("erase mode needs H2SPG (oto.h2spg(), optimizer='h2spg'), whose hierarchy check keeps the network "
+                "connected (erase_ablation=True runs DHSPG/HESSO without it, for the Table 4 ablation)")
     else:
-        hint = "H2SPG works on the erase-mode search space; use mode='erase'"
+        hint = "H2SPG works on the erase-mode search space; use mode='erase', or oto.dhspg() for pruning"
     raise ValueError(f"optimizer {resolved!r} does not fit mode {mode!r}: {hint}.")
 
 

@@ -170,8 +170,3 @@ def export_subnet(sub: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     written = {name: role for name, role in FILE_ROLES.items() if (out / name).exists() or name == MANIFEST_FILE}
     (out / MANIFEST_FILE).write_text(json.dumps({**paths, "files": written}, indent=2))
     return paths
-
-
-def load_exported_program(path: str | Path) -> nn.Module:
-    """Load a ``subnet.pt2`` written by :func:`export_subnet` (see :func:`lightning_oto.load`)."""
-    return load_program(path)

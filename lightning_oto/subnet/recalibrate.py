@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 
-def _default_inputs(batch: Any) -> tuple:
+def batch_inputs(batch: Any) -> tuple:
     """A loader batch -> forward arguments: ``(x, y)`` / ``[x, y]`` -> ``(x,)``, a dict -> its tensors' first."""
     if isinstance(batch, torch.Tensor):
         return (batch,)
@@ -38,7 +38,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches:
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
     if not norms or num_batches <= 0:
         return 0
-    inputs_of = inputs_of or _default_inputs
+    inputs_of = inputs_of or batch_inputs
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     modes = {m: m.training for m in model.modules()}
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()
@@ -69,4 +69,4 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches:
     return used
 
 
-__all__ = ["recalibrate_batchnorm"]
+__all__ = ["batch_inputs", "recalibrate_batchnorm"]
