@@ -1,10 +1,11 @@
 """lightning_oto: automatic structured pruning / operator erasing (OTOv3) and CompOFA for Lightning."""
 from .errors import InvalidSubnetError, SubnetMismatchError, TraceError
 from .oto import OTO
+from .space.rules import register_rule
 
 __version__ = "0.1.0"
 
-__all__ = ["OTO", "OTOCallback", "OTOMixin", "OTOSettings", "load", "load_checkpoint", "TraceError",
+__all__ = ["OTO", "OTOCallback", "OTOMixin", "OTOSettings", "load", "load_checkpoint", "register_rule", "TraceError",
            "SubnetMismatchError", "InvalidSubnetError"]
 
 

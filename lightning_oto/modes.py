@@ -14,7 +14,7 @@ from torch import nn
 from .graph.trace import OpGraph
 from .space.groups import Group
 from .subnet.plan import plan_keeping_one
-from .subnet.slim import slim_copy
+from .subnet.slim import confirm_literal_sizes, mismatch_hint, slim_copy
 from .subnet.verify import check_plan_applied
 
 log = logging.getLogger("lightning_oto")
@@ -37,10 +37,15 @@ class PruneMode:
 
     name = "prune"
 
-    def __init__(self, graph: OpGraph) -> None:
+    def __init__(self, graph: OpGraph, model: nn.Module | None = None, example_inputs: tuple = ()) -> None:
         from .space.prune import build_prune_space
 
-        space = build_prune_space(graph)
+        # the model lets rules read the sizes its forward uses (head counts) and a trial construction
+        # confirm sizes written as numbers
+        space = build_prune_space(graph, model)
+        if model is not None:
+            confirm_literal_sizes(model, example_inputs, space)
+        self.space = space
         self.groups: list[Group] = space.groups
         self.unsupported: dict[str, str] = space.unprunable_ops
 
@@ -50,12 +55,16 @@ class PruneMode:
     def construct(self, model: nn.Module, zero_groups: Sequence[Group]) -> nn.Module:
         shapes = _shapes(model)
         plan, _ = plan_keeping_one(list(zero_groups), shapes)
-        sub = slim_copy(model, plan)
+        sub = slim_copy(model, plan, self.space.attribute_values(plan))
         check_plan_applied(_shapes(sub), shapes, plan, what="pruned sub-network")
         return sub
 
     def reference(self, model: nn.Module) -> nn.Module:
         return model
+
+    def mismatch_hint(self, zero_groups: Sequence[Group]) -> str:
+        """The user rules the removed channels went through, named when the sub-network differs."""
+        return mismatch_hint(self.space, zero_groups)
 
 
 class EraseMode:
@@ -63,7 +72,7 @@ class EraseMode:
 
     name = "erase"
 
-    def __init__(self, graph: OpGraph) -> None:
+    def __init__(self, graph: OpGraph, model: nn.Module | None = None, example_inputs: tuple = ()) -> None:
         from .space.erase import build_erase_space
 
         space = build_erase_space(graph)
@@ -91,8 +100,8 @@ class EraseMode:
         return self.graph.program.module()
 
 
-def make_mode(name: str, graph: OpGraph) -> Any:
-    return {"prune": PruneMode, "erase": EraseMode}[name](graph)
+def make_mode(name: str, graph: OpGraph, model: nn.Module | None = None, example_inputs: tuple = ()) -> Any:
+    return {"prune": PruneMode, "erase": EraseMode}[name](graph, model, example_inputs)
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -59,7 +59,7 @@ class OTO:
         self.mode = mode
         self.example_inputs = normalize_inputs(model, example_inputs)
         self.graph: OpGraph = trace(model, self.example_inputs, dynamic_shapes=dynamic_shapes)
-        self._mode = make_mode(mode, self.graph)
+        self._mode = make_mode(mode, self.graph, model, self.example_inputs)
         self.groups: list[Group] = controls.bundle(self._mode.groups, round_to)
         self._mode.groups = self.groups
         controls.apply_ignored(self.groups, ignored)
@@ -184,12 +184,19 @@ class OTO:
         zero = self.zero_group_ids()
         if not zero:
             warnings.warn("construct_subnet: no group is zero yet; returning an equal-size copy.", stacklevel=2)
-        sub = self._mode.construct(self.model, [self.groups[i] for i in zero])
+        zero_groups = [self.groups[i] for i in zero]
+        sub = self._mode.construct(self.model, zero_groups)
         if verify:
-            err = check_outputs(self.model, sub, self.example_inputs, atol, rtol)
-            for i, extra in enumerate(verify_inputs):
-                inputs = normalize_inputs(self.model, extra)
-                err = max(err, check_outputs(self.model, sub, inputs, atol, rtol, context=f"verify_inputs[{i}]"))
+            try:
+                err = check_outputs(self.model, sub, self.example_inputs, atol, rtol)
+                for i, extra in enumerate(verify_inputs):
+                    inputs = normalize_inputs(self.model, extra)
+                    err = max(err, check_outputs(self.model, sub, inputs, atol, rtol, context=f"verify_inputs[{i}]"))
+            except Exception as e:  # noqa: BLE001 - name the user rules the removed channels went through
+                hint = getattr(self._mode, "mismatch_hint", lambda groups: "")(zero_groups)
+                if not hint:
+                    raise
+                raise SubnetMismatchError(f"{e}{hint}") from e
             sub.oto_verification_error = err  # type: ignore[attr-defined]
         return sub
 

@@ -460,3 +460,227 @@ ZOO.update({
 
 ERASE_ZOO = ["inception_concat", "resnet_tiny", "densenet_concat", "unet_convtranspose", "darts_cell",
              "stacked_unets", "demonet_tiny", "resnext_groupconv", "transformer_mlp"]
+
+
+# ---------------------------------------------------------------- operator-rule coverage (issue 12)
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: a linear layer whose weight is (in, out), computed with addmm; nf is read in forward."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class Conv1DMLP(nn.Module):
+    """GPT-2 MLP block on a BatchNorm'd width: c_fc (addmm) -> gelu -> c_proj, residual; and a plain matmul."""
+
+    def __init__(self, d=8, hidden=24):
+        super().__init__()
+        self.emb = nn.Linear(6, d)
+        self.c_fc = Conv1D(hidden, d)
+        self.c_proj = Conv1D(d, hidden)
+        self.w = nn.Parameter(torch.randn(d, 12) * 0.3)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.c_proj(F.gelu(self.c_fc(h)))
+        return self.head(torch.relu(h @ self.w).mean(1))
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class HeadAttention(nn.Module):
+    """BERT / Llama style self-attention: q/k/v projections split with view(B, N, -1, D); grouped key/value heads
+    (repeat_kv through expand + reshape), rotary embedding on q and k, eager or sdpa attention."""
+
+    def __init__(self, d=16, heads=4, kv_heads=2, head_dim=4, sdpa=False, rope=False):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, head_dim
+        self.num_key_value_groups = heads // kv_heads
+        self.sdpa, self.rope = sdpa, rope
+        self.q_proj = nn.Linear(d, heads * head_dim)
+        self.k_proj = nn.Linear(d, kv_heads * head_dim)
+        self.v_proj = nn.Linear(d, kv_heads * head_dim)
+        self.o_proj = nn.Linear(heads * head_dim, d)
+
+    def forward(self, x, cos, sin):
+        b, n, _ = x.shape
+        shape = (b, n, -1, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        if self.rope:
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.num_key_value_groups > 1)
+        else:
+            kh, s = k.shape[1], k.shape[2]
+            k = k[:, :, None].expand(b, kh, self.num_key_value_groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
+            v = v[:, :, None].expand(b, kh, self.num_key_value_groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
+            w = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * self.head_dim ** -0.5, dim=-1)
+            out = torch.matmul(w, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class HeadTransformer(nn.Module):
+    """Two attention layers (one eager GQA with rotary, one sdpa) with BatchNorm'd width and an MLP."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = nn.Linear(6, d)
+        self.a1 = HeadAttention(d, heads=4, kv_heads=2, rope=True)
+        self.a2 = HeadAttention(d, heads=4, kv_heads=4, sdpa=True)
+        self.fc1, self.fc2 = nn.Linear(d, 24), nn.Linear(24, d)
+        self.head = nn.Linear(d, 3)
+        pos = torch.arange(8.0)[:, None] * torch.tensor([1.0, 0.5, 1.0, 0.5])
+        self.register_buffer("cos", pos.cos(), persistent=False)
+        self.register_buffer("sin", pos.sin(), persistent=False)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.a1(h, self.cos, self.sin)
+        h = h + self.a2(h, self.cos, self.sin)
+        h = h + self.fc2(F.relu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention: one fused qkv linear reshaped to (B, N, 3, num_heads, head_dim), unbind, sdpa."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, -1))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.emb = nn.Linear(6, dim)
+        self.attn = TimmAttention(dim)
+        self.mha = nn.MultiheadAttention(dim, 2)  # sequence-first, with a causal mask
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.attn(h)
+        s = h.transpose(0, 1)
+        mask = torch.ones(s.shape[0], s.shape[0], dtype=torch.bool).triu(1)
+        h = h + self.mha(s, s, s, attn_mask=mask, need_weights=False)[0].transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+class SplitNet(nn.Module):
+    """Torch-Pruning's test_split: split sizes read from the consumers' in_channels; a shared consumer."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(3, dim, 1), nn.BatchNorm2d(dim), nn.GELU(),
+                                    nn.Conv2d(dim, dim * 4, 1), nn.BatchNorm2d(dim * 4))
+        self.block2_1 = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.BatchNorm2d(dim))
+        self.block2_2 = nn.Sequential(nn.Conv2d(2 * dim, dim, 1), nn.BatchNorm2d(dim))
+        self.fc = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = self.block1(x)
+        c1, c2 = self.block2_1[0].in_channels, self.block2_2[0].in_channels
+        x1, x2, x3 = torch.split(x, [c1, c1, c2], dim=1)
+        y = self.block2_1(x1) + self.block2_1(x2) + self.block2_2(x3)
+        return self.fc(y.mean((2, 3)))
+
+
+class Res2Block(nn.Module):
+    """Res2Net: split into scale blocks of self.width channels, hierarchical 3x3 convs, concat."""
+
+    def __init__(self, c=12, scale=3):
+        super().__init__()
+        self.width, self.scale = c // scale, scale
+        self.convs = nn.ModuleList([cbr(self.width, self.width) for _ in range(scale - 1)])
+
+    def forward(self, x):
+        spx = torch.split(x, self.width, 1)
+        out, sp = [], None
+        for i, conv in enumerate(self.convs):
+            sp = spx[i] if sp is None else sp + spx[i]
+            sp = conv(sp)
+            out.append(sp)
+        out.append(spx[-1])
+        return torch.cat(out, 1)
+
+
+class SplitsZoo(nn.Module):
+    """Res2Net split, CSP halves by slicing, gMLP-style chunk gate, channel shuffle by reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 12)
+        self.res2 = Res2Block(12)
+        self.csp = cbr(6, 6)
+        self.gate = nn.Conv2d(12, 16, 1)
+        self.mix = cbr(8, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.res2(self.stem(x))
+        c = x.shape[1] // 2
+        x = torch.cat([self.csp(x[:, :c]), x[:, c:]], 1)          # CSP: half through a block
+        u, v = self.gate(x).chunk(2, dim=1)                          # gMLP / GLU-style gate
+        x = u * torch.sigmoid(v)
+        b, ch, h, w = x.shape
+        x = x.reshape(b, 2, ch // 2, h, w).transpose(1, 2).reshape(b, ch, h, w)  # channel shuffle
+        return self.fc(self.mix(x).mean((2, 3)))
+
+
+class WindowsAndScales(nn.Module):
+    """Swin's roll over spatial dims, LeViT's reshape_as / expand_as, ConvNeXt / PoolFormer layer scale
+    (gamma.reshape(-1, 1, 1) * x) and a padding layer."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = cbr(3, c)
+        self.conv = cbr(c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.beta = nn.Parameter(torch.rand(c) + 0.5)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.fc = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.roll(self.conv(x), shifts=(1, -1), dims=(2, 3))
+        x = x + self.gamma.reshape(-1, 1, 1) * y                       # layer scale
+        z = self.conv2(F.pad(x, (1, 1, 1, 1), mode="reflect"))[:, :, 1:-1, 1:-1]
+        x = x + z.reshape_as(x) * self.beta.view(1, -1, 1, 1).expand_as(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _tokens(n=8, d=6, b=2):
+    return lambda: torch.randn(b, n, d)
+
+
+ZOO.update({
+    "gpt2_conv1d": (Conv1DMLP, _tokens()),
+    "head_attention": (HeadTransformer, _tokens()),
+    "timm_attention_mha": (TimmBlock, _tokens()),
+    "split_sizes_from_consumers": (SplitNet, _img(c=3, s=6)),
+    "splits_slices_chunks": (SplitsZoo, _img(s=8)),
+    "roll_reshape_as_layer_scale": (WindowsAndScales, _img(s=8)),
+})

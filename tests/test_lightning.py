@@ -420,7 +420,7 @@ def test_callback_draws_graphs_and_curves(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_oto import OTOCallback
-    from lightning_oto.viz import redundant_group_ids
+    from drawing_marks import redundant_group_ids
 
     torch.manual_seed(0)
     module = _TinyForViz()

@@ -75,11 +75,20 @@ def test_unprunable_reasons_are_reported():
 
 
 def test_layernorm_over_channels_is_unprunable():
+    """The model width is normalised by LayerNorm: kept. The MLP hidden channels and the heads go."""
     model, x = make("transformer_mlp")
     oto = OTO(model, x)
     prunable_params = {s.name for g in oto.prunable_groups for s in g.slices}
-    assert prunable_params == {"fc1.weight", "fc1.bias"}
-    assert "unflatten in attn (MultiheadAttention)" in oto.unsupported_ops
+    assert prunable_params == {"fc1.weight", "fc1.bias", "attn.in_proj_weight", "attn.in_proj_bias"}
+    width = [g for g in oto.groups if any(s.name == "emb.weight" for s in g.slices)]
+    assert len(width) == 16 and all(not g.prunable and "normalizes over the channel" in g.reason for g in width)
+    heads = [g for g in oto.prunable_groups if any(s.name == "attn.in_proj_weight" for s in g.slices)]
+    assert len(heads) == 2  # nn.MultiheadAttention(16, 2): one group per head
+    for g in heads:
+        rows = next(s for s in g.slices if s.name == "attn.in_proj_weight").indices
+        assert len(rows) == 3 * 8  # the head's query, key and value rows
+        cols = next(s for s in g.dependents if s.name == "attn.out_proj.weight").indices
+        assert len(cols) == 8
 
 
 def test_group_conv_groups_cover_whole_conv_groups():

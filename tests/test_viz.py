@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drawing_marks import redundant_group_ids
 from lightning_oto import OTO
 from lightning_oto.viz import curves, dot as dotmod
-from lightning_oto.viz.graphviz import DRAWINGS, redundant_group_ids, visualize
+from lightning_oto.viz.graphviz import DRAWINGS, visualize
 
 HAS_DOT = shutil.which("dot") is not None
 SVG_NS = "{http://www.w3.org/2000/svg}"

@@ -20,19 +20,6 @@ from ..errors import DynamicShapeError, TraceError
 from . import dynamic
 
 
-STEM_OPS = {
-    "conv1d", "conv2d", "conv3d", "convolution", "linear",
-    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-}
-NORM_OPS = {"batch_norm", "instance_norm", "group_norm", "layer_norm", "native_batch_norm",
-            "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional"}
-JOINT_OPS = {"add", "add_", "sub", "sub_", "mul", "mul_", "cat", "concat", "div", "div_"}
-SHAPE_OPS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze",
-             "contiguous", "clone", "_unsafe_view", "expand", "t", "alias", "detach",
-             "to", "_to_copy", "type_as", "slice", "select", "getitem", "split", "chunk",
-             "split_with_sizes", "unbind", "dropout", "feature_dropout", "identity"}
-
-
 def op_name(target: Any) -> str:
     """Short operator name: ``aten.conv2d.default`` -> ``conv2d``; ``operator.getitem`` -> ``getitem``."""
     if isinstance(target, str):
@@ -53,7 +40,7 @@ class OpNode:
     id: int
     name: str          # fx node name (unique)
     op: str            # short operator name, e.g. "conv2d"; "input" / "output" for graph boundaries
-    kind: str          # stem | joint | accessory | shape | unknown | input | output
+    kind: str          # input | output | op (what an op means is the rule registry's: space/rules)
     inputs: list[int] = field(default_factory=list)    # producer node ids (tensor args only)
     outputs: list[int] = field(default_factory=list)   # consumer node ids
     params: list[str] = field(default_factory=list)    # parameter names read directly
@@ -94,30 +81,6 @@ class OpGraph:
         for n in self.nodes:
             out[n.kind] = out.get(n.kind, 0) + 1
         return out
-
-
-def classify(op: str) -> str:
-    if op in STEM_OPS:
-        return "stem"
-    if op in JOINT_OPS:
-        return "joint"
-    if op in SHAPE_OPS:
-        return "shape"
-    if op in NORM_OPS or op in ACCESSORY_OPS:
-        return "accessory"
-    return "unknown"
-
-
-ACCESSORY_OPS = {
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "gelu", "silu",
-    "silu_", "tanh", "hardswish", "hardswish_", "elu", "elu_", "selu", "celu", "mish", "softsign",
-    "sigmoid", "hardsigmoid", "softplus", "exp", "cos", "log_sigmoid", "softmax", "log_softmax",
-    "_softmax", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "mean", "sum", "amax", "max", "upsample_nearest2d", "upsample_bilinear2d",
-    "upsample_nearest1d", "upsample_linear1d", "pad", "constant_pad_nd", "neg", "abs", "prelu",
-    "_prelu_kernel", "max_pool2d_with_indices", "rsub", "pow", "sqrt", "square", "sin",
-}
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -322,7 +285,7 @@ def build_graph(program: Any) -> OpGraph:
         op = op_name(fx.target)
         shape = concrete_shape(fx.meta.get("val"))
         mod, mtyp = _module_of(fx)
-        node = OpNode(len(nodes), fx.name, op, classify(op), shape=shape, module=mod, module_type=mtyp, fx_node=fx)
+        node = OpNode(len(nodes), fx.name, op, "op", shape=shape, module=mod, module_type=mtyp, fx_node=fx)
         for a in _tensor_args(fx):
             if a.op == "placeholder" and a.name in ph_param:
                 node.params.append(ph_param[a.name])
@@ -357,5 +320,5 @@ def trace(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> 
     return build_graph(program)
 
 
-__all__ = ["OpGraph", "OpNode", "TraceError", "trace", "build_graph", "normalize_inputs", "op_name", "classify",
+__all__ = ["OpGraph", "OpNode", "TraceError", "trace", "build_graph", "normalize_inputs", "op_name",
            "export_program", "check_devices"]

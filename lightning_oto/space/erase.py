@@ -18,15 +18,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ..graph.trace import OpGraph, OpNode
-from .groups import Group, ParamSlice
-from .prune import CONV, CONVT, NONZI_UNARY, REDUCE, SPATIAL, VIEWS, ZI_UNARY, ChannelAnalysis, TInfo
+import torch.fx
 
-JOINTS = {"add", "add_", "sub", "sub_", "cat", "concat"}
-STEMS = CONV | CONVT | {"convolution", "linear"}
-NORMS = {"batch_norm", "instance_norm", "group_norm", "layer_norm"}
-PASSTHROUGH = ZI_UNARY | NONZI_UNARY | SPATIAL | {"hardtanh", "clamp", "flatten", "mean", "sum", "amax",
-                                                   "constant_pad_nd", "batch_norm", "instance_norm", "prelu"}
+from ..graph.trace import OpGraph, OpNode
+from . import rules
+from .channels import merge_slots
+from .groups import Group, ParamSlice
+from .prune import ChannelAnalysis, TInfo
+
+# operator families, as the rule registry defines them (every spelling: add, add_, concat, ...)
+JOINTS = rules.names_where(lambda r: r.joint)                # may drop an input that is zero
+STEMS = rules.names_where(lambda r: r.kind == "stem")        # consumers whose input columns are sliced
+PASSTHROUGH = rules.names_where(lambda r: r.keeps_channels)  # channels flow through unchanged
 
 
 @dataclass
@@ -254,46 +257,27 @@ def _consumers(graph: OpGraph, e: int, exprs: set[int]) -> list[int]:
 
 
 def _output_is_zero(graph: OpGraph, seg: Segment) -> bool:
-    """Does zeroing the segment's own parameters make its output exactly zero?"""
-    zero = False
+    """Does zeroing the segment's own parameters make its output exactly zero? (each rule says, per op)"""
     own = set(seg.params)
-    for nid in seg.nodes:
-        n = graph.nodes[nid]
-        fx = n.fx_node
-        if n.op in STEMS:
-            zero = bool(n.params) and set(n.params) <= own and _weight_is_param(graph, n)
-        elif n.op in NORMS:
-            affine = len(n.params) >= 2
-            if affine:
-                zero = True
-            elif n.op == "batch_norm":
-                zero = False
-            elif n.op == "instance_norm":
-                # with running statistics (eval, track_running_stats=True) a zero input maps to -mean/std
-                zero = zero and bool(fx.args[5] if len(fx.args) > 5 else fx.kwargs.get("use_input_stats", True))
-            elif n.op == "layer_norm":
-                zero = zero and not n.params
-        elif n.op in ZI_UNARY or n.op in SPATIAL or n.op in VIEWS or n.op in REDUCE or \
-                n.op in ("permute", "transpose", "hardtanh", "clamp", "prelu", "expand", "slice", "getitem"):
-            pass
-        elif n.op in ("constant_pad_nd", "pad"):
-            zero = zero and not (len(fx.args) > 2 and fx.args[2])
-        elif n.op in ("mul", "mul_"):
-            zero = zero or any(p in own for p in n.params)
-        elif n.op in ("div", "div_"):
-            if n.params:
-                return False  # zeroing the segment would divide by a zeroed parameter (NaN, not zero)
-        elif n.op in ("add", "add_", "sub", "sub_") and n.params and set(n.params) <= own:
-            pass
-        else:
-            zero = False
-    return zero
+    zero: dict[torch.fx.Node, bool] = {}
 
+    def is_zero(a: object) -> bool:
+        if isinstance(a, torch.fx.Node):
+            if a.op == "placeholder":
+                return graph.placeholder_to_param.get(a.name) in own
+            return zero.get(a, False)
+        if isinstance(a, (list, tuple)):
+            return bool(a) and all(is_zero(x) for x in a)
+        return isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0
 
-def _weight_is_param(graph: OpGraph, n: OpNode) -> bool:
-    args = n.fx_node.args
-    w = args[1] if len(args) > 1 else None
-    return getattr(w, "op", None) == "placeholder" and w.name in graph.placeholder_to_param
+    for nid in sorted(set(seg.nodes) | set(seg.param_nodes)):  # folded parameter expressions first
+        fx = graph.nodes[nid].fx_node
+        rule = rules.rule_for(fx.target)
+        call = rules.Call.of(graph.nodes[nid])
+        if rule.poisons(call, is_zero):
+            return False  # e.g. a division by a zeroed parameter: NaN, not zero, whatever follows
+        zero[fx] = rule.zero_output(call, is_zero)
+    return zero[graph.nodes[seg.last].fx_node]
 
 
 def build_erase_space(graph: OpGraph) -> EraseSpace:
@@ -416,27 +400,27 @@ def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
     for cs in cat_users:
         cat = graph.nodes[cs.nodes[0]]
         cinfo = an.info.get(cat.name)
-        dim = cat.fx_node.args[1] if len(cat.fx_node.args) > 1 else cat.fx_node.kwargs.get("dim", 0)
+        dim = rules.Call.of(cat).get("dim", 0)
         if not isinstance(cinfo, TInfo) or cinfo.cdim != dim % len(cat.shape):
             return "it is concatenated along a non-channel dimension", [], []
         bad = _unsafe_downstream(graph, cat, downstream)
         if bad:
             return f"channels of {cat.name} flow through {bad}", [], []
-    comps = _components(an)
-    members = {r: comps[r] for r in {an.uf.find(e) for e in info.elems}}
+    el = an.el
+    members = {el.root(e): el.component(e) for e in info.elems}
     mine = set(info.elems)
     own_params = set(s.params)
     extra: list[tuple[str, int, int]] = []
     deps: list[tuple[str, int, int]] = []
     for r, elems in members.items():
         for e in elems:
-            if e not in mine and any(sl[0] not in own_params for sl in an.vars.get(e, [])):
+            if e not in mine and any(sl[0] not in own_params for sl in el.variables(e)):
                 return "its channels are coupled with another structure", [], []
-            why = an.reason.get(e, "")
+            why = el.reason(e)
             if why:
                 return why, [], []
-            extra += [sl for sl in an.vars.get(e, []) if sl[0] not in own_params]
-            deps += [sl for sl in an.deps.get(e, []) if sl[0] not in own_params]
+            extra += [sl for sl in el.variables(e) if sl[0] not in own_params]
+            deps += [sl for sl in el.dependents(e) if sl[0] not in own_params]
     # affiliated slices live after the concat: a tensor also read before it (the segment passes
     # channels through from an upstream producer, e.g. a norm or activation segment) cannot go along
     readers = _readers(graph)
@@ -444,20 +428,7 @@ def _concat_dependents(graph: OpGraph, sg: SegmentGraph, an: ChannelAnalysis,
     for name, _, _ in extra + deps:
         if not readers.get(name, set()) <= allowed:
             return f"its channels come from {name} upstream of the concat", [], []
-    from .prune import _merge
-
-    return None, _merge(extra), _merge(deps)
-
-
-def _components(an: ChannelAnalysis) -> dict[int, list[int]]:
-    """Union-find root -> member elements, computed once per analysis (O(elements))."""
-    cached = getattr(an, "_components_cache", None)
-    if cached is None:
-        cached = {}
-        for e in range(len(an.uf.parent)):
-            cached.setdefault(an.uf.find(e), []).append(e)
-        an._components_cache = cached  # type: ignore[attr-defined]
-    return cached
+    return None, merge_slots(extra), merge_slots(deps)
 
 
 def _readers(graph: OpGraph) -> dict[str, set[int]]:

@@ -33,12 +33,16 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
 @torch.no_grad()
 def _flops(model: nn.Module, args: tuple) -> int:
     was = model.training
+    fast = torch.backends.mha.get_fastpath_enabled()
     _set_mode(model, False)
+    # nn.MultiheadAttention's fused eval kernel has no FLOP formula: count its projections and matmuls
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as fc:
             model(*args)
         return int(fc.get_total_flops())
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
         _set_mode(model, was)
 
 

@@ -2,16 +2,21 @@
 
 Zero groups tell which indices of which parameters/buffers disappear along which dimension; the
 copy's tensors are replaced by the kept slices and the modules' size attributes (``out_channels``,
-``groups``, ``num_features`` ...) are updated so the unchanged forward code runs on them.
+``groups``, ``num_features``, head counts ...) are updated so the unchanged forward code runs on them.
 """
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .plan import removal_plan  # noqa: F401 - kept importable from here
+from ..space.groups import Group, zero_group
+from ..space.prune import PruneSpace
+from .plan import plan_keeping_one, removal_plan  # noqa: F401 - removal_plan kept importable from here
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, allowed_error, output_difference
 
 
 def _get_owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -21,8 +26,13 @@ def _get_owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 @torch.no_grad()
-def slim_copy(model: nn.Module, plan: dict[tuple[str, int], set[int]]) -> nn.Module:
-    """Deep-copy ``model`` and delete the planned indices; returns the physically smaller copy."""
+def slim_copy(model: nn.Module, plan: dict[tuple[str, int], set[int]],
+              attributes: dict[tuple[str, str], int] | None = None) -> nn.Module:
+    """Deep-copy ``model`` and delete the planned indices; returns the physically smaller copy.
+
+    ``attributes``: (module path, attribute) -> new value for sizes the forward reads (head counts,
+    split sizes; ``config.<name>`` sets it on a copy of that module's config).
+    """
     sub = copy.deepcopy(model)
     params = dict(sub.named_parameters())
     buffers = dict(sub.named_buffers())
@@ -56,7 +66,22 @@ def slim_copy(model: nn.Module, plan: dict[tuple[str, int], set[int]]) -> nn.Mod
                     m._parameters[k] = replaced[id(v)]
     for m in sub.modules():
         _fix_attributes(m, old_sizes.get(m, {}))
+    _set_attributes(sub, attributes or {})
     return sub
+
+
+def _set_attributes(sub: nn.Module, attributes: dict[tuple[str, str], int]) -> None:
+    """Write the sizes the forward reads; a config is copied first (other modules share it)."""
+    copied: set[int] = set()
+    for (path, attr), value in attributes.items():
+        mod = sub.get_submodule(path) if path else sub
+        if attr.startswith("config."):
+            if id(mod) not in copied:
+                mod.config = copy.copy(mod.config)
+                copied.add(id(mod))
+            setattr(mod.config, attr[len("config."):], value)
+        else:
+            setattr(mod, attr, value)
 
 
 def _sizes(m: nn.Module) -> dict[str, int]:
@@ -96,3 +121,126 @@ def _fix_attributes(m: nn.Module, old: dict[str, int]) -> None:
         m.num_groups = m.num_channels // per
     elif isinstance(m, nn.PReLU):
         m.num_parameters = m.weight.shape[0]
+    elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+        heads = m.in_proj_weight.shape[0] // (3 * m.head_dim)
+        width = m.in_proj_weight.shape[1]
+        if heads != m.num_heads or width != m.embed_dim:
+            m.num_heads = heads
+            m.embed_dim = m.kdim = m.vdim = width
+            m.__class__ = PrunedMultiheadAttention
+
+
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` after pruning: ``num_heads`` heads of ``head_dim`` (3 * num_heads * head_dim
+    in-projection rows, as many out-projection columns) on a model width ``embed_dim`` that no longer
+    equals num_heads * head_dim (torch's own forward assumes it does).  Same maths: each head attends
+    with scale head_dim ** -0.5, then the heads go through the out-projection."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        if not self.batch_first or unbatched:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        h, d = self.num_heads, self.head_dim
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        b, lq, s = query.shape[0], query.shape[1], key.shape[1]
+        q = F.linear(query, wq, bq).view(b, lq, h, d).transpose(1, 2)
+        k = F.linear(key, wk, bk).view(b, s, h, d).transpose(1, 2)
+        v = F.linear(value, wv, bv).view(b, s, h, d).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) * d ** -0.5 + self._bias(attn_mask, key_padding_mask, is_causal,
+                                                                  b, lq, s, q.dtype, q.device)
+        p = torch.softmax(scores, dim=-1)
+        out = F.dropout(p, self.dropout, self.training) @ v
+        out = F.linear(out.transpose(1, 2).reshape(b, lq, h * d), self.out_proj.weight, self.out_proj.bias)
+        if not self.batch_first or unbatched:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out, p = out.squeeze(1), p.squeeze(0)
+        if not need_weights:
+            return out, None
+        return out, (p.mean(dim=-3) if average_attn_weights else p)
+
+    def _bias(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, is_causal: bool,
+              b: int, lq: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive mask (B or 1, 1, L, S) from torch's mask conventions (True / -inf = not attended)."""
+        bias = torch.zeros(1, 1, lq, s, dtype=dtype, device=device)
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(lq, s, dtype=torch.bool, device=device).triu(1)
+        for m, shape in ((attn_mask, None), (key_padding_mask, (b, 1, 1, s))):
+            if m is None:
+                continue
+            add = torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool \
+                else m.to(dtype)
+            if shape is not None:
+                add = add.view(shape)
+            elif add.dim() == 3:
+                if add.shape[0] != 1:
+                    raise ValueError("a head-pruned MultiheadAttention cannot take a per-head attn_mask; pass a "
+                                     "2-D mask or a key_padding_mask.")
+                add = add.unsqueeze(0)
+            bias = bias + add
+        return bias
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def prune_subnet(model: nn.Module, space: PruneSpace, zero_groups: Sequence[Group]) -> nn.Module:
+    """The slimmed copy of ``model`` without ``zero_groups`` (groups of ``space``, possibly bundled)."""
+    shapes = {n: tuple(t.shape) for n, t in list(model.named_parameters(remove_duplicate=False))
+              + list(model.named_buffers(remove_duplicate=False))}
+    plan, _ = plan_keeping_one(list(zero_groups), shapes)
+    return slim_copy(model, plan, space.attribute_values(plan))
+
+
+def mismatch_hint(space: PruneSpace | None, zero_groups: Sequence[Group]) -> str:
+    """Names the user rules the removed channels went through (the likely culprits), or ''."""
+    rules = space.rules_of(zero_groups) if space is not None else []
+    return f" The removed channels went through the user rule(s) {', '.join(rules)}: check them." if rules else ""
+
+
+@torch.no_grad()
+def _trial(model: nn.Module, inputs: tuple, space: PruneSpace, ids: Sequence[int]) -> str | None:
+    """None when removing groups ``ids`` gives an exact sub-network; else what went wrong."""
+    try:
+        full = copy.deepcopy(model)
+        params = dict(full.named_parameters())
+        for i in ids:
+            zero_group(space.groups[i], params)
+        sub = prune_subnet(full, space, [space.groups[i] for i in ids])
+        err, scale = output_difference(full, sub, inputs)
+    except Exception as e:  # noqa: BLE001 - a failing forward is the answer
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    if not err <= allowed_error(scale, DEFAULT_ATOL, DEFAULT_RTOL):
+        return f"outputs differ by {err:.3g}"
+    return None
+
+
+def confirm_literal_sizes(model: nn.Module, inputs: tuple, space: PruneSpace, max_trials: int = 8) -> None:
+    """Sizes written as numbers in the forward (``split(x, 64)``, ``x[:, :32]``) may or may not follow the
+    channels; one trial construction per site (removing one group, as the optimizer would) tells.  The
+    groups of a site whose trial fails are kept, with the reason."""
+    sites = [s for s in space.literal_sizes if any(space.groups[g].prunable for g in s.groups)]
+    if not sites:
+        return
+    picks = [next(g for g in s.groups if space.groups[g].prunable) for s in sites]
+    if _trial(model, inputs, space, sorted(set(picks))) is None:
+        return
+    for n, (site, pick) in enumerate(zip(sites, picks)):
+        why = _trial(model, inputs, space, [pick]) if n < max_trials else "too many sizes to check"
+        if why is None:
+            continue
+        for g in site.groups:
+            grp = space.groups[g]
+            if grp.prunable:
+                grp.prunable = False
+                grp.reason = f"the forward writes the {site.where} as a number that does not follow " \
+                             f"the channels (trial construction: {why})"
+        space.unprunable_ops.setdefault(site.where, "a size written in the forward does not follow the channels")
+
+
+__all__ = ["slim_copy", "prune_subnet", "confirm_literal_sizes", "mismatch_hint", "PrunedMultiheadAttention"]

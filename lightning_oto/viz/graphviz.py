@@ -9,26 +9,43 @@ Machine-readable marks (in the .dot source and, through Graphviz's ``class`` att
   prune mode: an operator owning variables of channel groups has the token ``groups`` and lists
   the group ids (as ranges) in its tooltip;
 * in the ``redundant`` drawing a node owning zero groups also has the token ``redundant`` and
-  ``zg-<id>`` for each zero group id; :func:`redundant_group_ids` parses them back.
+  ``zg-<id>`` for each zero group id.
+
+An operator's kind (stem / joint / accessory / shape / unknown) is the rule registry's
+(:mod:`lightning_oto.space.rules`), the same knowledge prune and erase analysis use.
 """
 from __future__ import annotations
 
-import html
 import logging
-import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from ..graph.trace import OpGraph, classify, op_name, trace
+from ..graph.trace import OpGraph, op_name, trace
+from ..space.channels import UnionFind
+from ..space.rules import canonical_op, kind_of, rule_for
 from .dot import PALETTE, Dot, legend_table, render
 
-if TYPE_CHECKING:
-    from ..oto import OTO
+
+class Drawable(Protocol):
+    """What the drawings read from an :class:`~lightning_oto.OTO` (no import of it: the facade sits above)."""
+
+    model: nn.Module
+    mode: str
+    graph: OpGraph
+    groups: list
+    example_inputs: tuple
+    segment_graph: Any
+
+    def zero_group_ids(self) -> list[int]: ...
+
+    def construct_subnet(self) -> nn.Module: ...
+
 
 log = logging.getLogger("lightning_oto")
 
@@ -61,7 +78,8 @@ class VNode:
 def nodes_from_opgraph(graph: OpGraph) -> list[VNode]:
     out = []
     for n in graph.nodes:
-        out.append(VNode(f"n{n.id}", n.op, n.kind, n.module, n.shape, [f"n{i}" for i in n.inputs], list(n.params)))
+        kind = n.kind if n.kind in ("input", "output") else kind_of(n.fx_node.target)
+        out.append(VNode(f"n{n.id}", n.op, kind, n.module, n.shape, [f"n{i}" for i in n.inputs], list(n.params)))
     return out
 
 
@@ -126,10 +144,10 @@ def nodes_from_fx(gm: torch.fx.GraphModule, inputs: Sequence[Any] | None = None)
             mod = modules.get(str(node.target))
             typ = type(mod).__name__ if mod is not None else str(node.target)
             op = "batch_norm" if "BatchNorm" in typ else typ.lower()
-            kind = classify(op)
+            kind = kind_of(op)
         else:
             op = op_name(node.target)
-            kind = classify(op)
+            kind = kind_of(node.target)
         params: list[str] = []
         inputs: list[str] = []
         for a in node.all_input_nodes:
@@ -237,68 +255,92 @@ def trace_dot(nodes: Sequence[VNode], title: str, cluster_depth: int = 3,
 
 
 # --------------------------------------------------------------------------- prune-mode space
-class _UF:
-    def __init__(self) -> None:
-        self.p: dict[str, str] = {}
+@dataclass
+class _CoupledSets:
+    """Layers linked by shared channel groups, numbered S1, S2, ... in the order their first operator runs."""
 
-    def find(self, a: str) -> str:
-        self.p.setdefault(a, a)
-        while self.p[a] != a:
-            self.p[a] = self.p[self.p[a]]
-            a = self.p[a]
-        return a
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.p[rb] = ra
+    owner: dict[str, set[int]] = field(default_factory=dict)    # param -> groups owning some of its entries
+    reader: dict[str, set[int]] = field(default_factory=dict)   # param -> groups whose channels it reads
+    group_set: dict[int, int] = field(default_factory=dict)     # group id -> set number
+    set_groups: dict[int, list[int]] = field(default_factory=dict)
+    set_members: dict[int, list[str]] = field(default_factory=dict)
 
 
-def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
-    """Operators coloured per coupled set of layers (modules linked by shared channel groups)."""
-    groups = oto.groups
-    owner: dict[str, set[int]] = {}     # param -> groups owning some of its entries
-    reader: dict[str, set[int]] = {}    # param -> groups whose channels it reads (dependent columns)
-    uf = _UF()
+def _coupled_sets(groups: Sequence[Any], nodes: Sequence[VNode]) -> _CoupledSets:
+    cs = _CoupledSets()
+    uf, module_ids = UnionFind(), {}
+
+    def mid(param: str) -> int:
+        module = _module_of_param(param) or param
+        if module not in module_ids:
+            module_ids[module] = uf.add()
+        return module_ids[module]
+
     for g in groups:
-        mods = []
+        mods = [mid(s.name) for s in g.slices]
         for s in g.slices:
-            owner.setdefault(s.name, set()).add(g.id)
-            mods.append(_module_of_param(s.name) or s.name)
+            cs.owner.setdefault(s.name, set()).add(g.id)
         for m in mods[1:]:
             uf.union(mods[0], m)
-        if mods:
-            uf.find(mods[0])
         for s in g.dependents:
-            reader.setdefault(s.name, set()).add(g.id)
-    nodes = nodes_from_opgraph(oto.graph)
-    # number the coupled sets in the order their first operator runs
-    set_index: dict[str, int] = {}
-    group_set: dict[int, int] = {}
-    for v in nodes:
-        for p in v.params:
-            if p in owner:
-                root = uf.find(_module_of_param(p) or p)
-                set_index.setdefault(root, len(set_index) + 1)
+            cs.reader.setdefault(s.name, set()).add(g.id)
+    set_index: dict[int, int] = {}
+    for p in (p for v in nodes for p in v.params if p in cs.owner):
+        set_index.setdefault(uf.find(mid(p)), len(set_index) + 1)
     for g in groups:
         if g.slices:
-            root = uf.find(_module_of_param(g.slices[0].name) or g.slices[0].name)
-            set_index.setdefault(root, len(set_index) + 1)
-            group_set[g.id] = set_index[root]
-    set_groups: dict[int, list[int]] = {}
-    for gid, k in group_set.items():
-        set_groups.setdefault(k, []).append(gid)
-    set_members: dict[int, list[str]] = {}
-    for m in list(uf.p):
-        k = set_index.get(uf.find(m))
+            k = set_index.setdefault(uf.find(mid(g.slices[0].name)), len(set_index) + 1)
+            cs.group_set[g.id] = k
+            cs.set_groups.setdefault(k, []).append(g.id)
+    for m, i in module_ids.items():
+        k = set_index.get(uf.find(i))
         if k is not None:
-            set_members.setdefault(k, []).append(m)
+            cs.set_members.setdefault(k, []).append(m)
+    return cs
 
+
+def _owner_marks(gids: list[int], groups: Sequence[Any], cs: _CoupledSets, zero: set[int] | None,
+                 lines: list[str], tip: list[str], attrs: dict[str, Any]) -> None:
+    """Label, tooltip and colour of an operator owning variables of groups ``gids``."""
+    sets = sorted({cs.group_set[g] for g in gids})
+    pr = [g for g in gids if groups[g].prunable]
+    lines.append(f"{'S' + ','.join(map(str, sets))}: {len(gids)} groups / {len(pr)} prunable")
+    tip.append(f"coupled set(s) {', '.join('S%d' % s for s in sets)}: "
+               + "; ".join(_few(sorted(cs.set_members.get(s, []))) for s in sets))
+    tip.append(f"owns variables of groups {_ranges(gids)} ({len(pr)} prunable)")
+    reasons = sorted({groups[g].reason for g in gids if not groups[g].prunable and groups[g].reason})
+    if not pr:
+        attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
+        lines.append("unprunable: " + _short(reasons[0] if reasons else "unknown", 40))
+    else:
+        attrs["fillcolor"] = PALETTE[(sets[0] - 1) % len(PALETTE)]
+        if len(pr) < len(gids):
+            lines.append(f"{len(gids) - len(pr)} unprunable")
+    if reasons:
+        tip.append("unprunable because: " + "; ".join(reasons))
+    cls = ["groups"]
+    zs = [g for g in gids if zero is not None and g in zero]
+    if zs:
+        cls += ["redundant"] + [f"zg-{g}" for g in zs]
+        lines.append(f"ZERO {len(zs)}/{len(gids)}")
+        tip.append(f"redundant (zero) groups: {_ranges(zs)}")
+        if len(zs) == len(gids):
+            attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2")
+        else:
+            attrs.update(color=RED, penwidth="2.5")
+    attrs["class"] = _classes(*cls)
+
+
+def prune_space_dot(oto: "Drawable", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
+    """Operators coloured per coupled set of layers (modules linked by shared channel groups)."""
+    groups = oto.groups
+    nodes = nodes_from_opgraph(oto.graph)
+    cs = _coupled_sets(groups, nodes)
     drawn: set[int] = set()
     extra: dict[str, dict[str, Any]] = {}
     for v in nodes:
-        gids = sorted(set().union(*[owner.get(p, set()) for p in v.params])) if v.params else []
-        reads = sorted(set().union(*[reader.get(p, set()) for p in v.params])) if v.params else []
+        gids = sorted(set().union(*[cs.owner.get(p, set()) for p in v.params])) if v.params else []
+        reads = sorted(set().union(*[cs.reader.get(p, set()) for p in v.params])) if v.params else []
         if not gids and not reads:
             if v.kind not in ("input", "output"):
                 extra[v.key] = {"attrs": {"fillcolor": "white", "color": "#9e9e9e", "fontcolor": "#424242"}}
@@ -306,50 +348,31 @@ def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
         lines: list[str] = []
         tip: list[str] = []
         attrs: dict[str, Any] = {}
-        read_sets = sorted({group_set[g] for g in reads if g in group_set})
         if gids:
             drawn.update(gids)
-            sets = sorted({group_set[g] for g in gids})
-            pr = [g for g in gids if groups[g].prunable]
-            lines.append(f"{'S' + ','.join(map(str, sets))}: {len(gids)} groups / {len(pr)} prunable")
-            tip.append(f"coupled set(s) {', '.join('S%d' % s for s in sets)}: "
-                       + "; ".join(_few(sorted(set_members.get(s, []))) for s in sets))
-            tip.append(f"owns variables of groups {_ranges(gids)} ({len(pr)} prunable)")
-            reasons = sorted({groups[g].reason for g in gids if not groups[g].prunable and groups[g].reason})
-            if not pr:
-                attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
-                lines.append("unprunable: " + _short(reasons[0] if reasons else "unknown", 40))
-            else:
-                attrs["fillcolor"] = PALETTE[(sets[0] - 1) % len(PALETTE)]
-                if len(pr) < len(gids):
-                    lines.append(f"{len(gids) - len(pr)} unprunable")
-            if reasons:
-                tip.append("unprunable because: " + "; ".join(reasons))
-            cls = ["groups"]
-            if zero is not None:
-                zs = [g for g in gids if g in zero]
-                if zs:
-                    cls += ["redundant"] + [f"zg-{g}" for g in zs]
-                    lines.append(f"ZERO {len(zs)}/{len(gids)}")
-                    tip.append(f"redundant (zero) groups: {_ranges(zs)}")
-                    if len(zs) == len(gids):
-                        attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2")
-                    else:
-                        attrs.update(color=RED, penwidth="2.5")
-            attrs["class"] = _classes(*cls)
+            _owner_marks(gids, groups, cs, zero, lines, tip, attrs)
+        read_sets = sorted({cs.group_set[g] for g in reads if g in cs.group_set})
         if read_sets:
             lines.append("in ← " + ",".join(f"S{s}" for s in read_sets))
             tip.append(f"its input columns follow groups {_ranges(reads)}")
             if not gids:
                 attrs.setdefault("fillcolor", "white")
         extra[v.key] = {"lines": lines, "tip": tip, "attrs": attrs}
+    title, label = _prune_legend(oto, cs, zero)
+    d = trace_dot(nodes, title, cluster_depth, extra)
+    d.graph_attrs["label"] = label
+    _add_undrawn(d, [g for g in groups if g.id not in drawn], zero)
+    return d
 
+
+def _prune_legend(oto: "Drawable", cs: _CoupledSets, zero: set[int] | None) -> tuple[str, Any]:
+    groups = oto.groups
     prunable = sum(g.prunable for g in groups)
     title = f"{type(oto.model).__name__} · prune-mode search space"
-    sub = (f"{len(groups)} channel groups ({prunable} prunable) in {len(set_groups)} coupled sets of layers "
+    sub = (f"{len(groups)} channel groups ({prunable} prunable) in {len(cs.set_groups)} coupled sets of layers "
            "(colour = coupled set, Sk: groups / prunable owned by the operator; grey dashed = unprunable)")
-    legend = [(f"S{k}", PALETTE[(k - 1) % len(PALETTE)], "") for k in sorted(set_groups)
-              if any(groups[g].prunable for g in set_groups[k])]
+    legend = [(f"S{k}", PALETTE[(k - 1) % len(PALETTE)], "") for k in sorted(cs.set_groups)
+              if any(groups[g].prunable for g in cs.set_groups[k])]
     if len(legend) > 8:
         legend = [("coupled set Sk (one colour each)", PALETTE[0], "")]
     legend.append(("unprunable", GREY, "dashed"))
@@ -357,10 +380,7 @@ def prune_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
         title = f"{type(oto.model).__name__} · redundant channel groups"
         sub = f"{len(zero)} of {prunable} prunable groups are zero (red border: some, red fill: all of a layer's)"
         legend.append(("ZERO", ZERO_FILL, ""))
-    d = trace_dot(nodes, title, cluster_depth, extra)
-    d.graph_attrs["label"] = legend_table(title, legend, sub)
-    _add_undrawn(d, [g for g in groups if g.id not in drawn], zero)
-    return d
+    return title, legend_table(title, legend, sub)
 
 
 def _add_undrawn(d: Dot, groups: list, zero: set[int] | None) -> None:
@@ -405,7 +425,49 @@ def _chain_text(ops: list[str], per_line: int = 3, limit: int = 9) -> list[str]:
     return [" → ".join(toks[i: i + per_line]) for i in range(0, len(toks), per_line)]
 
 
-def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
+def _segment_lines(kind: str, ops: list, module: str, attrs: dict[str, Any]) -> list[str]:
+    """Label lines of one segment: its boundary name, its joint op, or its chain of operators."""
+    last = ops[-1]
+    if kind in ("input", "output"):
+        attrs.update(shape="oval", style="bold")
+        return [kind, ""] if kind == "output" else [f"input {last.name}", _shape(last.shape)]
+    if kind == "joint":
+        attrs.update(shape="ellipse", fillcolor=KIND_COLORS["joint"], fontsize="8")
+        return [last.op, _shape(last.shape)]
+    lines = _chain_text([n.op for n in ops])
+    mods = list(dict.fromkeys(n.module for n in ops if n.module))
+    if module:
+        lines.append(module)
+    elif mods:
+        lines.append(_few(mods, 3))
+    if last.shape is not None:
+        lines.append(_shape(last.shape))
+    return lines
+
+
+def _gezig_marks(grp: Any, zero: set[int] | None, lines: list[str], tip: list[str],
+                 attrs: dict[str, Any]) -> list[str]:
+    """Colour, label and class tokens of a segment that is a GeZIG; returns the class tokens."""
+    lines.insert(0, f"G{grp.id}")
+    tip.append(f"GeZIG {grp.id}: {grp.name} ({len(grp.slices)} variable slices"
+               + (f", {len(grp.dependents)} dependent slices" if grp.dependents else "") + ")")
+    cls = ["groups", f"g-{grp.id}"]
+    attrs["id"] = f"group_{grp.id}"
+    if grp.prunable:
+        attrs["fillcolor"] = PALETTE[grp.id % len(PALETTE)]
+    else:
+        attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
+        lines.append("not erasable: " + _short(grp.reason or "unknown", 38))
+        tip.append("not erasable because " + (grp.reason or "unknown"))
+    if zero is not None and grp.id in zero:
+        cls += ["redundant", f"zg-{grp.id}"]
+        attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2.5")
+        lines[0] += " · ZERO"
+        tip.append("redundant: all its variables are zero; erased in the sub-network")
+    return cls
+
+
+def erase_space_dot(oto: "Drawable", zero: set[int] | None, cluster_depth: int = 3) -> Dot:
     """Segment graph: one node per segment listing its operators, coloured per GeZIG."""
     sg = oto.segment_graph
     g = oto.graph
@@ -424,45 +486,13 @@ def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
     for s in sg.segments:
         ops = [g.nodes[i] for i in s.nodes]
         module = _common_prefix(n.module for n in ops if n.module)
-        last = ops[-1]
         attrs: dict[str, Any] = {}
         tip = [f"segment {s.id} ({s.kind}): " + ", ".join(f"{n.op}[{n.module or 'forward'}]" for n in ops[:40])]
         grp = by_vertex.get(s.id)
-        if s.kind in ("input", "output"):
-            lines = [s.kind if s.kind == "output" else f"input {last.name}"]
-            if s.kind == "input":
-                lines.append(_shape(last.shape))
-            attrs.update(shape="oval", style="bold")
-        elif s.kind == "joint":
-            lines = [last.op, _shape(last.shape)]
-            attrs.update(shape="ellipse", fillcolor=KIND_COLORS["joint"], fontsize="8")
-        else:
-            lines = _chain_text([n.op for n in ops])
-            mods = list(dict.fromkeys(n.module for n in ops if n.module))
-            if module:
-                lines.append(module)
-            elif mods:
-                lines.append(_few(mods, 3))
-            if last.shape is not None:
-                lines.append(_shape(last.shape))
+        lines = _segment_lines(s.kind, ops, module, attrs)
         cls: list[str] = []
         if grp is not None:
-            lines.insert(0, f"G{grp.id}")
-            tip.append(f"GeZIG {grp.id}: {grp.name} ({len(grp.slices)} variable slices"
-                       + (f", {len(grp.dependents)} dependent slices" if grp.dependents else "") + ")")
-            cls += ["groups", f"g-{grp.id}"]
-            attrs["id"] = f"group_{grp.id}"
-            if grp.prunable:
-                attrs["fillcolor"] = PALETTE[grp.id % len(PALETTE)]
-            else:
-                attrs.update(fillcolor=GREY, style="rounded,filled,dashed", color="#757575", fontcolor="#424242")
-                lines.append("not erasable: " + _short(grp.reason or "unknown", 38))
-                tip.append("not erasable because " + (grp.reason or "unknown"))
-            if zero is not None and grp.id in zero:
-                cls += ["redundant", f"zg-{grp.id}"]
-                attrs.update(fillcolor=ZERO_FILL, color=RED, penwidth="2.5")
-                lines[0] += " · ZERO"
-                tip.append("redundant: all its variables are zero; erased in the sub-network")
+            cls = _gezig_marks(grp, zero, lines, tip, attrs)
         else:
             attrs["id"] = f"seg_{s.id}"
             if s.kind == "chain":
@@ -488,15 +518,12 @@ def erase_space_dot(oto: "OTO", zero: set[int] | None, cluster_depth: int = 3) -
 
 
 # --------------------------------------------------------------------------- sub-network
-STEM_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "linear",
-            "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-
-
-def _channels(op: str, shape: Sequence[int]) -> tuple[int, int]:
-    """(out, in) channel counts of a conv/linear weight."""
-    if op.startswith("conv_transpose"):
-        return int(shape[1]), int(shape[0])
-    return int(shape[0]), int(shape[1]) if len(shape) > 1 else 1
+def _channels(op: str, shape: Sequence[int]) -> tuple[int, int] | None:
+    """(out, in) channel counts of a stem's weight, in the layout its rule gives (None: no such layout)."""
+    layout = rule_for(op).weight_layout(canonical_op(op))
+    if layout is None or len(shape) <= max(layout):
+        return None
+    return int(shape[layout[0]]), int(shape[layout[1]])
 
 
 def _weight(v: VNode) -> str | None:
@@ -506,7 +533,7 @@ def _weight(v: VNode) -> str | None:
     return v.params[0] if v.params else None
 
 
-def subnet_dot(oto: "OTO", sub: nn.Module | None, cluster_depth: int = 3) -> Dot:
+def subnet_dot(oto: "Drawable", sub: nn.Module | None, cluster_depth: int = 3) -> Dot:
     """What remains: erase mode the erased fx graph, prune mode the trace of the slimmed copy.
 
     ``sub=None`` means nothing is removed yet: the full model's trace is drawn as the sub-network.
@@ -526,13 +553,15 @@ def subnet_dot(oto: "OTO", sub: nn.Module | None, cluster_depth: int = 3) -> Dot
     extra: dict[str, dict[str, Any]] = {}
     changed = 0
     for v in nodes:
-        if v.op not in STEM_OPS:
+        if v.kind != "stem":
             continue
         w = _weight(v)
         if w is None or w not in sub_shapes or w not in full_shapes:
             continue
-        o0, i0 = _channels(v.op, full_shapes[w])
-        o1, i1 = _channels(v.op, sub_shapes[w])
+        before, after = _channels(v.op, full_shapes[w]), _channels(v.op, sub_shapes[w])
+        if before is None or after is None:
+            continue
+        (o0, i0), (o1, i1) = before, after
         line = f"out {o0}→{o1} · in {i0}→{i1}"
         attrs: dict[str, Any] = {}
         if (o0, i0) != (o1, i1):
@@ -551,12 +580,12 @@ def subnet_dot(oto: "OTO", sub: nn.Module | None, cluster_depth: int = 3) -> Dot
 
 
 # --------------------------------------------------------------------------- entry point
-def build_source(oto: "OTO", name: str, sub: nn.Module | None = None, cluster_depth: int = 3,
+def build_source(oto: "Drawable", name: str, sub: nn.Module | None = None, cluster_depth: int = 3,
                  zero: Sequence[int] | None = None) -> str:
     """DOT source of one drawing (``name`` in :data:`DRAWINGS`)."""
     if name == "trace":
         nodes = nodes_from_opgraph(oto.graph)
-        summ = ", ".join(f"{k} {v}" for k, v in sorted(oto.graph.summary().items()))
+        summ = ", ".join(f"{k} {v}" for k, v in sorted(Counter(v.kind for v in nodes).items()))
         return trace_dot(nodes, f"{type(oto.model).__name__} · traced operator graph", cluster_depth,
                          subtitle=f"{len(oto.graph)} nodes ({summ}), {oto.graph.num_edges} edges").source()
     if name in ("space", "redundant"):
@@ -571,21 +600,7 @@ def build_source(oto: "OTO", name: str, sub: nn.Module | None = None, cluster_de
     raise ValueError(f"unknown drawing {name!r}; choose from {DRAWINGS}")
 
 
-_CLASS_RE = re.compile(r'\bclass="([^"]*)"')
-
-
-def redundant_group_ids(source: str) -> set[int]:
-    """Group ids drawn as redundant in a DOT or SVG source (the ``zg-<id>`` class tokens)."""
-    ids: set[int] = set()
-    source = html.unescape(source)  # SVG writes '-' as '&#45;'
-    for m in _CLASS_RE.finditer(source):
-        toks = m.group(1).split()
-        if "redundant" in toks:
-            ids.update(int(t[3:]) for t in toks if t.startswith("zg-") and t[3:].isdigit())
-    return ids
-
-
-def visualize(oto: "OTO", out_dir: str | Path, what: Sequence[str] | str = DRAWINGS, sub: nn.Module | None = None,
+def visualize(oto: "Drawable", out_dir: str | Path, what: Sequence[str] | str = DRAWINGS, sub: nn.Module | None = None,
               formats: Sequence[str] = ("svg", "pdf"), cluster_depth: int = 3, prefix: str = "",
               timeout: float = 120.0) -> dict[str, str]:
     """Draw ``what`` (any of "trace", "space", "redundant", "subnet") of ``oto`` into ``out_dir``.
@@ -626,5 +641,5 @@ def visualize(oto: "OTO", out_dir: str | Path, what: Sequence[str] | str = DRAWI
     return result
 
 
-__all__ = ["visualize", "build_source", "redundant_group_ids", "trace_dot", "prune_space_dot", "erase_space_dot",
+__all__ = ["visualize", "build_source", "trace_dot", "prune_space_dot", "erase_space_dot",
            "subnet_dot", "nodes_from_fx", "nodes_from_opgraph", "DRAWINGS"]

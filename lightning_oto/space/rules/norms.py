@@ -1,0 +1,132 @@
+"""Rules for normalisations: batch / instance norm (per channel), group norm (per block of channels),
+layer / RMS norm (over trailing dimensions)."""
+from __future__ import annotations
+
+
+from ..channels import TensorChannels
+from .registry import Call, Context, IsZero, Rule, add
+
+
+def uses_input_statistics(call: Call) -> bool:
+    """Normalised by the input's own statistics (instance norm, training-mode batch norm): zero stays zero."""
+    if call.key == "instance_norm":
+        return bool(call.get("use_input_stats", True))
+    return bool(call.get("training", False))
+
+
+class BatchNorm(Rule):
+    """batch_norm / instance_norm normalise each channel alone: channel c owns weight[c] and bias[c]
+    (zeroing both zeroes the channel), and its running statistics go with it (dependents).  Without
+    affine parameters a zero channel maps to -mean/std, so it is not zero-invariant."""
+
+    kind = "accessory"
+    keeps_channels = True
+
+    def channels(self, ctx: "Context", call: Call) -> None:
+        t = ctx.channels(call.input)
+        stats = [ctx.param(call.args.get(k)) for k in ("running_mean", "running_var")]
+        if t is None:
+            ctx.set(call, None)
+            return
+        if t.cdim != 1:
+            ctx.refuse(call, f"{ctx.describe(call)} normalizes a moved channel dim")
+            return
+        wn = ctx.param_name(call.args.get("weight"))
+        bn = ctx.param_name(call.args.get("bias"))
+        for c, e in enumerate(t.elems):
+            for name in (wn, bn):
+                if name:
+                    ctx.el.add_var(e, name, 0, c)
+            for ref in stats:
+                if ref is not None:
+                    ctx.el.add_dep(e, ref.name, ref.dims[0], c)
+        if wn is not None and bn is not None:
+            ctx.set(call, TensorChannels(1, list(t.elems), [True] * len(t.elems)))
+        elif uses_input_statistics(call):
+            ctx.set(call, t.moved(1))
+        else:
+            ctx.set(call, t.not_zero(f"{ctx.describe(call)} without affine parameters (running mean is not zero)"))
+
+    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
+        w, b = call.args.get("weight"), call.args.get("bias")
+        if w is not None and b is not None and is_zero(w) and is_zero(b):
+            return True
+        return uses_input_statistics(call) and is_zero(call.input) and (b is None or is_zero(b))
+
+
+class GroupNorm(Rule):
+    """group_norm normalises blocks of channels together: a whole block is removed at once (its
+    channels are coupled), and the module's group count shrinks with it (nn.GroupNorm only: its
+    ``num_groups`` is rewritten from the sliced weight)."""
+
+    kind = "accessory"
+    keeps_channels = False  # slicing channels upstream would cut a normalisation block
+
+    def channels(self, ctx: "Context", call: Call) -> None:
+        t = ctx.channels(call.input)
+        wn = ctx.param_name(call.args.get("weight"))
+        bn = ctx.param_name(call.args.get("bias"))
+        if t is None:
+            ctx.set(call, None)
+            return
+        if t.cdim != 1:
+            ctx.refuse(call)
+            return
+        ng = int(call["num_groups"])
+        n = len(t.elems)
+        block = n // ng
+        for gi in range(ng):
+            ctx.el.union_all(t.elems[gi * block:(gi + 1) * block])
+        if not wn or call.node.module_type != "GroupNorm":
+            # a functional call with a hard-coded group count, or no weight to re-derive it from
+            ctx.el.mark(t.elems, f"{ctx.describe(call)} has no weight to carry a smaller group count")
+        for c, e in enumerate(t.elems):
+            for name in (wn, bn):
+                if name:
+                    ctx.el.add_var(e, name, 0, c)
+        if wn and bn:
+            ctx.set(call, TensorChannels(1, list(t.elems), [True] * n))
+            return
+        zi = [all(t.zi[gi * block:(gi + 1) * block]) for gi in range(ng) for _ in range(block)]
+        ctx.set(call, TensorChannels(1, list(t.elems), zi, t.taint))
+
+    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
+        w, b = call.args.get("weight"), call.args.get("bias")
+        if w is not None and b is not None and is_zero(w) and is_zero(b):
+            return True
+        return is_zero(call.input) and (b is None or is_zero(b))
+
+
+class LayerNorm(Rule):
+    """layer_norm / rms_norm over the trailing ``normalized_shape`` dims.  Over the channels it is not
+    exact to drop one (the statistics change), so those channels are kept; over other dims each channel
+    is normalised alone, zero stays zero, and a bias makes it non-zero."""
+
+    kind = "accessory"
+
+    def channels(self, ctx: "Context", call: Call) -> None:
+        t = ctx.channels(call.input)
+        xs = ctx.shape(call.input)
+        if t is None or xs is None:
+            ctx.set(call, None)
+            return
+        k = len(call["normalized_shape"])
+        if t.cdim >= len(xs) - k:
+            ctx.el.mark(t.elems, f"{ctx.describe(call)} normalizes over the channel dimension")
+            ctx.set(call, t.not_zero(call.node.op))
+            return
+        ctx.param(call.args.get("weight"))
+        b = call.args.get("bias")
+        ctx.param(b)
+        ctx.set(call, t.moved(t.cdim) if b is None else t.not_zero(f"{call.node.op} bias"))
+
+    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
+        w, b = call.args.get("weight"), call.args.get("bias")
+        return (is_zero(call.input) or (w is not None and is_zero(w))) and (b is None or is_zero(b))
+
+
+add(BatchNorm(), "batch_norm", "instance_norm")
+add(GroupNorm(), "group_norm")
+add(LayerNorm(), "layer_norm", "rms_norm")
+
+__all__ = ["BatchNorm", "GroupNorm", "LayerNorm"]
