@@ -196,10 +196,10 @@ class MaskedFill(Rule):
     kind = "accessory"
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t = tracked[0]
         mask = call.args.get("mask")
         ms, out = ctx.shape(mask), call.node.shape
         if ctx.channels(mask) is not None or (ms is not None and out is not None

@@ -8,10 +8,10 @@ from .registry import Call, Context, IsZero, Rule, add
 
 def same_channels(ctx: "Context", call: Call, keep_zero: bool, why: str = "") -> None:
     """Output channel i is a function of input channel i only (same shape)."""
-    t = ctx.channels(call.input)
-    if t is None:
-        ctx.set(call, None)
+    tracked = Rule.tracked_input(ctx, call)
+    if tracked is None:
         return
+    t = tracked[0]
     if call.node.shape is not None and ctx.shape(call.input) != call.node.shape:
         ctx.refuse(call, f"{ctx.describe(call)} changes the shape of its input")
         return
@@ -148,11 +148,10 @@ class Spatial(Rule):
     keeps_channels = True
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        xs = ctx.shape(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t, xs = tracked
         if t.cdim != 1 and not (t.cdim == 0 and xs is not None and len(xs) in (2, 3)):
             ctx.refuse(call, f"{ctx.describe(call)} pools a dimension holding channels")
             return
@@ -181,11 +180,10 @@ class Pad(Rule):
         return mode != "constant" or value is None or value == 0
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        xs = ctx.shape(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t, xs = tracked
         pad = list(call["pad"])
         n = len(xs) if xs is not None else t.cdim + 1
         touched = {n - 1 - i // 2 for i in range(len(pad)) if pad[i] != 0}
@@ -208,10 +206,10 @@ class ShapedLike(Rule):
     kind = "shape"
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t = tracked[0]
         zero = call.key == "zeros_like" or (call.key == "full_like" and call.args.get("fill_value") == 0)
         ctx.set(call, t.moved(t.cdim) if zero else t.not_zero(f"{call.node.op} is not zero"))
 

@@ -187,6 +187,16 @@ class Rule:
         """Prune mode: give the output its channels (``ctx.set``) or refuse (``ctx.refuse``)."""
         ctx.refuse(call)
 
+    @staticmethod
+    def tracked_input(ctx: "Context", call: Call) -> tuple[Any, tuple[int, ...] | None] | None:
+        """(channels, shape) of the main input; None, with the output marked untracked too, when the input
+        carries no channels (data, or a tensor computed from untracked values)."""
+        t = ctx.channels(call.input)
+        if t is None:
+            ctx.set(call, None)
+            return None
+        return t, ctx.shape(call.input)
+
     def zero_output(self, call: Call, is_zero: IsZero) -> bool:
         """Erase mode: is the output exactly zero, given ``is_zero(arg)`` for each argument?"""
         return False

@@ -79,10 +79,10 @@ class Permute(Rule):
             ctx.param(call.input)
             ctx.set(call, ParamRef(ref.name, tuple(ref.dims[p] for p in perm), ref.buffer))
             return
-        t = ctx.channels(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t = tracked[0]
         if perm is None:
             ctx.refuse(call)
             return
@@ -122,10 +122,10 @@ class Reshape(Rule):
         if ref is not None:
             self.param_view(ctx, call, ref, si, so)
             return
-        t = ctx.channels(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t = tracked[0]
         chunk = channel_chunk(si, so, t.cdim) if si is not None and so is not None and len(t.elems) > 1 else None
         if chunk is None:
             ctx.refuse(call, f"{ctx.describe(call)} reshapes the channel dimension")
@@ -252,10 +252,10 @@ class Expand(Rule):
             ctx.param(call.input)
             ctx.set(call, ParamRef(ref.name, tuple(dims), ref.buffer))
             return
-        t = ctx.channels(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t = tracked[0]
         nc = t.cdim + len(out) - len(xs)
         if out[nc] != xs[t.cdim]:
             ctx.refuse(call)
@@ -279,11 +279,10 @@ class Select(Rule):
     kind = "shape"
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        xs = ctx.shape(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t, xs = tracked
         dim = call["dim"] % len(xs)
         if dim == t.cdim:
             ctx.refuse(call, f"{ctx.describe(call)} selects one channel")
@@ -316,11 +315,10 @@ class RollOtherDims(Rule):
     keeps_channels = True
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        xs = ctx.shape(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t, xs = tracked
         dims = call.args.get("dims")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         if not dims or t.cdim in [d % len(xs) for d in dims]:
@@ -339,10 +337,10 @@ class RepeatInterleave(Rule):
     kind = "shape"
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t = tracked[0]
         r, dim = call.args.get("repeats"), call.args.get("dim")
         xs = ctx.shape(call.input)
         if not isinstance(r, int) or dim is None:
@@ -367,11 +365,10 @@ class Reduction(Rule):
     not_zero = ("logsumexp",)
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        xs = ctx.shape(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t, xs = tracked
         dims = call.args.get("dim")
         if isinstance(dims, int):
             dims = [dims]
@@ -395,11 +392,10 @@ class Softmax(Rule):
     kind = "accessory"
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        xs = ctx.shape(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t, xs = tracked
         if call["dim"] % len(xs) == t.cdim:
             ctx.refuse(call, f"{ctx.describe(call)} normalizes over the channels")
             return

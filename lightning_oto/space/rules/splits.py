@@ -186,11 +186,10 @@ class ChannelSlice(Rule):
     kind = "shape"
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        xs = ctx.shape(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t, xs = tracked
         dim = call.get("dim", 0) % len(xs)
         if dim != t.cdim:
             ctx.set(call, t.moved(t.cdim))
@@ -235,11 +234,10 @@ class GatedLinearUnit(Rule):
     kind = "accessory"
 
     def channels(self, ctx: "Context", call: Call) -> None:
-        t = ctx.channels(call.input)
-        xs = ctx.shape(call.input)
-        if t is None:
-            ctx.set(call, None)
+        tracked = Rule.tracked_input(ctx, call)
+        if tracked is None:
             return
+        t, xs = tracked
         if call.get("dim", -1) % len(xs) != t.cdim:
             ctx.set(call, t.moved(t.cdim))
             return
