@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx
@@ -238,6 +238,33 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
+def _state_shapes(program: Any, params: Iterable[str], buffers: Iterable[str]
+                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Shapes of the parameters and buffers the program reads (buffers may live in its constants)."""
+    state = program.state_dict
+    consts = getattr(program, "constants", {}) or {}
+    param_shapes = {n: tuple(int(d) for d in state[n].shape) for n in params if n in state}
+    buffer_shapes = {n: tuple(int(d) for d in (state.get(n) if n in state else consts[n]).shape)
+                     for n in buffers if n in state or n in consts}
+    return param_shapes, buffer_shapes
+
+
+def _op_node(nid: int, fx: torch.fx.Node, index: dict[torch.fx.Node, int], ph_param: dict[str, str],
+             ph_buffer: dict[str, str]) -> OpNode:
+    """One call of the trace: its operator, shape, module, and what it reads (parameters, buffers, tensors)."""
+    mod, mtyp = _module_of(fx)
+    node = OpNode(nid, fx.name, op_name(fx.target), "op", shape=concrete_shape(fx.meta.get("val")), module=mod,
+                  module_type=mtyp, fx_node=fx)
+    for a in _tensor_args(fx):
+        if a.op == "placeholder" and a.name in ph_param:
+            node.params.append(ph_param[a.name])
+        elif a.op == "placeholder" and a.name in ph_buffer:
+            node.buffers.append(ph_buffer[a.name])
+        elif a in index:
+            node.inputs.append(index[a])
+    return node
+
+
 def build_graph(program: Any) -> OpGraph:
     """Convert an ExportedProgram into an OpGraph in one pass over its fx nodes."""
     dynamic_dims = dynamic.symbolic_dims(program)
@@ -245,16 +272,7 @@ def build_graph(program: Any) -> OpGraph:
     ph_param = dict(sig.inputs_to_parameters)
     ph_buffer = dict(sig.inputs_to_buffers)
     ph_const = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
-    state = program.state_dict
-    param_shapes = {name: tuple(int(d) for d in state[name].shape) for name in ph_param.values() if name in state}
-    buffer_shapes: dict[str, tuple[int, ...]] = {}
-    for name in ph_buffer.values():
-        t = state.get(name)
-        if t is None:
-            t = program.constants.get(name) if hasattr(program, "constants") else None
-        if t is not None:
-            buffer_shapes[name] = tuple(t.shape)
-
+    param_shapes, buffer_shapes = _state_shapes(program, ph_param.values(), ph_buffer.values())
     nodes: list[OpNode] = []
     index: dict[torch.fx.Node, int] = {}
     input_ids: list[int] = []
@@ -282,17 +300,7 @@ def build_graph(program: Any) -> OpGraph:
             continue
         if fx.op != "call_function" or _is_size_arithmetic(fx):
             continue
-        op = op_name(fx.target)
-        shape = concrete_shape(fx.meta.get("val"))
-        mod, mtyp = _module_of(fx)
-        node = OpNode(len(nodes), fx.name, op, "op", shape=shape, module=mod, module_type=mtyp, fx_node=fx)
-        for a in _tensor_args(fx):
-            if a.op == "placeholder" and a.name in ph_param:
-                node.params.append(ph_param[a.name])
-            elif a.op == "placeholder" and a.name in ph_buffer:
-                node.buffers.append(ph_buffer[a.name])
-            elif a in index:
-                node.inputs.append(index[a])
+        node = _op_node(len(nodes), fx, index, ph_param, ph_buffer)
         nodes.append(node)
         index[fx] = node.id
     for n in nodes:

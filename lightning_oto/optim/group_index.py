@@ -138,6 +138,55 @@ class GroupStats:
                    None if bool(torch.isnan(ref).any()) else ref)
 
 
+def _claim(params: dict[str, torch.Tensor], groups: Sequence[Group], group_ids: tuple[int, ...]
+           ) -> tuple[dict[str, list[int]], dict[str, int], list[str], list[int]]:
+    """Which group owns each entry of every sliced parameter (position ``len(groups)``: none); checks that the
+    groups are disjoint and slice each parameter along one dim.  Returns (owners, dims, order, numel)."""
+    G = len(groups)
+    numel = [0] * G
+    owners: dict[str, list[int]] = {}
+    dims: dict[str, int] = {}
+    order: list[str] = []
+    for pos, g in enumerate(groups):
+        for s in g.slices:
+            if s.name not in params:
+                known = ", ".join(sorted(params)[:10])
+                raise ValueError(
+                    f"group {g.id} ({g.name!r}) references unknown parameter {s.name!r}; "
+                    f"known parameters include: {known}"
+                )
+            p = params[s.name]
+            nd = max(p.dim(), 1)
+            d = s.dim + nd if s.dim < 0 else s.dim
+            if not 0 <= d < nd:
+                raise ValueError(f"group {g.id}: dim {s.dim} out of range for {s.name!r} of shape {tuple(p.shape)}")
+            if s.name in dims and dims[s.name] != d:
+                raise ValueError(
+                    f"parameter {s.name!r} is sliced along dim {dims[s.name]} by one group and dim {d} "
+                    f"by group {g.id}; all slices of a parameter must use the same dim"
+                )
+            if s.name not in dims:
+                dims[s.name] = d
+                size = p.shape[d] if p.dim() > 0 else 1
+                owners[s.name] = [G] * size
+                order.append(s.name)
+            own = owners[s.name]
+            idx = range(len(own)) if s.indices is None else s.indices
+            for i in idx:
+                if not -len(own) <= i < len(own):
+                    raise ValueError(
+                        f"group {g.id}: index {i} out of range for {s.name!r} dim {d} (size {len(own)})"
+                    )
+                if own[i] != G:
+                    raise ValueError(
+                        f"groups are not disjoint: entry {i} of {s.name!r} (dim {d}) belongs to group "
+                        f"{group_ids[own[i]]} and group {g.id}"
+                    )
+                own[i] = pos
+            numel[pos] += s.numel(tuple(p.shape) if p.dim() > 0 else (1,))
+    return owners, dims, order, numel
+
+
 class GroupIndex:
     """Vectorized map groups ↔ parameter entries.
 
@@ -161,47 +210,7 @@ class GroupIndex:
         self.pos_of_id: dict[int, int] = {gid: i for i, gid in enumerate(self.group_ids)}
         G = len(self.groups)
         self.num_groups = G
-        numel = [0] * G
-        owners: dict[str, list[int]] = {}
-        dims: dict[str, int] = {}
-        order: list[str] = []
-        for pos, g in enumerate(self.groups):
-            for s in g.slices:
-                if s.name not in params:
-                    known = ", ".join(sorted(params)[:10])
-                    raise ValueError(
-                        f"group {g.id} ({g.name!r}) references unknown parameter {s.name!r}; "
-                        f"known parameters include: {known}"
-                    )
-                p = params[s.name]
-                nd = max(p.dim(), 1)
-                d = s.dim + nd if s.dim < 0 else s.dim
-                if not 0 <= d < nd:
-                    raise ValueError(f"group {g.id}: dim {s.dim} out of range for {s.name!r} of shape {tuple(p.shape)}")
-                if s.name in dims and dims[s.name] != d:
-                    raise ValueError(
-                        f"parameter {s.name!r} is sliced along dim {dims[s.name]} by one group and dim {d} "
-                        f"by group {g.id}; all slices of a parameter must use the same dim"
-                    )
-                if s.name not in dims:
-                    dims[s.name] = d
-                    size = p.shape[d] if p.dim() > 0 else 1
-                    owners[s.name] = [G] * size
-                    order.append(s.name)
-                own = owners[s.name]
-                idx = range(len(own)) if s.indices is None else s.indices
-                for i in idx:
-                    if not -len(own) <= i < len(own):
-                        raise ValueError(
-                            f"group {g.id}: index {i} out of range for {s.name!r} dim {d} (size {len(own)})"
-                        )
-                    if own[i] != G:
-                        raise ValueError(
-                            f"groups are not disjoint: entry {i} of {s.name!r} (dim {d}) belongs to group "
-                            f"{self.group_ids[own[i]]} and group {g.id}"
-                        )
-                    own[i] = pos
-                numel[pos] += s.numel(tuple(p.shape) if p.dim() > 0 else (1,))
+        owners, dims, order, numel = _claim(params, self.groups, self.group_ids)
         self.entries: list[IndexEntry] = []
         for name in order:
             p = params[name]
