@@ -236,9 +236,13 @@ class OTO:
 
     def visualize(self, out_dir: str | Path, what: Sequence[str] = ("trace", "space", "redundant", "subnet"),
                   sub: nn.Module | None = None) -> dict[str, str]:
-        """Draw the trace graph, search space, redundant structures and sub-network (Graphviz)."""
+        """Draw the trace graph, search space, redundant structures and sub-network (Graphviz); the
+        sub-network is constructed for the "subnet" drawing when not given."""
         from .viz.graphviz import visualize
 
+        what = (what,) if isinstance(what, str) else tuple(what)
+        if "subnet" in what and sub is None and self.zero_group_ids():
+            sub = self.construct_subnet()
         return visualize(self, out_dir, what=what, sub=sub)
 
     def summary(self, zero_ids: Sequence[int] | None = None) -> str:

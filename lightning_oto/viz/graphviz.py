@@ -17,7 +17,6 @@ An operator's kind (stem / joint / accessory / shape / unknown) is the rule regi
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 from torch import nn
 
-from ..graph.trace import OpGraph, op_name, trace
+from ..graph.trace import OpGraph, op_name
 from ..space.channels import UnionFind
 from ..space.rules import canonical_op, kind_of, rule_for
 from .dot import PALETTE, Dot, legend_table, render
@@ -43,8 +42,6 @@ class Drawable(Protocol):
     segment_graph: Any
 
     def zero_group_ids(self) -> list[int]: ...
-
-    def construct_subnet(self) -> nn.Module: ...
 
 
 log = logging.getLogger("lightning_oto")
@@ -534,7 +531,8 @@ def _weight(v: VNode) -> str | None:
 
 
 def subnet_dot(oto: "Drawable", sub: nn.Module | None, cluster_depth: int = 3) -> Dot:
-    """What remains: erase mode the erased fx graph, prune mode the trace of the slimmed copy.
+    """What remains: erase mode the erased fx graph, prune mode the full trace with the slimmed widths
+    (a slimmed copy has the same operators; no second trace is needed).
 
     ``sub=None`` means nothing is removed yet: the full model's trace is drawn as the sub-network.
     """
@@ -547,7 +545,7 @@ def subnet_dot(oto: "Drawable", sub: nn.Module | None, cluster_depth: int = 3) -
         nodes = nodes_from_fx(sub, oto.example_inputs)
         kind = "erased fx graph"
     else:
-        nodes = nodes_from_opgraph(trace(sub, oto.example_inputs))
+        nodes = nodes_from_opgraph(oto.graph)
         kind = "slimmed copy"
     sub_shapes = {n: tuple(p.shape) for n, p in sub.named_parameters()}
     extra: dict[str, dict[str, Any]] = {}
@@ -608,8 +606,8 @@ def visualize(oto: "Drawable", out_dir: str | Path, what: Sequence[str] | str = 
     Each drawing ``name`` is written as ``<prefix><name>.dot`` and, when Graphviz's ``dot`` is
     installed, rendered to each of ``formats`` (one layout per drawing).  Without ``dot`` only the
     sources are written and a warning says how to install Graphviz.  ``sub`` is the sub-network for
-    "subnet" (built with ``oto.construct_subnet()`` when omitted; while no group is zero, e.g. at the
-    start of training, the full model is drawn instead and nothing is constructed).  Returns ``{name: path}`` with the
+    "subnet" (required once a group is zero; while none is, e.g. at the start of training, the full
+    model is drawn instead).  Returns ``{name: path}`` with the
     first rendered format of each drawing (the .dot source when nothing was rendered) plus
     ``{"<name>.<ext>": path}`` for every file written.
     """
@@ -622,9 +620,8 @@ def visualize(oto: "Drawable", out_dir: str | Path, what: Sequence[str] | str = 
     out.mkdir(parents=True, exist_ok=True)
     zero = oto.zero_group_ids() if ("redundant" in what or ("subnet" in what and sub is None)) else None
     if "subnet" in what and sub is None and zero:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sub = oto.construct_subnet()
+        raise ValueError("the 'subnet' drawing needs the sub-network: pass sub=oto.construct_subnet() "
+                         "(oto.visualize does it for you).")
     result: dict[str, str] = {}
     warned = False
     for name in dict.fromkeys(what):
