@@ -466,3 +466,19 @@ def _viz_loader():
     x = torch.randn(32, 1, 8, 8, generator=g)
     y = torch.randint(0, 3, (32,), generator=g)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def test_callback_controls_reach_the_search_space(tmp_path):
+    """ignored_layers / max_group_sparsity / round_to on the callback shape the exported sub-network."""
+    torch.manual_seed(0)
+    model = LitTiny(opt="sgd")
+    cb = OTOCallback(mode="prune", target_group_sparsity=0.9, warmup_steps=4, projection_steps=8,
+                     ignored_layers=["net.mid.0"], round_to=4, max_group_sparsity={"net.stem.0": 0.5},
+                     export_formats=("torch",), export_dir=tmp_path / "export")
+    trainer(tmp_path, [cb]).fit(model, data())
+    sub = cb.subnet.net
+    assert sub.mid[0].out_channels == 12  # ignored: every channel stays
+    assert sub.stem[0].out_channels in (4, 8)  # capped at half of its 8 channels, removed 4 at a time
+    assert (8 - sub.stem[0].out_channels) % 4 == 0
+    assert len(cb.report["removed_groups"]) > 0
+    outputs_equal(model.net.eval(), sub.eval(), torch.randn(3, 1, 8, 8), atol=1e-4)
