@@ -107,6 +107,13 @@ def demonet_section(runs: Path) -> list[str]:
     if prune:
         lines.append(f"- Prune mode removed {prune.get('num_zero_groups')} of {prune.get('num_prunable_groups')} "
                      "channel groups.")
+    for key, r in (("erase", res.get("erase")), ("prune", res.get("prune"))):
+        if r and r.get("zeroed_by_half_space") is not None:
+            before = (r.get("val_before_recalibration") or {}).get("val_acc")
+            recal = f"; validation accuracy {100 * before:.1f}% → {100 * r['val_acc']:.1f}% after BatchNorm " \
+                    f"recalibration" if before is not None and r.get("val_acc") is not None else ""
+            lines.append(f"- {key.capitalize()} run: {r['zeroed_by_half_space']} groups reached zero through the "
+                         f"half-space test, {r.get('forced_at_deadline', 0)} were forced at the deadline{recal}.")
     lines += ["- Paper (full width, Fashion-MNIST, 300 epochs): 209M / 0.82M / 84.9% → 107M / 0.45M / 84.7%. "
               "Absolute accuracies are not comparable (MNIST stand-in, 5 epochs).",
               "- Training curves of the erase run: `docs/results/demonet_erase_curves.png`.", ""]
@@ -146,8 +153,9 @@ def regnet_section(runs: Path, docs: Path) -> list[str]:
     if not any(root.rglob("result.json")):
         return ["## RegNet-800M: not run (`python benchmarks/results_tables.py run --only regnet`)", ""]
     paths = sweep.aggregate(root)
-    shutil.copy(paths["markdown"], docs / "regnet_sweep.md")
-    shutil.copy(paths["csv"], docs / "regnet_sweep.csv")
+    for key, name in (("markdown", "regnet_sweep.md"), ("csv", "regnet_sweep.csv")):  # paths relative to the repo
+        text = Path(paths[key]).read_text().replace(f"{REPO}/", "")
+        (docs / name).write_text(text)
     shutil.copy(paths["plot"], docs / "regnet_pareto.png")
     by = _regnet_runs(sweep.collect(root))
     some = next(iter(by.values()), {})
