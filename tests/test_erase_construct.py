@@ -456,3 +456,22 @@ def test_exported_erased_subnet_keeps_dynamic_sequence_length(tmp_path, fmt):
     other = torch.randint(0, 50, (3, 11))
     with torch.no_grad():
         assert (loaded(other) - model(other)).abs().max() <= 1e-4
+
+
+def test_branch_ending_in_reshape_as_is_erasable():
+    """LeViT: ``x + branch(x).reshape_as(x)`` reads x only for its shape; the branch is still a branch."""
+
+    class ReshapeAs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 12)
+            self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 12)
+            self.head = nn.Linear(12, 2)
+
+        def forward(self, x):
+            h = self.stem(x).unflatten(-1, (3, 4))
+            h = h + self.fc2(F.relu(self.fc1(h.flatten(-2)))).reshape_as(h)
+            return self.head(h.flatten(-2))
+
+    oto, sub, _ = erase_and_check(_perturb(ReshapeAs()), torch.randn(2, 5, 4), [torch.randn(3, 7, 4)], zero=["fc1"])
+    assert not any(n.startswith(("fc1.", "fc2.")) for n, _ in sub.named_parameters())

@@ -164,7 +164,7 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
     for node in graph.nodes:
         if node.id in exprs:
             continue
-        inputs = [i for i in node.inputs if i not in exprs]
+        inputs = [i for i in _value_inputs(graph, node) if i not in exprs]
         folded = _folded(graph, node, exprs)
         params = list(dict.fromkeys(node.params + [x for e in folded for x in graph.nodes[e].params]))
         if node.kind in ("input", "output"):
@@ -193,7 +193,7 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
         seg.param_nodes = [e for e in seg.param_nodes if node_seg[e] == seg.id]
     for node in graph.nodes:
         t = node_seg[node.id]
-        for i in node.inputs:
+        for i in _value_inputs(graph, node):
             if i in exprs or node.id in exprs:
                 continue
             s = node_seg[i]
@@ -203,6 +203,18 @@ def build_segment_graph(graph: OpGraph) -> SegmentGraph:
     ins = [node_seg[i] for i in graph.input_ids]
     outs = [node_seg[i] for i in graph.output_ids]
     return SegmentGraph(segs, node_seg, ins, outs)
+
+
+def _value_inputs(graph: OpGraph, node: OpNode) -> list[int]:
+    """The producers whose *values* the node reads (not those its rule says it only reads the shape of)."""
+    fx = node.fx_node
+    if fx is None or fx.op != "call_function" or not rules.rule_for(fx.target).shape_only:
+        return node.inputs
+    skip = rules.rule_for(fx.target).shape_only
+    bound = rules.bind(fx.target, fx.args, fx.kwargs)
+    template = {v.name for k, v in bound.items() if k in skip and isinstance(v, torch.fx.Node)}
+    values = {v.name for k, v in bound.items() if k not in skip and isinstance(v, torch.fx.Node)}
+    return [i for i in node.inputs if graph.nodes[i].name not in template - values]
 
 
 def _parameter_expressions(graph: OpGraph) -> set[int]:

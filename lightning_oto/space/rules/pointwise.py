@@ -37,6 +37,7 @@ class Cast(ZeroInvariantUnary):
     parameter stays a parameter (``gamma.to(x.dtype)``) and its uses downstream are analysed as such."""
 
     kind = "shape"
+    shape_only = ("other",)  # type_as(x, other): other's dtype only
 
     def channels(self, ctx: "Context", call: Call) -> None:
         ref = ctx.param(call.input)

@@ -170,6 +170,10 @@ class Rule:
     kind: str = "unknown"
     keeps_channels: bool = False
     joint: bool = False
+    #: arguments read only for their shape / dtype (``reshape_as(x, other)``): no value flows from them, so
+    #: erase mode does not count them as inputs (a residual branch ending in ``y.reshape_as(x)`` is still a
+    #: branch of its own)
+    shape_only: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.user = False     # registered with lightning_oto.register_rule

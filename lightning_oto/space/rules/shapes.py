@@ -103,6 +103,7 @@ class Reshape(Rule):
     """
 
     kind = "shape"
+    shape_only = ("other",)
 
     @staticmethod
     def requested(call: Call, n_out: int) -> list[Any] | None:
@@ -242,6 +243,7 @@ class Expand(Rule):
     each channel still holds only its own values."""
 
     kind = "shape"
+    shape_only = ("other",)
 
     def channels(self, ctx: "Context", call: Call) -> None:
         xs, out = ctx.shape(call.input), call.node.shape
