@@ -62,10 +62,6 @@ def test_main_command_terminal_is_quiet(main_command):
 
 
 def test_main_command_export_loads_in_a_fresh_process(main_command):
-    try:
-        from lightning_oto import load  # noqa: F401
-    except ImportError:
-        pytest.skip("lightning_oto.load is not on this branch yet (written by the export helper)")
     run_dir, _ = main_command
     recorded = json.loads((run_dir / "result.json").read_text())
     proc = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(run_dir)], capture_output=True, text=True,
