@@ -23,13 +23,11 @@ class ZeroInvariantUnary(Rule):
     never mixes with another channel, so removing it before or after the op is the same."""
 
     kind = "accessory"
+    zero_preserving = True  # a zero input gives a zero output
     keeps_channels = True
 
     def channels(self, ctx: "Context", call: Call) -> None:
         same_channels(ctx, call, keep_zero=True)
-
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
 
 
 class Cast(ZeroInvariantUnary):
@@ -120,6 +118,7 @@ class PReLU(Rule):
     per-channel slope is a dependent of its channel (removed with it, never zeroed)."""
 
     kind = "accessory"
+    zero_preserving = True  # a zero input gives a zero output
     keeps_channels = True
 
     def channels(self, ctx: "Context", call: Call) -> None:
@@ -137,15 +136,13 @@ class PReLU(Rule):
                 ctx.el.add_dep(e, ref.name, 0, c)
         ctx.set(call, t.moved(t.cdim))
 
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
-
 
 class Spatial(Rule):
     """Pooling and resampling over the dimensions after the channels: each output channel is made from
     its own input channel only, and pool / resample of zeros is zero."""
 
     kind = "accessory"
+    zero_preserving = True  # a zero input gives a zero output
     keeps_channels = True
 
     def channels(self, ctx: "Context", call: Call) -> None:
@@ -161,9 +158,6 @@ class Spatial(Rule):
             ctx.refuse(call, f"{ctx.describe(call)} changes the channel count")
             return
         ctx.set(call, t.moved(t.cdim))
-
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
 
 
 class Pad(Rule):

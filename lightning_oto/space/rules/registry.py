@@ -174,6 +174,8 @@ class Rule:
     #: erase mode does not count them as inputs (a residual branch ending in ``y.reshape_as(x)`` is still a
     #: branch of its own)
     shape_only: tuple[str, ...] = ()
+    #: erase mode: the output is zero exactly when the main input is (element-wise f(0) = 0, moves, pools)
+    zero_preserving: bool = False
 
     def __init__(self) -> None:
         self.user = False     # registered with lightning_oto.register_rule
@@ -203,7 +205,7 @@ class Rule:
 
     def zero_output(self, call: Call, is_zero: IsZero) -> bool:
         """Erase mode: is the output exactly zero, given ``is_zero(arg)`` for each argument?"""
-        return False
+        return self.zero_preserving and is_zero(call.input)
 
     def weight_layout(self, key: str) -> tuple[int, int] | None:
         """Drawings: the (output, input) channel dims of this stem's weight; None for other kinds."""

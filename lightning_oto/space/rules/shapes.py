@@ -70,6 +70,7 @@ class Permute(Rule):
     """permute / transpose / t / movedim: the channel dim moves, every channel keeps its values."""
 
     kind = "shape"
+    zero_preserving = True  # a zero input gives a zero output
 
     def channels(self, ctx: "Context", call: Call) -> None:
         xs = ctx.shape(call.input)
@@ -88,9 +89,6 @@ class Permute(Rule):
             return
         ctx.set(call, t.moved(perm.index(t.cdim)))
 
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
-
 
 class Reshape(Rule):
     """view / reshape / flatten / unflatten / squeeze / unsqueeze / view_as / reshape_as.
@@ -103,6 +101,7 @@ class Reshape(Rule):
     """
 
     kind = "shape"
+    zero_preserving = True  # a zero input gives a zero output
     shape_only = ("other",)
 
     @staticmethod
@@ -228,9 +227,6 @@ class Reshape(Rule):
         ctx.param(call.input)
         ctx.set(call, ParamRef(ref.name, tuple(dims), ref.buffer))
 
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
-
 
 class Flatten(Reshape):
     """flatten: a reshape whose channels keep their order; concat affiliates may pass through it."""
@@ -243,6 +239,7 @@ class Expand(Rule):
     each channel still holds only its own values."""
 
     kind = "shape"
+    zero_preserving = True  # a zero input gives a zero output
     shape_only = ("other",)
 
     def channels(self, ctx: "Context", call: Call) -> None:
@@ -271,14 +268,12 @@ class Expand(Rule):
                     "expanded channel count")
         ctx.set(call, res)
 
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
-
 
 class Select(Rule):
     """select(dim, i) on another dim than the channels: the channels pass, one dim is dropped."""
 
     kind = "shape"
+    zero_preserving = True  # a zero input gives a zero output
 
     def channels(self, ctx: "Context", call: Call) -> None:
         tracked = Rule.tracked_input(ctx, call)
@@ -290,9 +285,6 @@ class Select(Rule):
             ctx.refuse(call, f"{ctx.describe(call)} selects one channel")
             return
         ctx.set(call, t.moved(t.cdim - (1 if dim < t.cdim else 0)))
-
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
 
 
 class GetItem(Rule):
@@ -314,6 +306,7 @@ class RollOtherDims(Rule):
     channel, never across channels.  Over the channels the order would change: refused."""
 
     kind = "shape"
+    zero_preserving = True  # a zero input gives a zero output
     keeps_channels = True
 
     def channels(self, ctx: "Context", call: Call) -> None:
@@ -328,15 +321,13 @@ class RollOtherDims(Rule):
             return
         ctx.set(call, t.moved(t.cdim))
 
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
-
 
 class RepeatInterleave(Rule):
     """repeat_interleave(x, r, dim): along the channels each channel becomes r consecutive copies (a
     key/value head shared by r query heads); along another dim channels just pass."""
 
     kind = "shape"
+    zero_preserving = True  # a zero input gives a zero output
 
     def channels(self, ctx: "Context", call: Call) -> None:
         tracked = Rule.tracked_input(ctx, call)
@@ -353,9 +344,6 @@ class RepeatInterleave(Rule):
             return
         ctx.set(call, TensorChannels(t.cdim, [e for e in t.elems for _ in range(r)],
                                      [z for z in t.zi for _ in range(r)], t.taint))
-
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
 
 
 class Reduction(Rule):

@@ -128,6 +128,7 @@ class ChannelSplit(Rule):
     """
 
     kind = "shape"
+    zero_preserving = True  # a zero input gives a zero output
 
     def channels(self, ctx: "Context", call: Call) -> None:
         t = ctx.channels(call.input)
@@ -174,9 +175,6 @@ class ChannelSplit(Rule):
                 offset += p.elems
                 ctx.literal(call, len(offset), list(offset), "split index")
 
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
-
 
 class ChannelSlice(Rule):
     """slice: along another dim the channels pass.  Along the channels, a slice that is one block of an
@@ -184,6 +182,7 @@ class ChannelSlice(Rule):
     bounds must follow; any other part of the channels is refused."""
 
     kind = "shape"
+    zero_preserving = True  # a zero input gives a zero output
 
     def channels(self, ctx: "Context", call: Call) -> None:
         tracked = Rule.tracked_input(ctx, call)
@@ -223,15 +222,13 @@ class ChannelSlice(Rule):
         end = end + c if end < 0 else min(end, c)
         return max(start, 0), end, step
 
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
-
 
 class GatedLinearUnit(Rule):
     """glu(x, dim) = a * sigmoid(b) for the two halves: along the channels channel i of a and of b go
     together (coupled), and a zero ``a`` gives zero."""
 
     kind = "accessory"
+    zero_preserving = True  # a zero input gives a zero output
 
     def channels(self, ctx: "Context", call: Call) -> None:
         tracked = Rule.tracked_input(ctx, call)
@@ -245,9 +242,6 @@ class GatedLinearUnit(Rule):
         for i in range(h):
             ctx.el.union(t.elems[i], t.elems[h + i])
         ctx.set(call, TensorChannels(t.cdim, t.elems[:h], t.zi[:h], t.taint))
-
-    def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input)
 
 
 add(ChannelConcat(), "cat")
