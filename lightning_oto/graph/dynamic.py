@@ -9,8 +9,10 @@ value it is pinned to, and the source line / operator that pins it.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import traceback
 from typing import Any, Sequence
 
@@ -142,8 +144,6 @@ def explain_pins(model: torch.nn.Module, inputs: tuple, requested: list[list[int
 
 
 def _argument_names(model: torch.nn.Module, n: int) -> list[str]:
-    import inspect
-
     try:
         params = [p for p in inspect.signature(model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -154,8 +154,6 @@ def _argument_names(model: torch.nn.Module, n: int) -> list[str]:
 
 
 def _mentions(expr: str, symbol: str) -> bool:
-    import re
-
     return re.search(rf"\b{re.escape(symbol)}\b", expr) is not None
 
 

@@ -12,6 +12,7 @@ mutations handled through alias roots:
 """
 from __future__ import annotations
 
+import operator
 from typing import Iterable
 
 import torch
@@ -24,7 +25,7 @@ def _schema(node: torch.fx.Node):
 
 def _aliased_input(node: torch.fx.Node) -> torch.fx.Node | None:
     """The input whose storage ``node``'s result shares (views, in-place ops, getitem of such), or None."""
-    if node.op == "call_function" and node.target is __import__("operator").getitem:
+    if node.op == "call_function" and node.target is operator.getitem:
         src = node.args[0]
         return src if isinstance(src, torch.fx.Node) else None
     schema = _schema(node)
