@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_oto import OTOCallback
-from lightning_oto.lightning import load_compressed
+from lightning_oto import load
 from lightning_oto.lightning.terminal import quiet_terminal
 
 
@@ -132,7 +132,7 @@ def main() -> dict:
     # the full model (its removed groups are exactly zero) and the exported sub-network agree on test data;
     # the test metrics also go into the callback's report
     full_acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
-    exported = load_compressed(out / "export")  # torch.export program: no pickled code
+    exported = load(out / "export")  # torch.export program: no pickled code
     correct = total = 0
     with torch.no_grad():
         for x, y in dm.test_dataloader():

@@ -134,12 +134,9 @@ class OTO:
         return sorted(chosen)
 
     # ------------------------------------------------------------------ optimizers
-    def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
     def dhspg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """DHSPG over this search space (prune mode; in erase mode only for the paper's Table 4 ablation,
-        with ``allow_erase_ablation=True``)."""
+        with ``erase_ablation=True``)."""
         return self._optimizer("dhspg", lr, target_group_sparsity, kwargs)
 
     def h2spg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
@@ -155,7 +152,7 @@ class OTO:
         optimizer's ``candidate_filter``."""
         from .optim.factory import build_optimizer
 
-        ablation = bool(kwargs.pop("allow_erase_ablation", False))
+        ablation = bool(kwargs.pop("erase_ablation", False))
         if self.candidate_filter is not None:
             kwargs.setdefault("candidate_filter", self.candidate_filter)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -117,7 +117,7 @@ def test_dhspg_ablation_on_erase_space_runs_and_reports_validity():
     with pytest.raises(ValueError, match="h2spg"):
         oto.dhspg()
     opt = oto.dhspg(lr=0.01, target_group_sparsity=0.9, warmup_steps=2, projection_steps=2,
-                    allow_erase_ablation=True)
+                    erase_ablation=True)
     for _ in range(6):
         opt.zero_grad()
         model(x).square().mean().backward()

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_oto import OTOCallback, OTOMixin
-from lightning_oto.lightning import PHASE_CODES, load_compressed
+from lightning_oto import load
+from lightning_oto.lightning import PHASE_CODES
 from lightning_oto.lightning.optimizer_swap import rebind_scheduler
 from lightning_oto.optim.factory import hparams_from_torch_optimizer as user_hparams
 from lightning_oto.optim import DHSPG, H2SPG
@@ -138,9 +139,9 @@ def test_prune_end_to_end_metrics_scheduler_carry_over(tmp_path):
         assert (out / f).exists(), f
     x = torch.randn(5, 1, 8, 8)
     sub = cb.subnet.eval()
-    outputs_equal(sub, load_compressed(out / "subnet.pt2"), x)
-    outputs_equal(sub, load_compressed(out / "subnet.onnx"), x, atol=1e-4)
-    outputs_equal(sub, OTOMixin.load_compressed(out), x)  # directory: the .pt2 program
+    outputs_equal(sub, load(out / "subnet.pt2"), x)
+    outputs_equal(sub, load(out / "subnet.onnx"), x, atol=1e-4)
+    outputs_equal(sub, load(out), x)  # directory: the .pt2 program
     model.eval()
     outputs_equal(model, sub, x, atol=1e-4)  # full model with zero groups == sub-network
 
@@ -225,8 +226,8 @@ def test_erase_end_to_end_adam_carry_over_and_swap(tmp_path):
     assert rep["params_sub"] < rep["params_full"] and rep["verification_max_abs_error"] <= 1e-4
     x = torch.randn(3, 1, 8, 8)
     cb.subnet.eval()
-    outputs_equal(cb.subnet, load_compressed(out / "subnet.pt2"), x)
-    outputs_equal(cb.subnet, load_compressed(out / "subnet.onnx"), x, atol=1e-4)
+    outputs_equal(cb.subnet, load(out / "subnet.pt2"), x)
+    outputs_equal(cb.subnet, load(out / "subnet.onnx"), x, atol=1e-4)
     # swapped: the GraphModule now runs inside the LightningModule
     assert model.net is cb.subnet
     full = cb.full_network.eval()
@@ -313,10 +314,10 @@ def test_mixin_optimizer_report_export_and_load(tmp_path):
     paths = model.export_compressed(tmp_path / "mx", formats=("torch",))  # ONNX: see the prune/erase tests
     x = torch.randn(3, 1, 8, 8)
     model.eval()
-    outputs_equal(model, MixinNet.load_compressed(paths["program"]), x, atol=1e-4)
-    outputs_equal(model, MixinNet.load_compressed(tmp_path / "mx"), x, atol=1e-4)
+    outputs_equal(model, load(paths["program"]), x, atol=1e-4)
+    outputs_equal(model, load(tmp_path / "mx"), x, atol=1e-4)
     with pytest.raises(ValueError, match="holds weights only: pass the architecture"):
-        MixinNet.load_compressed(paths["state_dict"])
+        load(paths["state_dict"])
 
 
 def test_mixin_with_callback_reuses_its_optimizer(tmp_path):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_oto import OTOCallback
-from lightning_oto.lightning import load_compressed
+from lightning_oto import load
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -107,7 +107,7 @@ def test_ddp_spawn_same_redundant_set_rank0_exports(tmp_path):
     assert rep["redundant_group_ids_per_rank"] == [recs[0]["redundant"]] * 2
     assert sorted(g["id"] for g in rep["removed_groups"]) == recs[0]["zero"]
     assert rep["params_sub"] < rep["params_full"] and rep["verification_max_abs_error"] <= 1e-4
-    sub = load_compressed(export)
+    sub = load(export)
     x = torch.randn(3, 1, 8, 8)
     assert sub(x).shape == (3, 4)
     assert sum(p.numel() for p in sub.parameters()) == rep["params_sub"]

@@ -173,7 +173,7 @@ def test_group_index_stats_match_loop() -> None:
     assert idx.ids_from_mask(idx.is_zero()) == [10, 12]
     assert torch.equal(params["a"][1], before["a"][1]) and torch.equal(params["a"][4], before["a"][4])
     assert torch.equal(params["c"][:, 0], before["c"][:, 0]) and (params["c"][:, 1] == 0).all()
-    # scale_ and add_scaled_
+    # scale_
     idx.scale_(torch.tensor([1.0, 2.0, 1.0, 0.5]))
     assert torch.equal(params["a"][4], 2 * before["a"][4])
     assert torch.equal(params["b"][3], 0.5 * before["b"][3])
@@ -275,7 +275,7 @@ def test_half_space_zeroes_before_deadline() -> None:
                 target_group_sparsity=0.25, epsilon=0.9, momentum=0.0)
     train_mlp(model, opt, 3, mlp_data())
     red = opt.redundant_group_ids
-    assert red == [0, 1, 2] and opt.evaluation_interval == 1
+    assert red == [0, 1, 2] and opt.projection_interval == 1
     norms = opt.index.norms()[:3].clone()
     train_mlp(model, opt, 10, mlp_data())
     assert opt.zero_group_ids() == []

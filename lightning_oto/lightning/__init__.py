@@ -3,10 +3,8 @@ shared :class:`OTOSettings`, and :func:`load_checkpoint` for checkpoints saved a
 from .callback import OTOCallback
 from .checkpointing import load_checkpoint
 from ..subnet.load import OnnxModule
-from ..subnet.load import load as load_compressed  # the name earlier versions used
 from .mixin import OTOMixin
 from .run_report import PHASE_CODES
 from .settings import OTOSettings
 
-__all__ = ["OTOCallback", "OTOMixin", "OTOSettings", "PHASE_CODES", "load_checkpoint", "load_compressed",
-           "OnnxModule"]
+__all__ = ["OTOCallback", "OTOMixin", "OTOSettings", "PHASE_CODES", "load_checkpoint", "OnnxModule"]

@@ -39,7 +39,6 @@ from ..optim.factory import build_optimizer, trainable_named_params
 from ..oto import OTO
 from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL
 from .checkpointing import CHECKPOINT_KEY, apply_subnet_payload, subnet_payload
-from ..subnet.load import load
 from .network import install_subnet, resolve_example_inputs, resolve_network, to_device
 from .settings import OTOSettings, planned_steps, steps_per_epoch
 
@@ -176,11 +175,6 @@ class OTOMixin:
         """Remember that this module now holds the sub-network ``payload`` describes (saved with checkpoints)."""
         self._oto_subnet_payload = payload
         self._oto_reset()
-
-    @staticmethod
-    def load_compressed(path_or_dir: str | Path) -> nn.Module:
-        """Load an exported sub-network (``subnet.pt2`` preferred, else ``subnet.onnx``); no pickled code."""
-        return load(path_or_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

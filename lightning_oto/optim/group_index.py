@@ -131,12 +131,6 @@ class GroupStats:
         ref = self.x_ref_sq if self.x_ref_sq is not None else torch.full_like(self.x_norm_sq, float("nan"))
         return torch.stack([self.x_norm_sq, self.grad_norm_sq, self.dot, ref], dim=1)
 
-    @classmethod
-    def from_packed(cls, packed: torch.Tensor, numel: torch.Tensor, group_ids: tuple[int, ...]) -> "GroupStats":
-        ref = packed[:, 3]
-        return cls(packed[:, 0], packed[:, 1], packed[:, 2], numel, group_ids,
-                   None if bool(torch.isnan(ref).any()) else ref)
-
 
 def _claim(params: dict[str, torch.Tensor], groups: Sequence[Group], group_ids: tuple[int, ...]
            ) -> tuple[dict[str, list[int]], dict[str, int], list[str], list[int]]:
@@ -420,10 +414,6 @@ class GroupIndex:
             out.append((rows, e.owner[rows]) if rows.numel() else None)
         return out
 
-    def per_row(self, entry: IndexEntry, values: torch.Tensor, fill: float) -> torch.Tensor:
-        """``values[owner]`` broadcastable against the entry's parameter (``fill`` for unowned rows)."""
-        return self._ext(values, fill)[entry.owner].view(entry.bshape)
-
     # ------------------------------------------------------------------ in-place updates
     @torch.no_grad()
     def scale_(self, factors: torch.Tensor, tensors: Sequence[torch.Tensor | None] | None = None) -> None:
@@ -435,24 +425,6 @@ class GroupIndex:
             if t is None:
                 continue
             e.view(t).mul_(ext[e.owner].view(e.bshape).to(t.dtype))
-
-    @torch.no_grad()
-    def add_scaled_(
-        self,
-        coeffs: torch.Tensor,
-        sources: Sequence[torch.Tensor | None],
-        tensors: Sequence[torch.Tensor | None] | None = None,
-    ) -> None:
-        """``t_g += coeffs[g] * s_g`` for every group, e.g. the group-sparsity push
-        ``x_g -= lr*lambda_g * x_g/|x_g|`` is ``add_scaled_(-lr*lambda/|x|, params)``."""
-        self._sync_device()
-        ext = self._ext(coeffs.to(self.device), 0.0)
-        for i, e in enumerate(self.entries):
-            t = e.param if tensors is None else tensors[i]
-            s = sources[i]
-            if t is None or s is None:
-                continue
-            e.view(t).addcmul_(ext[e.owner].view(e.bshape).to(t.dtype), e.view(s))
 
     @torch.no_grad()
     def zero_(self, mask: torch.Tensor, tensors: Sequence[torch.Tensor | None] | None = None) -> None:

@@ -211,7 +211,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(base, betas=tuple(betas)))
         self._init_done = True
         self._index = GroupIndex(named, candidates)
-        self.__dict__.update(search)  # the search settings are plain attributes (validated above)
+        # the search settings are plain attributes (validated above); the two intervals are properties
+        # that fill in their defaults, so their arguments are kept under private names
+        self._projection_interval = search.pop("projection_interval")
+        self._saliency_interval = search.pop("saliency_interval")
+        self.__dict__.update(search)
         self.num_prunable = self._index.num_groups
         self.num_redundant_target = _round_half_up(self.target_group_sparsity * self.num_prunable)
         self._reset_search_state()
@@ -459,13 +463,13 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             return self._ema is None
         if self.saliency_steps is not None and t < at - self.saliency_steps:
             return False
-        return (at - 1 - t) % self.sampling_interval == 0
+        return (at - 1 - t) % self.saliency_interval == 0
 
     @property
-    def sampling_interval(self) -> int:
-        """Warm-up steps between two saliency samples (see ``saliency_interval``)."""
-        if self.saliency_interval is not None:
-            return self.saliency_interval
+    def saliency_interval(self) -> int:
+        """Warm-up steps between two saliency samples (the ``saliency_interval`` argument, or its default)."""
+        if self._saliency_interval is not None:
+            return self._saliency_interval
         return min(10, max(1, self.warmup_steps // 50))
 
     def _maybe_select(self) -> None:
@@ -566,7 +570,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
     def _project(self, hp: dict[str, Any], params: list[torch.Tensor], dirs: list[Direction]) -> bool:
         """Lambda, the half-space test and this evaluation's row factors (no host sync).
 
-        The push of the ``k = evaluation_interval`` steps until the next evaluation is applied now,
+        The push of the ``k = projection_interval`` steps until the next evaluation is applied now,
         in the one ``mul_`` of this step (``A = 1 - decay - k*lr*push``), so the steps in between
         cost what a hybrid step costs.  The half-space test judges the single-step trial point, as
         in the papers.  Returns ``True``: this step multiplies by the per-row ``A``.
@@ -589,7 +593,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._mark_zero(zero_now, _BY_HALF_SPACE, self._num_steps + 1)
         decay = decoupled_decay(hp)
         plain = torch.full_like(push, 1.0 - decay)
-        shrink = (plain - (self.evaluation_interval * float(hp["lr"])) * push).clamp_min(0.0)
+        shrink = (plain - (self.projection_interval * float(hp["lr"])) * push).clamp_min(0.0)
         a = torch.where(active, shrink, plain).masked_fill_(self._frozen, 0.0)
         self._rows_a.fill(a, 1.0 - decay)
         self._rows_c.fill((~self._frozen).to(a.dtype), 1.0)
@@ -654,10 +658,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         return st
 
     @property
-    def evaluation_interval(self) -> int:
-        """Steps between two evaluations of lambda and the half-space test (see ``projection_interval``)."""
-        if self.projection_interval is not None:
-            return self.projection_interval
+    def projection_interval(self) -> int:
+        """Steps between two evaluations of lambda and the half-space test (the ``projection_interval``
+        argument, or its default)."""
+        if self._projection_interval is not None:
+            return self._projection_interval
         return min(16, max(1, self.projection_steps // max(self.pruning_periods, 1) // 25))
 
     def _projection_due(self) -> bool:
@@ -665,7 +670,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         if not self._selections_done:
             return False
         origin, _, deadline = self._schedule[self._selections_done - 1]
-        return self._num_steps < deadline and (self._num_steps - origin) % self.evaluation_interval == 0
+        return self._num_steps < deadline and (self._num_steps - origin) % self.projection_interval == 0
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
