@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..errors import SubnetMismatchError
 from ..optim import HalfSpaceOptimizer
-from ..optim.factory import build_optimizer, hparams_from_torch_optimizer, trainable_named_params
+from ..optim.factory import hparams_from_torch_optimizer, trainable_named_params
 from ..oto import OTO
 from ..subnet.recalibrate import recalibrate_batchnorm
 from ..subnet.report import count_flops, count_params, count_params_removed
@@ -284,8 +284,7 @@ class OTOCallback(Callback):
                    "projection_steps": phases.projection_steps}
         extra = [p for pg in user_opt.param_groups for p in pg["params"]] if user_opt is not None else []
         named = trainable_named_params(net, extra, warn_missing_from=user_opt)
-        opt = build_optimizer(s.optimizer, named, self.oto.groups, mode=self.mode,
-                              hierarchy_check=self.oto.hierarchy_check, erase_ablation=s.erase_ablation, **hparams)
+        opt = self.oto.build_optimizer(s.optimizer, named, erase_ablation=s.erase_ablation, **hparams)
         replace_optimizer(trainer, user_opt, opt, float(base["lr"]), s.lr is not None)
         self.optimizer_settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()
                                    if not callable(v)}
