@@ -72,28 +72,50 @@ def test_experiment_runs_tiny(name, tmp_path):
     assert report["metrics"]["test"]["test_acc"] == pytest.approx(result["test_acc"])
 
 
-def test_multirun_sweep_and_aggregation(tmp_path):
+def test_multirun_sweep_trains_the_baseline_once_and_aggregates(tmp_path):
+    """3 targets with baseline=true: one dense training for the whole sweep, one baseline row in the table."""
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "lightning_oto.train", "-m", "experiment=demonet", *FAST, *TINY["demonet"],
-           "logger=none", "run_test=true", "oto.target_group_sparsity=0.2,0.5,0.8", f"hydra.sweep.dir={sweep_dir}"]
+           "logger=none", "run_test=true", "baseline=true", "oto.target_group_sparsity=0.2,0.5,0.8",
+           f"hydra.sweep.dir={sweep_dir}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(sweep_dir.rglob("result.json"))
+    log = proc.stdout + proc.stderr
+    assert log.count("dense baseline: training into") == 1 and log.count("dense baseline: reusing") == 2
+    dense = [p for p in sweep_dir.rglob("result.json") if json.loads(p.read_text())["baseline"]]
+    assert len(dense) == 1 and dense[0].parent.parent == sweep_dir / "baseline"
+    results = sorted(p for p in sweep_dir.rglob("result.json") if p not in dense)
     assert len(results) == 3
+    dense_acc = json.loads(dense[0].read_text())["test_acc"]
+    for p in results:
+        r = json.loads(p.read_text())
+        assert r["baseline_result"] == str(dense[0]) and r["baseline_test_acc"] == dense_acc
     out = subprocess.run([sys.executable, "-m", "lightning_oto.sweep", str(sweep_dir)], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = (sweep_dir / "sweep.csv").read_text().strip().splitlines()
-    assert len(rows) == 4  # header + 3 runs
+    assert len(rows) == 5  # header + the baseline + 3 runs
     sparsities = sorted(float(r.split(",")[0]) for r in rows[1:])
-    assert sparsities == [0.2, 0.5, 0.8]
-    assert (sweep_dir / "sweep.md").read_text().count("\n") == 5
+    assert sparsities == [0.0, 0.2, 0.5, 0.8]
+    table = (sweep_dir / "sweep.md").read_text()
+    assert table.count("\n") == 6 and table.count("dense baseline") == 1
     png = sweep_dir / "pareto.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     params = {float(json.loads(p.read_text())["target_group_sparsity"]): json.loads(p.read_text())["params_sub"]
               for p in results}
     assert params[0.8] <= params[0.2]
+
+
+def test_dense_fingerprint_ignores_oto_and_paths_only():
+    """Jobs that vary oto.* share one baseline; a different seed or model gets its own."""
+    from lightning_oto.train import dense_fingerprint
+
+    base = dense_fingerprint(_compose(["experiment=demonet"]))
+    assert dense_fingerprint(_compose(["experiment=demonet", "oto.target_group_sparsity=0.8"])) == base
+    assert dense_fingerprint(_compose(["experiment=demonet", "paths.output_dir=elsewhere"])) == base
+    assert dense_fingerprint(_compose(["experiment=demonet", "seed=1"])) != base
+    assert dense_fingerprint(_compose(["experiment=regnet"])) != base
 
 
 def test_compofa_experiment_runs_tiny(tmp_path, monkeypatch):
