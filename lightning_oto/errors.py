@@ -22,4 +22,8 @@ class DynamicShapeError(ValueError):
     """A dimension the user asked to keep dynamic is pinned by the model; the message names it and why."""
 
 
-__all__ = ["TraceError", "SubnetMismatchError", "InvalidSubnetError", "IncompleteRemovalError", "DynamicShapeError"]
+class ConfigError(ValueError):
+    """A value of the run's configuration (a Hydra setting) is invalid; the message is the whole reason."""
+
+
+__all__ = ["ConfigError", "TraceError", "SubnetMismatchError", "InvalidSubnetError", "IncompleteRemovalError", "DynamicShapeError"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,8 +129,9 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
-    dm, module = _data_and_module(cfg)
-    oto_cb, trainer = _trainer(cfg, out_dir, use_oto)
+    with _config_errors():
+        dm, module = _data_and_module(cfg)
+        oto_cb, trainer = _trainer(cfg, out_dir, use_oto)
     oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
     result: dict[str, Any] = {
         "experiment": cfg.get("experiment_name", "default"), "model": cfg.model.name, "data": cfg.data.name,
@@ -159,6 +162,24 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
     result["curves_png"] = result["files"].get("curves")
     _write_result(result, out_dir)
     return result
+
+
+@contextmanager
+def _config_errors() -> Iterator[None]:
+    """Errors raised while the run's objects are built from the config are bad settings: a ``ConfigError``
+    (carrying the original as its cause).  Errors after that (training, export) stay what they are."""
+    from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from .errors import ConfigError
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError, InstantiationException, MisconfigurationException) as e:
+        reason = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(reason.strip() or type(e).__name__) from e
 
 
 def _data_and_module(cfg: DictConfig) -> tuple[Any, Any]:
@@ -265,9 +286,23 @@ def _run_compofa(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return result
 
 
+def exit_on_config_error(error: Exception) -> None:
+    """A bad setting: print its reason alone and exit with status 2 (``HYDRA_FULL_ERROR=1``: re-raise, so
+    Hydra prints the full traceback)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"lightning_oto.train: invalid configuration: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    result = run(cfg)
+    from .errors import ConfigError
+
+    try:
+        result = run(cfg)
+    except ConfigError as e:
+        exit_on_config_error(e)
     acc = result.get("test_acc")
     return float(acc) if acc is not None else None
 

@@ -187,3 +187,47 @@ def test_one_epoch_demonet_compresses_or_says_it_did_not(tmp_path):
     else:
         assert result["params_sub"] < result["params_full"] and result["search_finished"]
     assert result["phase_reached"] in ("warmup", "projection", "hybrid")
+
+
+def test_a_bad_value_prints_its_reason_alone(tmp_path):
+    """No traceback before the one-line reason; exit status 2."""
+    cmd = [sys.executable, "-m", "lightning_oto.train", "data=synthetic", "oto.target_group_sparsity=1.5",
+           f"hydra.run.dir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "lightning_oto.train: invalid configuration: target_group_sparsity must be a number in [0, 1), got 1.5."]
+
+
+def test_config_errors_keep_their_cause_and_bugs_stay_bugs(tmp_path, monkeypatch):
+    """A bad setting is a ConfigError (HYDRA_FULL_ERROR=1 re-raises it for the traceback); an error once
+    training runs is not turned into one."""
+    import lightning as L
+
+    from lightning_oto.errors import ConfigError
+    from lightning_oto.train import exit_on_config_error, run
+
+    cfg = _compose(["experiment=demonet", *FAST, *TINY["demonet"], "model.name=nope"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    with pytest.raises(ConfigError, match="unknown model 'nope'") as info:
+        run(cfg)
+    assert isinstance(info.value.__cause__, KeyError)  # the original, for HYDRA_FULL_ERROR=1
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigError):
+        exit_on_config_error(info.value)
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    with pytest.raises(SystemExit, match="2"):
+        exit_on_config_error(info.value)
+
+    def broken_fit(*args, **kwargs):
+        raise ValueError("a bug inside training")
+
+    monkeypatch.setattr(L.Trainer, "fit", broken_fit)
+    with open_dict(cfg):
+        cfg.model.name = "demonet"
+    with pytest.raises(ValueError, match="a bug inside training") as bug:
+        run(cfg)
+    assert not isinstance(bug.value, ConfigError)
