@@ -24,6 +24,8 @@ groups pushed to zero), 2 = hybrid (redundant groups stay zero, the rest trains)
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 import warnings
 from pathlib import Path
@@ -663,3 +665,20 @@ class OTOCallback(Callback):
 
     # ------------------------------------------------------------------ kept for existing callers
     summary_table = staticmethod(run_report.summary_table)
+
+
+def _callback_signature() -> inspect.Signature:
+    """``OTOCallback(settings=None, **kwargs)`` as what it accepts: ``settings``, or each :class:`OTOSettings`
+    field by keyword.  help(), IDEs and ``inspect.signature`` then list every argument, and the table in
+    docs/callback.md is checked against this list."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("settings", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                annotation="OTOSettings | None")]
+    for f in dataclasses.fields(OTOSettings):
+        if f.init and f.name != "explicit":  # explicit: filled in by OTOSettings.from_kwargs
+            params.append(inspect.Parameter(f.name, kind, default=f.default, annotation=f.type))
+    return inspect.Signature(params, return_annotation="None")
+
+
+OTOCallback.__init__.__signature__ = _callback_signature()  # type: ignore[attr-defined]
