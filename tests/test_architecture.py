@@ -136,3 +136,16 @@ def test_every_symlink_in_the_repo_resolves():
     broken = [str(p.relative_to(repo)) for p in links if not p.exists()]
     assert not broken, f"broken links: {broken}"
     assert (repo / "configs" / "conf" / "config.yaml").is_file()
+
+
+def test_optimizers_over_a_search_space_are_built_by_the_oto():
+    """OTO.build_optimizer is the one path that adds the OTO's caps and hierarchy check; only the mixin's
+    optimizer over no groups (a reloaded sub-network) may call the factory itself."""
+    import re
+
+    callers = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+               if re.search(r"factory import [^\n]*\bbuild_optimizer\b", p.read_text())}
+    assert callers == {"oto.py", "lightning/mixin.py"}
+    mixin = (ROOT / "lightning" / "mixin.py").read_text()
+    direct = re.findall(r"(?<![.\w])build_optimizer\(([^,]*),\s*([^,]*),\s*([^,]*),", mixin)
+    assert [groups for _, _, groups in direct] == ["[]"]  # the one direct call passes no groups
