@@ -23,7 +23,8 @@ class DynamicShapeError(ValueError):
 
 
 class ConfigError(ValueError):
-    """A value of the run's configuration (a Hydra setting) is invalid; the message is the whole reason."""
+    """A setting is invalid (a Hydra value, or a control that names no module of the model); the message is
+    the whole reason, so the Hydra entry point prints it alone."""
 
 
 __all__ = ["ConfigError", "TraceError", "SubnetMismatchError", "InvalidSubnetError", "IncompleteRemovalError", "DynamicShapeError"]

@@ -222,12 +222,18 @@ def test_config_errors_keep_their_cause_and_bugs_stay_bugs(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="2"):
         exit_on_config_error(info.value)
 
+    with open_dict(cfg):  # found only once the network is traced, at fit start
+        cfg.model.name = "demonet"
+        cfg.oto.ignored_layers = ["no_such_layer"]
+    with pytest.raises(ConfigError, match="ignored_layers: no module of the model is called 'no_such_layer'"):
+        run(cfg)
+
     def broken_fit(*args, **kwargs):
         raise ValueError("a bug inside training")
 
     monkeypatch.setattr(L.Trainer, "fit", broken_fit)
     with open_dict(cfg):
-        cfg.model.name = "demonet"
+        cfg.oto.ignored_layers = None
     with pytest.raises(ValueError, match="a bug inside training") as bug:
         run(cfg)
     assert not isinstance(bug.value, ConfigError)
