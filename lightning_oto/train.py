@@ -23,7 +23,8 @@ log = logging.getLogger("lightning_oto.train")
 REPORT_FIELDS = ("params_full", "params_sub", "flops_full", "flops_sub", "param_ratio", "flop_ratio",
                  "params_removed_fraction", "flops_removed_fraction", "group_sparsity", "num_zero_groups",
                  "num_prunable_groups", "verification_max_abs_error", "phase_reached", "search_finished",
-                 "removed_nothing", "bn_recalibration_batches_used", "zeroed_by_half_space", "forced_at_deadline")
+                 "removed_nothing", "bn_recalibration_batches_used", "zeroed_by_half_space", "forced_at_deadline",
+                 "cut_norm_ratio", "metric_guard", "degraded")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
