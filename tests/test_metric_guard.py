@@ -63,6 +63,9 @@ def test_no_drop_says_nothing_and_stays_valid(tmp_path, capsys):
     assert guard_lines(capsys.readouterr().out) == []
     assert cb.report["degraded"] is False and cb.report["metric_guard"]["dropped"] is False
     assert cb.report["metric_guard"]["active"] is True
+    speed = cb.report["speed"]  # measured by default: batch 1 and the training batch size (16)
+    assert speed["device"] == "cpu" and set(speed["batches"]) == {"1", "16"}
+    assert "speed-up, batch 16" in (tmp_path / "oto" / "oto_summary.txt").read_text()
 
 
 def test_loss_is_relative_and_the_run_can_stop(tmp_path, capsys):

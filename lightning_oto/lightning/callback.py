@@ -42,6 +42,7 @@ from ..optim import HalfSpaceOptimizer
 from ..optim.factory import build_optimizer, hparams_from_torch_optimizer, trainable_named_params
 from ..oto import OTO
 from ..subnet.recalibrate import recalibrate_batchnorm
+from ..subnet.timing import measure_speedup, speed_vs_flops
 from ..subnet.report import count_flops, count_params, count_params_removed
 from ..subnet.verify import allowed_error
 from . import run_report
@@ -118,6 +119,8 @@ class OTOCallback(Callback):
       accuracy guard (:mod:`~lightning_oto.lightning.metric_guard`). The validation at the end of warm-up
       is the dense reference; a drop beyond ``max_metric_drop`` is printed once (one line, rank 0), and
       the report says ``degraded`` when the final validation is still beyond it.
+    * ``measure_speed`` (True): the report times the sub-network against the full model on the run's
+      device at batch 1 and at the training batch size (``report["speed"]``, next to the FLOP reduction).
 
     After ``fit``: ``oto``, ``optimizer``, ``subnet``, ``report`` (dict), ``export_paths``, ``full_network``.
     """
@@ -536,6 +539,7 @@ class OTOCallback(Callback):
         }
         rep["phase"] = rep["phase_reached"]  # older name
         rep.update(self._guard_report())
+        rep["speed"] = self._speed_report(trainer, sub, rep.get("flops_full"), rep.get("flops_sub"))
         if self._rank_redundant is not None and len(self._rank_redundant) > 1:
             rep["redundant_group_ids_per_rank"] = self._rank_redundant
         if oto.unsupported_ops:
@@ -572,6 +576,25 @@ class OTOCallback(Callback):
             self._record_metrics(trainer, "val")
         elif trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._guard_validation(trainer)
+
+    # ------------------------------------------------------------------ measured speed
+    def _speed_report(self, trainer: "pl.Trainer", sub: nn.Module, flops_full: int | None,
+                      flops_sub: int | None) -> dict[str, Any] | None:
+        """Sub-network vs full model on the run's device at batch 1 and the training batch size (never fatal)."""
+        if not self.settings.measure_speed or self.oto is None:
+            return None
+        loader = trainer.train_dataloader
+        train_batch = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
+                                                                     "batch_size", None)
+        batches = (1,) if not isinstance(train_batch, int) else (1, train_batch)
+        try:
+            full = self.oto.model  # the report is built before any swap: the full network
+            inputs = to_device(self.oto.example_inputs, full)
+            speed = measure_speedup(full, sub, inputs, batches)
+        except Exception as e:  # noqa: BLE001 - a timing must not fail a finished training
+            self._say(1, f"speed measurement skipped: {e}")
+            return None
+        return speed_vs_flops(speed, flops_full, flops_sub)
 
     # ------------------------------------------------------------------ the accuracy guard
     def _guard_validation(self, trainer: "pl.Trainer") -> None:

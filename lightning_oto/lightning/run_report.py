@@ -102,6 +102,12 @@ def _guard_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     if cut.get("cut"):
         rows.append(("size when cut", f"median {cut['median']:.2g}, max {cut['max']:.2g} of the norm at selection "
                                       f"({cut['above_0.1']} of {cut['cut']} above 0.1)"))
+    speed = report.get("speed") or {}
+    for b, row in (speed.get("batches") or {}).items():
+        of = row.get("of_flop_reduction")
+        rows.append((f"speed-up, batch {b}", f"{row['speedup']:.2f}x on {speed['device']} ({row['full_ms']:.3g} -> "
+                                             f"{row['sub_ms']:.3g} ms)" + ("" if of is None else
+                                             f", {of:.2f} of the FLOP reduction {speed['flop_reduction']:.2f}x")))
     guard = report.get("metric_guard") or {}
     if guard.get("active") and guard.get("final"):
         ref, fin = guard["reference"]["value"], guard["final"]["value"]

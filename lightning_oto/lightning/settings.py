@@ -100,6 +100,8 @@ class OTOSettings:
     monitor: str | None = None
     max_metric_drop: float | None = None
     stop_on_metric_drop: bool = False
+    # the report times the sub-network against the full model (batch 1 and the training batch size)
+    measure_speed: bool = True
     #: keys the caller set explicitly (filled in by ``from_kwargs``; informational)
     explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -158,6 +160,8 @@ class OTOSettings:
         if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
             raise ValueError(f"monitor must be the name of a logged validation metric, got {self.monitor!r}.")
         self.max_metric_drop = check_max_metric_drop(self.max_metric_drop)
+        if not isinstance(self.measure_speed, bool):
+            raise ValueError(f"measure_speed must be True or False, got {self.measure_speed!r}.")
         if not isinstance(self.stop_on_metric_drop, bool):
             raise ValueError(f"stop_on_metric_drop must be True or False, got {self.stop_on_metric_drop!r}.")
 
