@@ -185,6 +185,10 @@ def _run_summary(result: dict[str, Any]) -> str:
     acc = f"test_acc {_pct(result.get('test_acc'))}, val_acc {_pct(result.get('val_acc'))}"
     if result.get("baseline_test_acc") is not None:
         acc += f" (dense baseline test_acc {_pct(result['baseline_test_acc'])})"
+    if result.get("degraded"):
+        guard = result.get("metric_guard") or {}
+        acc += (f"; DEGRADED: {guard.get('monitor')} fell by more than max_metric_drop="
+                f"{guard.get('max_metric_drop')} from the end of warm-up")
     return f"{head}: {size}; {acc}; {result['files']['result']}"
 
 
