@@ -1,6 +1,6 @@
 """Does time follow FLOPs?  Measured CPU speed-up of pruned sub-networks next to their FLOP reduction.
 
-A random half of the prunable groups of a ResNet-50-layout net and of a MobileNetV2-layout net
+A random half (``--fraction``) of the prunable groups of a ResNet-50-layout net and of a MobileNetV2-layout net
 (both handwritten, random weights) is zeroed with ``round_to`` in {1, 8, 16, 32}; each sub-network is
 timed against the full model with the compression report's own measurement
 (:func:`lightning_oto.subnet.timing.measure_speedup`: median of interleaved runs after warm-up,
@@ -62,13 +62,14 @@ class MobileNetV2(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-def sub_network(make: type, round_to: int, x: torch.Tensor, seed: int) -> tuple[nn.Module, nn.Module]:
+def sub_network(make: type, round_to: int, x: torch.Tensor, seed: int,
+                fraction: float) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     model = make().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         oto = OTO(model, x[:2], mode="prune", round_to=round_to)
-        oto.random_set_zero_groups(0.5, seed=seed)
+        oto.random_set_zero_groups(fraction, seed=seed)
         sub = oto.construct_subnet().eval()
     return model, sub
 
@@ -81,17 +82,18 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, nargs="*", default=[1, 8, 16, 32])
     ap.add_argument("--models", nargs="*", default=["resnet", "mobilenetv2"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fraction", type=float, default=0.5, help="fraction of the prunable groups zeroed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(8, 3, args.size, args.size)
-    print(f"CPU, {torch.get_num_threads()} thread(s), {args.size}x{args.size} images, 50% random groups (seed "
+    print(f"CPU, {torch.get_num_threads()} thread(s), {args.size}x{args.size} images, {args.fraction:.0%} random groups (seed "
           f"{args.seed}), median of {args.runs} interleaved runs")
     print("| model | round_to | FLOP reduction | speed-up b1 | of FLOPs b1 | speed-up b8 | of FLOPs b8 |")
     print("|---|---|---|---|---|---|---|")
     makes = {"resnet": ResNet50, "mobilenetv2": MobileNetV2}
     for name in args.models:
         for r in args.round_to:
-            full, sub = sub_network(makes[name], r, x, args.seed)
+            full, sub = sub_network(makes[name], r, x, args.seed, args.fraction)
             speed = measure_speedup(full, sub, (x,), batch_sizes=(1, 8), runs=args.runs)
             speed = speed_vs_flops(speed, count_flops(full, (x[:1],)), count_flops(sub, (x[:1],)))
             b1, b8 = speed["batches"]["1"], speed["batches"]["8"]
