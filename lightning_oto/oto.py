@@ -215,12 +215,28 @@ class OTO:
         return (err, scale) if return_scale else err
 
     # ------------------------------------------------------------------ reporting / export
-    def compression_report(self, sub: nn.Module | None = None) -> dict[str, float]:
-        """Parameters and FLOPs (torch.utils.flop_counter) of the full model vs ``sub``."""
+    def compression_report(self, sub: nn.Module | None = None,
+                           speed: bool | Sequence[int] = False) -> dict[str, Any]:
+        """Parameters and FLOPs (torch.utils.flop_counter) of the full model vs ``sub``.
+
+        ``speed``: also time ``sub`` against the full model on the device they sit on (median of
+        interleaved runs, :mod:`lightning_oto.subnet.timing`): ``True`` at batch 1 and at the example
+        input's batch size, or the given batch sizes.  Off by default: timing costs forwards.
+        """
         from .subnet.report import compression_report
 
+        batches: Sequence[int] = ()
+        if speed is True:
+            first = next((t for t in self.example_inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+            batches = (1,) if first is None else (1, int(first.shape[0]))
+        elif speed is not False:
+            batches = tuple(speed)
+            if not batches or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches):
+                raise ValueError(f"speed must be True/False or batch sizes (integers >= 1), got {speed!r}")
+        if batches and sub is None:
+            raise ValueError("speed needs the sub-network: compression_report(sub, speed=...)")
         rep = compression_report(self._mode.reference(self.model), sub, self.example_inputs, self.groups,
-                                 self.zero_group_ids())
+                                 self.zero_group_ids(), speed_batch_sizes=batches, speed_of=self.model)
         rep["params_full"] = sum(p.numel() for p in self.model.parameters())
         if sub is not None:
             rep["param_ratio"] = rep["params_sub"] / max(1, rep["params_full"])

@@ -29,7 +29,8 @@ log = logging.getLogger("lightning_oto.train")
 REPORT_FIELDS = ("params_full", "params_sub", "flops_full", "flops_sub", "param_ratio", "flop_ratio",
                  "params_removed_fraction", "flops_removed_fraction", "group_sparsity", "num_zero_groups",
                  "num_prunable_groups", "verification_max_abs_error", "phase_reached", "search_finished",
-                 "removed_nothing", "bn_recalibration_batches_used", "zeroed_by_half_space", "forced_at_deadline")
+                 "removed_nothing", "bn_recalibration_batches_used", "zeroed_by_half_space", "forced_at_deadline",
+                 "cut_norm_ratio", "metric_guard", "degraded")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -266,6 +267,10 @@ def _run_summary(result: dict[str, Any]) -> str:
     acc = f"test_acc {_pct(result.get('test_acc'))}, val_acc {_pct(result.get('val_acc'))}"
     if result.get("baseline_test_acc") is not None:
         acc += f" (dense baseline test_acc {_pct(result['baseline_test_acc'])})"
+    if result.get("degraded"):
+        guard = result.get("metric_guard") or {}
+        acc += (f"; DEGRADED: {guard.get('monitor')} fell by more than max_metric_drop="
+                f"{guard.get('max_metric_drop')} from the end of warm-up")
     return f"{head}: {size}; {acc}; {result['files']['result']}"
 
 
