@@ -44,7 +44,7 @@ from quality_tasks import TASKS, Data, Task  # noqa: E402
 from lightning_oto import OTO  # noqa: E402
 from lightning_oto.subnet.report import count_flops, count_params  # noqa: E402
 
-BUDGETS = (0.7, 0.5, 0.3)  # fraction of the dense model's FLOPs the compressed model may keep
+BUDGETS = (0.5, 0.7, 0.3)  # run in this order; fraction of the dense model's FLOPs the compressed model may keep
 TP_VARIANTS = (("magnitude", "uniform"), ("magnitude", "global"), ("taylor", "uniform"), ("taylor", "global"))
 TP_GLOBAL_MAX_RATIO = 0.9  # Torch-Pruning's max_pruning_ratio for global ranking (keeps every layer alive)
 
@@ -117,7 +117,7 @@ def flops_kept_at(oto: OTO, sparsity: float, init: dict[str, torch.Tensor], x1: 
     return statistics.mean(kept)
 
 
-def calibrate_sparsity(oto: OTO, keep: float, x1: torch.Tensor, iters: int = 8) -> float:
+def calibrate_sparsity(oto: OTO, keep: float, x1: torch.Tensor, iters: int = 6) -> float:
     """The ``target_group_sparsity`` whose random groups leave about ``keep`` of the FLOPs (bisection).
 
     Stands in for ``budget={"flops": keep}`` until that exists; the selection the optimizer makes is
@@ -206,7 +206,7 @@ def fix_attention(model: nn.Module, pruner: Any) -> None:
 
 
 def tp_to_flops(model: nn.Module, task: Task, data: Data, importance: str, scope: str, keep: float,
-                iters: int = 10) -> tuple[nn.Module, float]:
+                iters: int = 7) -> tuple[nn.Module, float]:
     """Bisection on ``pruning_ratio`` for the pruned model whose FLOPs fraction is closest to ``keep``."""
     x1 = data[0][:1]
     full = count_flops(model, x1)
@@ -258,40 +258,44 @@ def run_dense(model: nn.Module, task: Task, data: Data, seed: int) -> tuple[dict
     return measure(m, ref, data), pretrained
 
 
+def clock() -> tuple[float, float]:
+    return time.time(), time.process_time()
+
+
 def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...], cache: dict,
              log: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
     """Every method on one task and seed; each row is also handed to ``log`` as soon as it exists."""
     rows: list[dict[str, Any]] = []
 
-    def add(method: str, keep: float | None, t0: float, **res: Any) -> None:
-        rows.append(dict(task=task.name, seed=seed, method=method, keep=keep, seconds=round(time.time() - t0, 1),
-                         **res))
+    def add(method: str, keep: float | None, t0: tuple[float, float], **res: Any) -> None:
+        wall, cpu = time.time() - t0[0], time.process_time() - t0[1]
+        rows.append(dict(task=task.name, seed=seed, method=method, keep=keep, seconds=round(wall, 1),
+                         cpu_seconds=round(cpu, 1), **res))
         log(rows[-1])
 
     torch.manual_seed(seed)
     model = task.make_model()
     init = copy.deepcopy(model.state_dict())
-    t0 = time.time()
+    t0 = clock()
     dense, pretrained = run_dense(model, task, data, seed)
     add("dense", None, t0, **dense)
-    reached: dict[float, float] = {}
+    otos = {}
     for mode in ("prune", "erase"):
-        t0 = time.time()
-        oto = OTO(copy.deepcopy(model), data[0][:2], mode=mode)
-        if not oto.prunable_groups:
+        t0 = clock()
+        otos[mode] = OTO(copy.deepcopy(model), data[0][:2], mode=mode)
+        if not otos[mode].prunable_groups:
             add(f"lightning_oto {mode}", None, t0, note=f"no {mode}-mode structure in this model")
-            continue
-        for keep in budgets:
-            t0 = time.time()
-            res = run_oto(oto, init, task, data, seed, keep, dense, cache)
-            add(f"lightning_oto {mode}", keep, t0, **res)
-            if mode == "prune":
-                reached[keep] = res["flops_kept"]
-    for keep in budgets:
+    for keep in budgets:  # budget by budget, so that a run cut short has every method at the first budgets
+        for mode, oto in otos.items():
+            if oto.prunable_groups:
+                t0 = clock()
+                add(f"lightning_oto {mode}", keep, t0, **run_oto(oto, init, task, data, seed, keep, dense, cache))
+        reached = next((r["flops_kept"] for r in rows if r["method"] == "lightning_oto prune" and r["keep"] == keep),
+                       keep)
         for importance, scope in TP_VARIANTS:
-            t0 = time.time()
-            res = run_tp(pretrained, task, data, seed, importance, scope, reached.get(keep, keep), dense)
-            add(f"tp {importance} {scope}", keep, t0, **res)
+            t0 = clock()
+            add(f"tp {importance} {scope}", keep, t0,
+                **run_tp(pretrained, task, data, seed, importance, scope, reached, dense))
     return rows
 
 
@@ -425,12 +429,13 @@ def task_setup(task: str, agg: dict, rows: list[dict[str, Any]]) -> str:
     dense = agg.get((task, "dense", None), {})
     hybrid = t.epochs - t.warmup_epochs - t.projection_epochs
     secs = sum(r["seconds"] for r in rows if r["task"] == task)
+    cpu = sum(r.get("cpu_seconds", 0) for r in rows if r["task"] == task)
     return (f"{t.title}: {dense.get('params', 0):,} parameters, {dense.get('flops', 0) / 1e6:.2f} MFLOPs per "
             f"{'sequence' if task == 'bert' else 'image'} (batch 1, CPU). Optimizer {t.optimizer} (lr {t.lr}, weight "
             f"decay {t.weight_decay}, cosine schedule), batch {t.batch_size}, {t.epochs} epochs: lightning_oto "
             f"{t.warmup_epochs} warm-up + {t.projection_epochs} projection + {hybrid} hybrid; Torch-Pruning "
-            f"{t.warmup_epochs} dense + prune + {t.epochs - t.warmup_epochs} fine-tuning. Wall time of all runs: "
-            f"{secs / 60:.1f} min.")
+            f"{t.warmup_epochs} dense + prune + {t.epochs - t.warmup_epochs} fine-tuning. All runs of this task: "
+            f"{secs / 60:.1f} min wall, {cpu / 60:.1f} min CPU (one thread; the machine was shared).")
 
 
 def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -494,7 +499,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 epochs, 600 samples, budget 0.5 only")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=1, help="how many seeds (seed-start, seed-start+1, ...)")
+    ap.add_argument("--seed-start", type=int, default=0, help="to run further seeds in another process")
     ap.add_argument("--out", type=Path, default=None, help="where quality.md/png go (default docs/, quick: a temp dir)")
     ap.add_argument("--page-only", action="store_true", help="rebuild the page from the saved rows, run nothing")
     args = ap.parse_args()
@@ -521,18 +527,19 @@ def run_tasks(args: argparse.Namespace, budgets: tuple[float, ...], results: Pat
     for name in args.tasks:
         task = quick_task(TASKS[name]) if args.quick else TASKS[name]
         data = task.load_data(600 if args.quick else None)
-        path = results / f"{name}.jsonl"
-        path.write_text("")
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
+            path = results / f"{name}_seed{seed}.jsonl"
+            path.write_text("")
+            run_task(task, data, seed, budgets, cache, lambda row, path=path: save_row(row, path))
 
-        def log(row: dict[str, Any], path: Path = path) -> None:
-            with path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            acc = f"{row['acc']:.3f}" if "acc" in row else row.get("note")
-            print(f"{row['task']:9s} seed {row['seed']} {row['method']:22s} keep {row['keep']} acc {acc} "
-                  f"flops {row.get('flops_kept', 1):.3f} ({row['seconds']}s)", flush=True)
 
-        for seed in range(args.seeds):
-            run_task(task, data, seed, budgets, cache, log)
+def save_row(row: dict[str, Any], path: Path) -> None:
+    """Append one result row (so a long run keeps what it finished) and print it."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    acc = f"{row['acc']:.3f}" if "acc" in row else row.get("note")
+    print(f"{row['task']:9s} seed {row['seed']} {row['method']:22s} keep {row['keep']} acc {acc} "
+          f"flops {row.get('flops_kept', 1):.3f} ({row['seconds']}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -209,14 +209,14 @@ def _bert_ignored(model: nn.Module) -> list[nn.Module]:
 
 TASKS: dict[str, Task] = {
     "resnet": Task("resnet", "ResNet-style CNN, digits 8x8", ResNetDigits, digits_data, "sgd", 0.05, 5e-4,
-                   epochs=12, warmup_epochs=3, projection_epochs=3, batch_size=64,
+                   epochs=8, warmup_epochs=2, projection_epochs=2, batch_size=64,
                    tp_ignored=lambda m: [m.fc]),
     "vgg": Task("vgg", "VGG-style CNN, MNIST-5k 14x14", VGGMnist, mnist14_data, "sgd", 0.05, 5e-4,
-                epochs=8, warmup_epochs=2, projection_epochs=2, batch_size=64,
+                epochs=4, warmup_epochs=1, projection_epochs=1, batch_size=64,
                 tp_ignored=lambda m: [m.head[-1]]),
     "mobilenet": Task("mobilenet", "MobileNetV2-style (hand-written), digits 8x8", MobileNetV2Digits, digits_data,
-                      "sgd", 0.05, 4e-5, epochs=12, warmup_epochs=3, projection_epochs=3, batch_size=64,
+                      "sgd", 0.05, 4e-5, epochs=8, warmup_epochs=2, projection_epochs=2, batch_size=64,
                       tp_ignored=lambda m: [m.classifier[-1]]),
     "bert": Task("bert", "BERT 2x64 (transformers), planted word", TinyBert, planted_word_data, "adamw", 1e-3, 0.01,
-                 epochs=10, warmup_epochs=3, projection_epochs=3, batch_size=32, tp_ignored=_bert_ignored),
+                 epochs=8, warmup_epochs=2, projection_epochs=2, batch_size=32, tp_ignored=_bert_ignored),
 }
