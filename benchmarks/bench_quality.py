@@ -258,6 +258,19 @@ def run_dense(model: nn.Module, task: Task, data: Data, seed: int) -> tuple[dict
     return measure(m, ref, data), pretrained
 
 
+def schedule_of(task: Task) -> dict[str, int]:
+    return {"epochs": task.epochs, "warmup_epochs": task.warmup_epochs,
+            "projection_epochs": task.projection_epochs, "batch_size": task.batch_size}
+
+
+def task_as_run(task: str, rows: list[dict[str, Any]]) -> Task:
+    """The task with the schedule its rows were produced with (a --quick run shortens it)."""
+    from dataclasses import replace
+
+    sched = next((r["schedule"] for r in rows if r["task"] == task and "schedule" in r), {})
+    return replace(TASKS[task], **sched)
+
+
 def clock() -> tuple[float, float]:
     return time.time(), time.process_time()
 
@@ -270,7 +283,7 @@ def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...], cach
     def add(method: str, keep: float | None, t0: tuple[float, float], **res: Any) -> None:
         wall, cpu = time.time() - t0[0], time.process_time() - t0[1]
         rows.append(dict(task=task.name, seed=seed, method=method, keep=keep, seconds=round(wall, 1),
-                         cpu_seconds=round(cpu, 1), **res))
+                         cpu_seconds=round(cpu, 1), schedule=schedule_of(task), **res))
         log(rows[-1])
 
     torch.manual_seed(seed)
@@ -388,7 +401,7 @@ MARKERS = {"dense": ("k", "*"), "lightning_oto prune": ("tab:red", "o"), "lightn
            "tp taylor uniform": ("tab:green", "<"), "tp taylor global": ("tab:olive", ">")}
 
 
-def plot(agg: dict, tasks: list[str], budgets: tuple[float, ...], path: Path, seeds: int) -> None:
+def plot(agg: dict, tasks: list[str], budgets: tuple[float, ...], path: Path, rows: list[dict[str, Any]]) -> None:
     """Accuracy against FLOPs kept, one panel per task; every panel says what was measured and how."""
     import matplotlib
 
@@ -396,13 +409,15 @@ def plot(agg: dict, tasks: list[str], budgets: tuple[float, ...], path: Path, se
     import matplotlib.pyplot as plt
 
     cols = min(2, len(tasks))
-    rows = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.6 * rows), squeeze=False)
+    nrows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.6 * nrows), squeeze=False)
+    seeds = len({r["seed"] for r in rows})
     for ax, task in zip(axes.flat, tasks):
-        t = TASKS[task]
+        t = task_as_run(task, rows)
         for method in METHOD_ORDER:
             keeps = [None] if method == "dense" else list(budgets)
-            pts = [agg[(task, method, k)] for k in keeps if "acc" in agg.get((task, method, k), {})]
+            pts = sorted((agg[(task, method, k)] for k in keeps if "acc" in agg.get((task, method, k), {})),
+                         key=lambda p: p["flops_kept"])
             if pts:
                 color, marker = MARKERS[method]
                 ax.plot([p["flops_kept"] for p in pts], [p["acc"] * 100 for p in pts], marker=marker, color=color,
@@ -425,7 +440,7 @@ def plot(agg: dict, tasks: list[str], budgets: tuple[float, ...], path: Path, se
 
 
 def task_setup(task: str, agg: dict, rows: list[dict[str, Any]]) -> str:
-    t = TASKS[task]
+    t = task_as_run(task, rows)
     dense = agg.get((task, "dense", None), {})
     hybrid = t.epochs - t.warmup_epochs - t.projection_epochs
     secs = sum(r["seconds"] for r in rows if r["task"] == task)
@@ -452,12 +467,13 @@ def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
 def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path, command: str) -> None:
     """docs/quality.md and docs/quality.png from the result rows (every number on the page is computed here)."""
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    budgets = tuple(sorted(budgets, reverse=True))
     seeds = len({r["seed"] for r in rows})
     agg = aggregate(rows)
-    plot(agg, tasks, budgets, out / "quality.png", seeds)
+    plot(agg, tasks, budgets, out / "quality.png", rows)
     lines = ["# Quality at a FLOPs budget: lightning_oto vs Torch-Pruning vs dense", "",
              f"Produced by `{command}` ({environment()}; {seeds} seed(s) per cell, the mean is shown with its "
-             "spread over seeds as ±). Raw rows: `docs/results/quality.jsonl`. Plot: `docs/quality.png`.", "",
+             "spread over seeds as ±). Raw rows: `docs/results/quality/*.jsonl`. Plot: `docs/quality.png`.", "",
              "Every method starts from the same initial weights, sees the same batches in the same order, uses the "
              "task's optimizer with the same cosine schedule and trains the same number of epochs. FLOPs are "
              "`torch.utils.flop_counter` totals for one image (one sequence for text), measured on the constructed "
