@@ -354,9 +354,9 @@ def findings(agg: dict, tasks: list[str], budgets: tuple[float, ...]) -> list[st
                 if not cell or "acc" not in cell:
                     continue
                 where = f"**{task}, {mode}, FLOPs budget {keep:.0%}** (reached {cell['flops_kept']:.1%})"
-                gap_flops = cell["flops_kept"] - keep
-                if abs(gap_flops) > 0.02:
-                    lines.append(f"{where}: the budget was missed by {gap_flops * 100:+.1f} points of FLOPs.")
+                gap = round((cell["flops_kept"] - keep) * 100, 1)
+                if abs(gap) > 2.0:  # the issue's tolerance for a FLOPs budget
+                    lines.append(f"{where}: the budget was missed by {gap:+.1f} points of FLOPs (tolerance 2).")
                 if tp and mode == "prune":
                     d = (cell["acc"] - tp[1]["acc"]) * 100
                     verdict = "below" if d < 0 else "at or above"
@@ -367,6 +367,27 @@ def findings(agg: dict, tasks: list[str], budgets: tuple[float, ...]) -> list[st
                     if d < -1.0:
                         lines.append(f"{where}: {-d:.1f} points below dense ({dense['acc']:.1%}).")
     return lines
+
+
+def summary(agg: dict, tasks: list[str], budgets: tuple[float, ...]) -> list[str]:
+    """The headline: lightning_oto prune against Torch-Pruning at equal FLOPs, over every (task, budget) cell."""
+    vs_best, vs_each = [], []
+    for task in tasks:
+        for keep in budgets:
+            cell, tp = agg.get((task, "lightning_oto prune", keep)), best_tp(agg, task, keep)
+            if not cell or "acc" not in cell or not tp:
+                continue
+            vs_best.append((cell["acc"] - tp[1]["acc"]) * 100)
+            vs_each += [(cell["acc"] - agg[(task, m, keep)]["acc"]) * 100 for m in METHOD_ORDER
+                        if m.startswith("tp ") and "acc" in agg.get((task, m, keep), {})]
+    if not vs_best:
+        return ["- no (task, budget) cell has both lightning_oto prune and Torch-Pruning results."]
+    below = sum(d < 0 for d in vs_best)
+    return [f"- lightning_oto prune vs the best of the four Torch-Pruning variants at equal FLOPs: below in {below} "
+            f"of {len(vs_best)} (task, budget) cells; mean difference {statistics.mean(vs_best):+.1f} points "
+            f"(the issue's goal: at least +0.5).",
+            f"- against each Torch-Pruning variant separately ({len(vs_each)} pairs): below in "
+            f"{sum(d < 0 for d in vs_each)}, mean difference {statistics.mean(vs_each):+.1f} points."]
 
 
 def table(agg: dict, task: str, budgets: tuple[float, ...]) -> list[str]:
@@ -487,6 +508,15 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
              f"{TP_GLOBAL_MAX_RATIO} for global ranking, the classifier ignored, BERT heads pruned whole) is "
              "pruned to the FLOPs lightning_oto's prune mode *reached* at that budget (bisection on "
              "`pruning_ratio`), so the prune-mode comparison is at equal FLOPs.", ""]
+    lines += ["## Summary", ""] + summary(agg, tasks, budgets) + [
+        "- One seed per cell unless stated above: on the digit tasks one test image is 0.22 points, so differences "
+        "of a point or less are within noise.",
+        "- Erase mode removes whole blocks, so the FLOPs it can reach are few and coarse; it is compared with dense "
+        "and with the budget, not with Torch-Pruning at equal FLOPs. The VGG-style net has no residual or concat "
+        "joint, so erase mode finds nothing to remove there.",
+        "- On BERT, lightning_oto's prune mode removes attention heads and FFN channels but keeps the hidden size "
+        "(LayerNorm normalises over it, so those channels are not zero-invariant); Torch-Pruning also narrows the "
+        "hidden size.", ""]
     lines += ["## Where lightning_oto is below Torch-Pruning or dense, or missed the budget", ""]
     lines += [f"- {f}" for f in findings(agg, tasks, budgets)] or ["- nowhere in this run."]
     for task in tasks:
