@@ -117,13 +117,21 @@ def flops_kept_at(oto: OTO, sparsity: float, init: dict[str, torch.Tensor], x1: 
     return statistics.mean(kept)
 
 
-def calibrate_sparsity(oto: OTO, keep: float, x1: torch.Tensor, iters: int = 6) -> float:
+def calibrate_sparsity(oto: OTO, keep: float, x1: torch.Tensor, init: dict[str, torch.Tensor] | None = None,
+                       iters: int = 6) -> float:
     """The ``target_group_sparsity`` whose random groups leave about ``keep`` of the FLOPs (bisection).
 
     Stands in for ``budget={"flops": keep}`` until that exists; the selection the optimizer makes is
     saliency-ordered, not random, so the FLOPs it reaches are measured and reported separately.
+    ``init``: weights without zero groups to start every trial from (default: the model's own, which
+    must then have none); the model is left holding them.
     """
-    init = {k: v.clone() for k, v in oto.model.state_dict().items()}
+    if init is None:
+        init = {k: v.clone() for k, v in oto.model.state_dict().items()}
+    if oto.zero_group_ids():
+        oto.model.load_state_dict(init)
+        if oto.zero_group_ids():
+            raise ValueError("calibrate_sparsity: the model already has zero groups; pass init= without them.")
     full = count_flops(oto.model, x1)
     lo, hi = 0.0, 0.99
     for _ in range(iters):
@@ -135,19 +143,19 @@ def calibrate_sparsity(oto: OTO, keep: float, x1: torch.Tensor, iters: int = 6) 
     return (lo + hi) / 2
 
 
-def selection(oto: OTO, keep: float, x1: torch.Tensor, cache: dict) -> dict[str, Any]:
+def selection(oto: OTO, keep: float, x1: torch.Tensor, cache: dict, init: dict[str, torch.Tensor]) -> dict[str, Any]:
     """How the optimizer is asked for ``keep`` of the FLOPs (switch to the budget API here)."""
     # return {"budget": {"flops": keep}}   # <- the one line once budgets are on main
     key = (type(oto.model).__name__, oto.mode, keep)
     if key not in cache:
-        cache[key] = calibrate_sparsity(oto, keep, x1)
+        cache[key] = calibrate_sparsity(oto, keep, x1, init)
     return {"target_group_sparsity": cache[key]}
 
 
 def run_oto(oto: OTO, init: dict[str, torch.Tensor], task: Task, data: Data, seed: int, keep: float,
             dense: dict[str, float], cache: dict) -> dict[str, Any]:
     """Train ``oto.model`` from ``init`` with DHSPG (prune) / H2SPG (erase), construct, measure."""
-    ask = selection(oto, keep, data[0][:1], cache)
+    ask = selection(oto, keep, data[0][:1], cache, init)
     oto.model.load_state_dict(init)
     spe = steps_per_epoch(task, data)
     hp = dict(lr=task.lr, variant=task.optimizer, weight_decay=task.weight_decay,
@@ -528,10 +536,14 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
 
 
 def load_rows(results: Path) -> list[dict[str, Any]]:
-    rows = []
-    for f in sorted(results.glob("*.jsonl")):
-        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return rows
+    """Every saved row; a later file's row for the same (task, seed, method, budget) replaces an earlier one."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for f in sorted(results.glob("*.jsonl"), key=lambda f: f.stat().st_mtime):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[(r["task"], r["seed"], r["method"], r["keep"])] = r
+    return list(rows.values())
 
 
 def quick_task(task: Task) -> Task:
@@ -548,6 +560,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1, help="how many seeds (seed-start, seed-start+1, ...)")
     ap.add_argument("--seed-start", type=int, default=0, help="to run further seeds in another process")
     ap.add_argument("--out", type=Path, default=None, help="where quality.md/png go (default docs/, quick: a temp dir)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None, help=f"FLOPs fractions (default {BUDGETS})")
     ap.add_argument("--page-only", action="store_true", help="rebuild the page from the saved rows, run nothing")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
@@ -559,7 +572,7 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     budgets = (0.5,) if args.quick else BUDGETS
     if not args.page_only:
-        run_tasks(args, budgets, results)
+        run_tasks(args, tuple(args.budgets or budgets), results)
     command = "python benchmarks/bench_quality.py" + (" --quick" if args.quick else "") + (
         f" --seeds {args.seeds}" if args.seeds > 1 else "")
     write_page(load_rows(results), budgets, args.out, command)
@@ -574,7 +587,8 @@ def run_tasks(args: argparse.Namespace, budgets: tuple[float, ...], results: Pat
         task = quick_task(TASKS[name]) if args.quick else TASKS[name]
         data = task.load_data(600 if args.quick else None)
         for seed in range(args.seed_start, args.seed_start + args.seeds):
-            path = results / f"{name}_seed{seed}.jsonl"
+            tag = "" if args.budgets is None else "_budgets" + "_".join(f"{b:g}" for b in args.budgets)
+            path = results / f"{name}_seed{seed}{tag}.jsonl"
             path.write_text("")
             run_task(task, data, seed, budgets, cache, lambda row, path=path: save_row(row, path))
 

@@ -77,6 +77,13 @@ def test_calibration_leaves_about_the_asked_flops_on_random_groups():
     full = bq.count_flops(model, x[:1])
     assert abs(bq.flops_kept_at(oto, sparsity, before, x[:1], full) - 0.5) < 0.08
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "calibration changed the model"
+    # a model left with zero groups by an earlier run: calibrating on it would count those groups as free
+    oto.random_set_zero_groups(0.5, seed=3)
+    with pytest.raises(ValueError, match="zero groups"):
+        bq.calibrate_sparsity(oto, 0.5, x[:1], iters=1)
+    oto.random_set_zero_groups(0.5, seed=3)
+    assert bq.calibrate_sparsity(oto, 0.5, x[:1], init=before, iters=5) == pytest.approx(sparsity)
+    assert not oto.zero_group_ids()
 
 
 def test_findings_say_plainly_where_lightning_oto_is_below():
