@@ -95,8 +95,8 @@ def test_findings_say_plainly_where_lightning_oto_is_below():
             row("tp magnitude uniform", 0.97, 0.44), row("tp taylor global", 0.96, 0.44)]
     lines = bq.findings(bq.aggregate(rows), ["resnet"], (0.5,))
     text = "\n".join(lines)
-    assert "below the best Torch-Pruning variant (tp magnitude uniform" in text and "-2.0 points" in text
-    assert "3.0 points below dense" in text
+    assert "*below* the best Torch-Pruning variant (tp magnitude uniform" in text and "-2.0 points" in text
+    assert "3.0 points *below* dense" in text
     assert "missed by -6.0 points" in text
     rows[1]["flops_kept"] = 0.48  # within the 2-point tolerance
     assert "missed" not in "\n".join(bq.findings(bq.aggregate(rows), ["resnet"], (0.5,)))
