@@ -544,9 +544,10 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
 
 
 def load_rows(results: Path) -> list[dict[str, Any]]:
-    """Every saved row; a later file's row for the same (task, seed, method, budget) replaces an earlier one."""
+    """Every saved row; for the same (task, seed, method, budget) the file later by name wins (a ``--budgets``
+    rerun, ``<task>_seed<k>_budgets....jsonl``, over ``<task>_seed<k>.jsonl``); the page does not depend on mtimes."""
     rows: dict[tuple, dict[str, Any]] = {}
-    for f in sorted(results.glob("*.jsonl"), key=lambda f: f.stat().st_mtime):
+    for f in sorted(results.glob("*.jsonl")):
         for line in f.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
