@@ -488,11 +488,12 @@ def task_setup(task: str, agg: dict, rows: list[dict[str, Any]]) -> str:
 def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| task | mode | seed | budget asked (FLOPs) | reached FLOPs | params kept | target_group_sparsity used | "
              "groups zeroed by half-space / forced at deadline |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["method"].startswith("lightning_oto") and "acc" in r:
-            lines.append(f"| {r['task']} | {r['method'].split()[1]} | {r['seed']} | {r['keep']:.0%} | "
-                         f"{r['flops_kept']:.1%} | {r['params_kept']:.1%} | {r['target_group_sparsity']:.3f} | "
-                         f"{r['zeroed_by_half_space']} / {r['forced_at_deadline']} |")
+    order = list(TASKS)
+    oto_rows = [r for r in rows if r["method"].startswith("lightning_oto") and "acc" in r]
+    for r in sorted(oto_rows, key=lambda r: (order.index(r["task"]), -r["keep"], r["method"], r["seed"])):
+        lines.append(f"| {r['task']} | {r['method'].split()[1]} | {r['seed']} | {r['keep']:.0%} | "
+                     f"{r['flops_kept']:.1%} | {r['params_kept']:.1%} | {r['target_group_sparsity']:.3f} | "
+                     f"{r['zeroed_by_half_space']} / {r['forced_at_deadline']} |")
     return lines
 
 
