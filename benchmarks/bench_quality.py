@@ -363,13 +363,14 @@ def findings(agg: dict, tasks: list[str], budgets: tuple[float, ...]) -> list[st
                     continue
                 where = f"**{task}, {mode}, FLOPs budget {keep:.0%}** (reached {cell['flops_kept']:.1%})"
                 if cell["forced"]:
-                    lines.append(f"{where}: {cell['forced']} of {cell['zeroed']} removed groups were not brought to "
-                                 "zero by the half-space step and were forced to zero at the deadline.")
+                    runs = f" (summed over {cell['n']} seeds)" if cell["n"] > 1 else ""
+                    lines.append(f"{where}: {cell['forced']} of {cell['zeroed']} removed groups{runs} were not brought "
+                                 "to zero by the half-space step and were forced to zero at the deadline.")
                 gap = round((cell["flops_kept"] - keep) * 100, 1)
                 if abs(gap) > 2.0:  # the tolerance for a FLOPs budget
                     lines.append(f"{where}: the budget was missed by {gap:+.1f} points of FLOPs (tolerance 2).")
                 if tp and mode == "prune":
-                    d = (cell["acc"] - tp[1]["acc"]) * 100
+                    d = round((cell["acc"] - tp[1]["acc"]) * 100, 1)
                     verdict = "*below*" if d < 0 else "at or above"
                     lines.append(f"{where}: {verdict} the best Torch-Pruning variant ({tp[0]}, "
                                  f"{tp[1]['acc']:.1%} at {tp[1]['flops_kept']:.1%} FLOPs) by {d:+.1f} points.")
@@ -525,8 +526,8 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
              "pruned to the FLOPs lightning_oto's prune mode *reached* at that budget (bisection on "
              "`pruning_ratio`), so the prune-mode comparison is at equal FLOPs.", ""]
     lines += ["## Summary", ""] + summary(agg, tasks, budgets) + [
-        "- One seed per cell unless stated above: on the digit tasks one test image is 0.22 points, so differences "
-        "of a point or less are within noise.",
+        f"- {seeds} seed(s) per cell; on the digit tasks one test image is 0.22 points, so differences of a point or "
+        "less are within noise.",
         "- Erase mode removes whole blocks, so the FLOPs it can reach are few and coarse; it is compared with dense "
         "and with the budget, not with Torch-Pruning at equal FLOPs. The VGG-style net has no residual or concat "
         "joint, so erase mode finds nothing to remove there.",
