@@ -370,7 +370,7 @@ def findings(agg: dict, tasks: list[str], budgets: tuple[float, ...]) -> list[st
                 if abs(gap) > 2.0:  # the tolerance for a FLOPs budget
                     lines.append(f"{where}: the budget was missed by {gap:+.1f} points of FLOPs (tolerance 2).")
                 if tp and mode == "prune":
-                    d = round((cell["acc"] - tp[1]["acc"]) * 100, 1)
+                    d = round((cell["acc"] - tp[1]["acc"]) * 100, 1) + 0.0  # no "-0.0"
                     verdict = "*below*" if d < 0 else "at or above"
                     lines.append(f"{where}: {verdict} the best Torch-Pruning variant ({tp[0]}, "
                                  f"{tp[1]['acc']:.1%} at {tp[1]['flops_kept']:.1%} FLOPs) by {d:+.1f} points.")
