@@ -24,6 +24,8 @@ groups pushed to zero), 2 = hybrid (redundant groups stay zero, the rest trains)
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 import warnings
 from pathlib import Path
@@ -39,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..errors import SubnetMismatchError
 from ..optim import HalfSpaceOptimizer
-from ..optim.factory import build_optimizer, hparams_from_torch_optimizer, trainable_named_params
+from ..optim.factory import hparams_from_torch_optimizer, trainable_named_params
 from ..oto import OTO
 from ..subnet.recalibrate import recalibrate_batchnorm
 from ..subnet.report import count_flops, count_params, count_params_removed
@@ -284,8 +286,7 @@ class OTOCallback(Callback):
                    "projection_steps": phases.projection_steps}
         extra = [p for pg in user_opt.param_groups for p in pg["params"]] if user_opt is not None else []
         named = trainable_named_params(net, extra, warn_missing_from=user_opt)
-        opt = build_optimizer(s.optimizer, named, self.oto.groups, mode=self.mode,
-                              hierarchy_check=self.oto.hierarchy_check, erase_ablation=s.erase_ablation, **hparams)
+        opt = self.oto.build_optimizer(s.optimizer, named, erase_ablation=s.erase_ablation, **hparams)
         replace_optimizer(trainer, user_opt, opt, float(base["lr"]), s.lr is not None)
         self.optimizer_settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()
                                    if not callable(v)}
@@ -664,3 +665,20 @@ class OTOCallback(Callback):
 
     # ------------------------------------------------------------------ kept for existing callers
     summary_table = staticmethod(run_report.summary_table)
+
+
+def _callback_signature() -> inspect.Signature:
+    """``OTOCallback(settings=None, **kwargs)`` as what it accepts: ``settings``, or each :class:`OTOSettings`
+    field by keyword.  help(), IDEs and ``inspect.signature`` then list every argument, and the table in
+    docs/callback.md is checked against this list."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("settings", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                annotation="OTOSettings | None")]
+    for f in dataclasses.fields(OTOSettings):
+        if f.init and f.name != "explicit":  # explicit: filled in by OTOSettings.from_kwargs
+            params.append(inspect.Parameter(f.name, kind, default=f.default, annotation=f.type))
+    return inspect.Signature(params, return_annotation="None")
+
+
+OTOCallback.__init__.__signature__ = _callback_signature()  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from ..optim.factory import check_target_sparsity, resolve_optimizer
 from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from .compat import load_train_dataloader
 
 #: fractions of the planned optimizer steps used when no warm-up / projection length is given
 DEFAULT_WARMUP_FRACTION = 0.2
@@ -242,7 +243,7 @@ def steps_per_epoch(trainer: Any) -> float:
     if trainer.train_dataloader is None:
         _ = trainer.estimated_stepping_batches  # public API; loads the train dataloader if needed
     if trainer.train_dataloader is None:
-        trainer.fit_loop.setup_data()
+        load_train_dataloader(trainer)
     n = trainer.num_training_batches
     if not math.isfinite(n):
         return float("inf")
