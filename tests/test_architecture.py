@@ -149,3 +149,16 @@ def test_optimizers_over_a_search_space_are_built_by_the_oto():
     mixin = (ROOT / "lightning" / "mixin.py").read_text()
     direct = re.findall(r"(?<![.\w])build_optimizer\(([^,]*),\s*([^,]*),\s*([^,]*),", mixin)
     assert [groups for _, _, groups in direct] == ["[]"]  # the one direct call passes no groups
+
+
+def test_benchmark_only_dependencies_stay_out_of_the_package():
+    """Torch-Pruning is the quality benchmark's baseline (the ``bench`` extra), never a dependency of the package."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "torch_pruning"]
+    assert not offenders, offenders
+    bench = (ROOT.parent / "pyproject.toml").read_text()
+    assert "torch-pruning" in bench.split("[project.optional-dependencies]")[1].split("bench = ")[1].split("\n")[0]
