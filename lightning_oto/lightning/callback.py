@@ -37,6 +37,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ..graph.inputs import describe
 from ..errors import SubnetMismatchError
 from ..optim import HalfSpaceOptimizer
 from ..optim.factory import build_optimizer, hparams_from_torch_optimizer, trainable_named_params
@@ -223,10 +224,9 @@ class OTOCallback(Callback):
             if self.oto.mode != self.mode:
                 raise ValueError(f"{self._who()}: the LightningModule's OTOMixin uses mode {self.oto.mode!r}.")
         else:
-            x, source = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer)
+            x, source = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer, net)
             if source == "a training batch":
-                self._say(1, f"no example_input_array: tracing with {source}, input shape(s) "
-                             f"{[tuple(t.shape) for t in x]}.")
+                self._say(1, f"no example_input_array: tracing with {source}, input shape(s) {describe(x)}.")
             self.oto = OTO(net, to_device(x, net), mode=self.mode, **self.settings.oto_kwargs())
         self._check_space()
         self._param_shapes = dict(self.oto.graph.param_shapes)

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..graph.inputs import input_tensors
 from .erase import modularize, program_module
 from .slim import slim_copy
 
@@ -158,7 +159,10 @@ class OnnxModule(nn.Module):
     def _run(self, arrays: Sequence[Any]) -> list[torch.Tensor]:
         return [torch.from_numpy(o) for o in self.session.run(None, dict(zip(self.input_names, arrays)))]
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: torch.Tensor) -> Any:
+        """Positional tensors (a dict argument counts as its values, in order), or the export's keyword
+        inputs by name (``model(input_ids=..., attention_mask=...)``)."""
+        inputs = self._ordered(args, kwargs)
         device = inputs[0].device if inputs else torch.device("cpu")
         arrays = [t.detach().cpu().numpy() for t in inputs]
         n = arrays[0].shape[0] if arrays and arrays[0].ndim else None
@@ -169,6 +173,16 @@ class OnnxModule(nn.Module):
             outs = self._run_in_chunks(arrays, n, B)
         outs = [o.to(device) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _ordered(self, args: tuple, kwargs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if not kwargs:
+            return input_tensors(args)
+        missing = [n for n in self.input_names if n not in kwargs]
+        unknown = sorted(set(kwargs) - set(self.input_names))
+        if args or missing or unknown:
+            raise TypeError(f"{Path(self.path).name} takes the inputs {self.input_names} (all by keyword, or all "
+                            f"in this order); got {len(args)} positional and the keywords {sorted(kwargs)}.")
+        return [kwargs[n] for n in self.input_names]
 
     def _run_in_chunks(self, arrays: list[Any], n: int, B: int) -> list[torch.Tensor]:
         import numpy as np
