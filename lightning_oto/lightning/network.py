@@ -54,7 +54,9 @@ def as_example_inputs(x: Any, who: str) -> ModelInputs:
 def training_loader(trainer: Any) -> Any:
     """The trainer's training dataloader (the first one of a collection), loaded through the public API if needed."""
     if trainer.train_dataloader is None:
-        _ = trainer.estimated_stepping_batches  # loads the train dataloader
+        _ = trainer.estimated_stepping_batches  # loads the train dataloader ...
+    if trainer.train_dataloader is None:  # ... except for a max_steps-only run, which returns before loading
+        trainer.fit_loop.setup_data()
     loader = trainer.train_dataloader
     if isinstance(loader, dict):
         loader = next(iter(loader.values()), None)
