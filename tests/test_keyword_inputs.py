@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import lightning_oto
 from lightning_oto import OTO, OTOCallback
 from lightning_oto.subnet.recalibrate import batch_inputs
 from lightning_oto.subnet.verify import tensor_leaves
@@ -132,7 +133,7 @@ class DictBatchNet(nn.Module):
         return self.mlp(pooled)
 
 
-def test_forward_taking_a_dict_is_a_positional_dict():
+def test_forward_taking_a_dict_is_a_positional_dict(tmp_path):
     torch.manual_seed(0)
     net = DictBatchNet().eval()
     oto = OTO(net, (EXAMPLE,), mode="prune")
@@ -140,8 +141,13 @@ def test_forward_taking_a_dict_is_a_positional_dict():
     assert oto.random_set_zero_groups(fraction=0.5, seed=0)
     sub = oto.construct_subnet(verify_inputs=[(OTHER,)])
     assert sub.mlp[0].out_features < 24
+    oto.export(sub, tmp_path, formats=("torch",))
+    loaded = lightning_oto.load(tmp_path)
+    assert [i["name"] for i in loaded.oto_metadata["inputs"]] == ["input_ids", "attention_mask"]
+    reordered = {"attention_mask": OTHER["attention_mask"], "input_ids": OTHER["input_ids"]}
     with torch.no_grad():
         assert torch.allclose(sub(OTHER), net(OTHER), atol=1e-5)
+        assert torch.allclose(loaded(reordered), net(OTHER), atol=1e-5)
 
 
 @pytest.mark.parametrize("value, kind", [(None, "NoneType"), (True, "bool"), (3, "int")])

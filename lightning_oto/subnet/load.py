@@ -175,6 +175,8 @@ class OnnxModule(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _ordered(self, args: tuple, kwargs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:  # forward(self, batch): by its keys
+            args, kwargs = (), args[0]
         if not kwargs:
             return input_tensors(args)
         missing = [n for n in self.input_names if n not in kwargs]
