@@ -27,7 +27,9 @@ MODES = ("prune", "erase")
 class OTO:
     """Search space of ``model`` for ``mode`` ("prune": channel ZIGs; "erase": operator GeZIGs).
 
-    The model is traced once on ``example_inputs`` (a tensor or tuple of tensors); it is never
+    The model is traced once on ``example_inputs``: a tensor or tuple (``model(*x)``; an element may be a
+    dict, for a ``forward(self, batch)``), or a dict of keyword inputs (``model(**x)``, e.g.
+    ``{"input_ids": ids, "attention_mask": mask}``; see :mod:`lightning_oto.graph.inputs`). It is never
     modified except by the methods that say so (``random_set_zero_groups``,
     ``recalibrate_batchnorm`` and the optimizers, which write its parameters).
 

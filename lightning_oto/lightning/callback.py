@@ -100,8 +100,9 @@ class OTOCallback(Callback):
     * ``saliency, saliency_ema, epsilon, lambda_scale, descent_margin``: half-space optimizer settings.
     * ``ignored_layers, max_group_sparsity, round_to, dynamic_shapes``: passed to ``OTO(...)`` when set.
     * ``network_attr``: dotted attribute of the module to compress (default: the LightningModule);
-      ``example_inputs``: default ``pl_module.example_input_array``, else 2 samples of the first
-      training batch (said once).
+      ``example_inputs``: a tensor, a tuple, or a dict of keyword inputs; default
+      ``pl_module.example_input_array``, else 2 samples of the first training batch (said once; a dict
+      batch without its labels, as keywords or as one dict argument, by the network's forward signature).
     * ``bn_recalibration_batches`` (20; 0 disables): re-estimate BatchNorm statistics on that many
       training batches before verification and export.
     * ``verify_atol, verify_rtol``: largest accepted |sub(x) - full(x)| is ``atol + rtol * max|full(x)|``;

@@ -10,7 +10,9 @@ each file is for:
 - ``subnet_state_dict.pt``: the weights alone. In prune mode the sub-network is your own class with
   fewer channels: ``load(state_dict, model=YourNet())`` shrinks a fresh instance to the saved shapes
   and loads it. In erase mode it matches the module ``load(dir)`` returns (same keys).
-- ``metadata.json``: what inference needs (input shape/dtype, normalisation, class names); the
+- ``metadata.json``: what inference needs (per input its name, dynamic ``shape`` with ``null`` for a
+  dynamic dimension, ``example_shape`` and dtype; ``call``: positional or keywords; normalisation,
+  class names); the
   program and the ONNX file carry a copy, so a single file loads with its metadata too.
 - ``export_manifest.json``: the paths, the reload checks' errors and these descriptions.
 
