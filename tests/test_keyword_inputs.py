@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import lightning_oto
 from lightning_oto import OTO, OTOCallback
+from lightning_oto.lightning.checkpointing import apply_subnet_payload, subnet_payload
 from lightning_oto.subnet.recalibrate import batch_inputs
 from lightning_oto.subnet.verify import tensor_leaves
 
@@ -76,6 +77,19 @@ def test_subnetwork_equals_full_model_on_keyword_inputs(compressed):
         assert_same(leaves(sub, inputs), leaves(model, inputs))
     rep = oto.compression_report(sub)  # FLOPs counted with model(**inputs)
     assert rep["flops_sub"] < rep["flops_full"]
+
+
+def test_checkpoint_payload_rebuilds_the_erased_network_from_keyword_shapes(compressed):
+    mode, model, oto, sub = compressed
+    if mode != "erase":
+        pytest.skip("prune checkpoints record a removal plan, not inputs")
+    payload = json.loads(json.dumps(subnet_payload(oto, oto.zero_group_ids(), "net", sub)))  # as a checkpoint has it
+    assert payload["example_inputs"] == {"input_ids": [[2, 8], "int64"], "attention_mask": [[2, 8], "int64"]}
+    holder = nn.Module()
+    holder.net = tiny_bert()
+    assert apply_subnet_payload(holder, payload)
+    rebuilt = {k: tuple(v.shape) for k, v in holder.net.state_dict().items()}
+    assert rebuilt == {k: tuple(v.shape) for k, v in sub.state_dict().items()}
 
 
 #: loads every file of an export in a fresh Python process and calls it with the same keywords
