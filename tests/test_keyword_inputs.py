@@ -179,6 +179,14 @@ def test_bad_dicts_are_clear_errors():
         OTO(model, {0: EXAMPLE["input_ids"]})
 
 
+def test_verify_inputs_must_have_the_example_form(compressed):
+    _, _, oto, sub = compressed
+    with pytest.raises(ValueError, match="verify_inputs\\[0\\] must have the example input's form"):
+        oto.construct_subnet(verify_inputs=[{"input_ids": OTHER["input_ids"]}])  # a key missing
+    with pytest.raises(ValueError, match="must have the example input's form"):
+        oto.verify(sub, (OTHER["input_ids"],))
+
+
 def test_dict_batches_resolve_by_the_forward_signature():
     batch = {**tokens(4, 6, seed=3), "labels": torch.zeros(4, dtype=torch.long)}
     hf = tiny_bert(transformers.BertForSequenceClassification, num_labels=2)
