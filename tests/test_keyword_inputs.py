@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import lightning_oto
 from lightning_oto import OTO, OTOCallback
+from lightning_oto.errors import DynamicShapeError
 from lightning_oto.lightning.checkpointing import apply_subnet_payload, subnet_payload
 from lightning_oto.subnet.recalibrate import batch_inputs
 from lightning_oto.subnet.verify import tensor_leaves
@@ -162,6 +163,30 @@ def test_forward_taking_a_dict_is_a_positional_dict(tmp_path):
     with torch.no_grad():
         assert torch.allclose(sub(OTHER), net(OTHER), atol=1e-5)
         assert torch.allclose(loaded(reordered), net(OTHER), atol=1e-5)
+
+
+class FlatKeywords(nn.Module):
+    """Keyword inputs whose sequence length a linear over the flattened tokens pins."""
+
+    def __init__(self, length: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 4)
+        self.head = nn.Linear(4 * length, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+        return self.head(x.flatten(1))
+
+
+def test_dynamic_shapes_by_input_name():
+    net = FlatKeywords().eval()
+    auto = torch.export.Dim.AUTO
+    oto = OTO(net, EXAMPLE, dynamic_shapes={"input_ids": {0: auto}, "attention_mask": {0: auto}})
+    assert oto.dynamic_dims == [[0], [0]]
+    assert OTO(net, EXAMPLE).dynamic_dims == [[0], [0]]  # "auto": the pinned length quietly stays static
+    with pytest.raises(DynamicShapeError, match="input 'input_ids' dimension 1 is fixed to 8"):
+        seq = torch.export.Dim("seq", min=2, max=32)
+        OTO(net, EXAMPLE, dynamic_shapes={"input_ids": {1: seq}, "attention_mask": {1: seq}})
 
 
 @pytest.mark.parametrize("value, kind", [(None, "NoneType"), (True, "bool"), (3, "int")])

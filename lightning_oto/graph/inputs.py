@@ -38,8 +38,8 @@ def as_model_inputs(example_inputs: Any) -> ModelInputs:
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple) or not example_inputs:
-        raise TypeError(f"example_inputs must be a tensor, a non-empty tuple of tensors or a dict of keyword inputs, "
-                        f"got {type(example_inputs).__name__}.")
+        raise TypeError(f"example_inputs must be a tensor or a non-empty tuple of tensors, or a dict of keyword "
+                        f"inputs, got {type(example_inputs).__name__}.")
     return tuple(_nested(v, f"example_inputs[{i}]") for i, v in enumerate(example_inputs))
 
 
