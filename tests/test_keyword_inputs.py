@@ -226,6 +226,8 @@ def test_dict_batches_resolve_by_the_forward_signature():
 
     with pytest.raises(TypeError, match="give the example input explicitly"):
         batch_inputs(batch, TwoArgs())
+    with pytest.raises(TypeError, match=r"keys \['row_id'\], which FlatKeywords.forward"):
+        batch_inputs({**batch, "row_id": torch.arange(4)}, FlatKeywords())  # one key the forward does not take
 
 
 # ---------------------------------------------------------------------------------------------- Lightning

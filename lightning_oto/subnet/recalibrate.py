@@ -39,18 +39,24 @@ def dict_batch_inputs(batch: Mapping, network: nn.Module | None) -> ModelInputs:
     inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
     bad = [k for k, v in inputs.items() if not isinstance(v, torch.Tensor)]
     if bad or not inputs:
-        raise TypeError(f"the dict batch has {'no tensor besides its labels' if not inputs else 'non-tensor entries ' + str(bad)}"
-                        "; give the example input explicitly (a dict of keyword tensors).")
+        what = f"non-tensor entries {bad}" if inputs else "no tensor besides its labels"
+        raise TypeError(f"the dict batch has {what}; give the example input explicitly (a dict of keyword tensors).")
     params = _forward_parameters(network)
-    if params is None or any(p.kind is p.VAR_KEYWORD for p in params) or \
-            all(k in {p.name for p in params if p.kind is not p.POSITIONAL_ONLY} for k in inputs):
+    if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
         return inputs
+    keywords = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    names = [p.name for p in params]
+    if all(k in keywords for k in inputs):
+        return inputs
+    if any(k in keywords for k in inputs):
+        raise TypeError(f"the dict batch has the keys {sorted(set(inputs) - keywords)}, which "
+                        f"{type(network).__name__}.forward{tuple(names)} does not take; give the example input "
+                        "explicitly as a dict of the forward's keyword arguments.")
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 1 and sum(p.default is p.empty for p in positional) <= 1:
+    if positional and sum(p.default is p.empty for p in positional) <= 1:  # forward(self, batch)
         if len(inputs) == 1 and not _annotated_mapping(positional[0]):
             return (next(iter(inputs.values())),)
         return (inputs,)
-    names = [p.name for p in params]
     raise TypeError(f"the dict batch has the keys {sorted(inputs)} but {type(network).__name__}.forward takes "
                     f"{names}; give the example input explicitly as a dict of the forward's keyword arguments.")
 
