@@ -37,7 +37,7 @@ class PruneMode:
 
     name = "prune"
 
-    def __init__(self, graph: OpGraph, model: nn.Module | None = None, example_inputs: tuple = ()) -> None:
+    def __init__(self, graph: OpGraph, model: nn.Module | None = None, example_inputs: Any = ()) -> None:
         from .space.prune import build_prune_space
 
         # the model lets rules read the sizes its forward uses (head counts) and a trial construction
@@ -72,7 +72,7 @@ class EraseMode:
 
     name = "erase"
 
-    def __init__(self, graph: OpGraph, model: nn.Module | None = None, example_inputs: tuple = ()) -> None:
+    def __init__(self, graph: OpGraph, model: nn.Module | None = None, example_inputs: Any = ()) -> None:
         from .space.erase import build_erase_space
 
         space = build_erase_space(graph)
@@ -100,7 +100,7 @@ class EraseMode:
         return self.graph.program.module()
 
 
-def make_mode(name: str, graph: OpGraph, model: nn.Module | None = None, example_inputs: tuple = ()) -> Any:
+def make_mode(name: str, graph: OpGraph, model: nn.Module | None = None, example_inputs: Any = ()) -> Any:
     return {"prune": PruneMode, "erase": EraseMode}[name](graph, model, example_inputs)
 
 

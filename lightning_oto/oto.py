@@ -27,7 +27,9 @@ MODES = ("prune", "erase")
 class OTO:
     """Search space of ``model`` for ``mode`` ("prune": channel ZIGs; "erase": operator GeZIGs).
 
-    The model is traced once on ``example_inputs`` (a tensor or tuple of tensors); it is never
+    The model is traced once on ``example_inputs``: a tensor or tuple (``model(*x)``; an element may be a
+    dict, for a ``forward(self, batch)``), or a dict of keyword inputs (``model(**x)``, e.g.
+    ``{"input_ids": ids, "attention_mask": mask}``; see :mod:`lightning_oto.graph.inputs`). It is never
     modified except by the methods that say so (``random_set_zero_groups``,
     ``recalibrate_batchnorm`` and the optimizers, which write its parameters).
 
@@ -195,7 +197,7 @@ class OTO:
             try:
                 err = check_outputs(self.model, sub, self.example_inputs, atol, rtol)
                 for i, extra in enumerate(verify_inputs):
-                    inputs = normalize_inputs(self.model, extra)
+                    inputs = self._like_example(extra, f"verify_inputs[{i}]")
                     err = max(err, check_outputs(self.model, sub, inputs, atol, rtol, context=f"verify_inputs[{i}]"))
             except Exception as e:  # noqa: BLE001 - name the user rules the removed channels went through
                 hint = getattr(self._mode, "mismatch_hint", lambda groups: "")(zero_groups)
@@ -210,9 +212,19 @@ class OTO:
 
         With ``return_scale`` also max |full(x)|, to judge the error relative to the outputs.
         """
-        inputs = self.example_inputs if inputs is None else normalize_inputs(self.model, inputs)
+        inputs = self.example_inputs if inputs is None else self._like_example(inputs, "inputs")
         err, scale = output_difference(self.model, sub, inputs)
         return (err, scale) if return_scale else err
+
+    def _like_example(self, inputs: Any, what: str) -> Any:
+        """Inputs of the example's form: keyword inputs with the example's keys, or positional ones."""
+        inputs = normalize_inputs(self.model, inputs)
+        want = self.example_inputs
+        if isinstance(want, dict) != isinstance(inputs, dict) or \
+                (isinstance(want, dict) and set(want) != set(inputs)):
+            form = f"a dict with the keys {sorted(want)}" if isinstance(want, dict) else "positional (a tensor or tuple)"
+            raise ValueError(f"{what} must have the example input's form: {form}.")
+        return inputs
 
     # ------------------------------------------------------------------ reporting / export
     def compression_report(self, sub: nn.Module | None = None,

@@ -157,12 +157,15 @@ def test_onnx_is_one_file(exported):
 
 def test_metadata_round_trip(exported, tmp_path):
     _, _, sub, out, _, meta = exported
-    expected_inputs = [{"name": "input_0", "shape": [None, 1, 8, 8], "dtype": "float32"}]
+    # the dynamic batch is null; example_shape is the example's, a shape that runs (README "Load and predict")
+    expected_inputs = [{"name": "input_0", "shape": [None, 1, 8, 8], "example_shape": [2, 1, 8, 8],
+                        "dtype": "float32"}]
     assert meta == {"mean": [0.5], "std": [0.25], "class_names": [str(i) for i in range(10)]}  # not modified
     for name in ("subnet.pt2", "subnet.onnx"):  # a file copied on its own keeps its metadata
         shutil.copy(out / name, tmp_path / name)
         got = lightning_oto.load(tmp_path / name).oto_metadata
         assert {k: got[k] for k in meta} == meta and got["inputs"] == expected_inputs
+        assert got["call"] == "positional"
     assert not (tmp_path / METADATA_FILE).exists()
     on_disk = json.loads((out / METADATA_FILE).read_text())
     assert on_disk == lightning_oto.load(out).oto_metadata

@@ -1,21 +1,30 @@
-"""The README's main command (``python -m lightning_oto.train``), tiny and on synthetic data, in a subprocess:
-its terminal output is quiet (each line once, no known noise), and its export loads in a fresh Python process
-with ``lightning_oto.load`` the way the README's "Load and predict" shows, reproducing the recorded test accuracy."""
+"""The README's main command (``python -m lightning_oto.train``), tiny, on the default data (real digits), in a
+subprocess: its terminal output is quiet (each line once, no known noise), the README's "Load and predict" runs
+word for word in a fresh process against the run's own export, and the recorded normalisation is the one the
+datamodule applied (raw images normalised with it give the datamodule's inputs and the recorded test accuracy)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
-TINY = ["data=synthetic", "+data.num_samples=96", "data.batch_size=16", "data.image_size=16",
+REPO = Path(__file__).parents[1]
+TINY = ["data=digits", "data.max_samples=96", "data.batch_size=16", "data.image_size=16",
         "++model.kwargs.width_mult=0.25", "trainer.max_epochs=2", "threads=1"]
+#: the run directory the README's "Load and predict" loads from (relative to where it runs)
+README_RUN = Path("outputs/default/2026-01-01_12-00-00")
+#: appended after the README's snippet (which runs unchanged) to hand its results back
+SNIPPET_RESULT = '\ntorch.save({"images": images, "pred": pred, "meta": meta}, "snippet_result.pt")\n'
 
-#: what the README's "Load and predict" does, on the run's own test split (rebuilt from .hydra/config.yaml)
+#: the README's recipe on the run's own test split (rebuilt from .hydra/config.yaml): the raw images (floats in
+#: [0, 1], what a user has) come from the same datamodule with its normalisation turned off
 LOAD_AND_PREDICT = """
 import json, sys, torch, lightning_oto
 from omegaconf import OmegaConf
@@ -26,25 +35,34 @@ run = sys.argv[1]
 model = lightning_oto.load(run + "/oto").eval()
 meta = model.oto_metadata
 mean, std = (torch.tensor(meta[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
-cfg = OmegaConf.load(run + "/.hydra/config.yaml")
-dm = build_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
-dm.setup("test")
-acc = MulticlassAccuracy(num_classes=dm.num_classes)
+cfg = OmegaConf.to_container(OmegaConf.load(run + "/.hydra/config.yaml").data, resolve=True)
+dm, raw = build_datamodule(**cfg), build_datamodule(**cfg)
+raw._stats = lambda images: ([0.0] * raw.in_channels, [1.0] * raw.in_channels)  # the same split, not normalised
+dm.setup("test"), raw.setup("test")
+acc, worst = MulticlassAccuracy(num_classes=dm.num_classes), 0.0
 with torch.no_grad():
-    for x, y in dm.test_dataloader():
-        images = x * std + mean            # the images a user has: before the datamodule's normalisation
+    for (x, y), (images, _) in zip(dm.test_dataloader(), raw.test_dataloader()):
+        worst = max(worst, float(((images - mean) / std - x).abs().max()))
         acc.update(model((images - mean) / std), y)
-print(json.dumps({"test_acc": float(acc.compute())}))
+print(json.dumps({"test_acc": float(acc.compute()), "normalisation_error": worst,
+                  "raw_range": [float(images.min()), float(images.max())]}))
 """
+
+
+def readme_snippet() -> str:
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"<!-- load-and-predict -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "README.md lost its 'Load and predict' example (marker <!-- load-and-predict -->)"
+    return m.group(1)
 
 
 @pytest.fixture(scope="module")
 def main_command(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("readme") / "run"
+    run_dir = tmp_path_factory.mktemp("readme") / README_RUN  # where the README's snippet looks
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONWARNINGS", None)  # the entry point itself must keep the terminal quiet
     proc = subprocess.run([sys.executable, "-m", "lightning_oto.train", *TINY, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).parents[1])
+                          capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc.stdout + proc.stderr
 
@@ -61,12 +79,31 @@ def test_main_command_terminal_is_quiet(main_command):
     assert "OTO compression summary" in output and "test_acc" in output  # Lightning's test table is shown
 
 
+def test_readme_load_and_predict_runs_word_for_word(main_command):
+    run_dir, _ = main_command
+    snippet = readme_snippet()
+    assert f'lightning_oto.load("{README_RUN / "oto"}")' in snippet
+    root = Path(str(run_dir)[: -len(str(README_RUN))])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", snippet + SNIPPET_RESULT], capture_output=True, text=True,
+                          timeout=300, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(root / "snippet_result.pt")
+    meta, images, pred = got["meta"], got["images"], got["pred"]
+    assert meta["inputs"][0]["example_shape"] == [2, 1, 16, 16]  # the callback's example: 2 digits at image_size
+    assert meta["inputs"][0]["shape"][0] is None  # the batch stays dynamic: the snippet ran 16 images
+    assert images.shape == (16, 1, 16, 16) and pred.shape == (16,)
+    assert int(pred.min()) >= 0 and int(pred.max()) < meta["num_classes"] == 10
+
+
 def test_main_command_export_loads_in_a_fresh_process(main_command):
     run_dir, _ = main_command
     recorded = json.loads((run_dir / "result.json").read_text())
     proc = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(run_dir)], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).parents[1])
+                          timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded["raw_range"][0] >= 0.0 and loaded["raw_range"][1] <= 1.0 + 1e-6  # what the README calls images
+    assert loaded["normalisation_error"] <= 1e-5  # wrong mean/std in the metadata fail here
     assert loaded["test_acc"] == pytest.approx(recorded["test_acc"], abs=1e-6)
     assert recorded["params_sub"] < recorded["params_full"]

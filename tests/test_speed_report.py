@@ -61,3 +61,10 @@ def test_batch_of_repeats_rows_and_passes_other_inputs() -> None:
     y, f = batch_of((x, flag), 5)
     assert f == "mask" and y.shape == (5, 2) and torch.equal(y[3], x[0]) and torch.equal(y[4], x[1])
     assert batch_of((x,), 1)[0].shape == (1, 2)
+
+
+def test_batch_of_keeps_keyword_inputs() -> None:
+    ids, mask = torch.arange(6).reshape(3, 2), torch.ones(3, 2)
+    out = batch_of({"input_ids": ids, "attention_mask": mask}, 4)
+    assert set(out) == {"input_ids", "attention_mask"} and out["input_ids"].shape == (4, 2)
+    assert torch.equal(out["input_ids"][3], ids[0]) and out["attention_mask"].shape == (4, 2)

@@ -18,26 +18,29 @@ from typing import Any, Sequence
 
 import torch
 from torch.export import Dim
+from torch.utils._pytree import tree_map_only
+
+from .inputs import ModelInputs, args_and_kwargs, input_tensors, map_tensors
 
 AUTO = "auto"
 STATIC = "static"
 
 
-def auto_spec(inputs: Sequence[torch.Tensor]) -> tuple:
+def auto_spec(inputs: ModelInputs) -> Any:
     """Every dimension of every input may stay dynamic (torch.export decides); size-1 dimensions are static
-    (torch specializes them anyway, with a warning)."""
-    return tuple({d: Dim.AUTO for d in range(t.dim()) if t.shape[d] != 1} or None if t.dim() else None
-                 for t in inputs)
+    (torch specializes them anyway, with a warning). Same structure as ``inputs`` (a dict for keyword inputs)."""
+    return tree_map_only(torch.Tensor, lambda t: {d: Dim.AUTO for d in range(t.dim()) if t.shape[d] != 1} or None
+                         if t.dim() else None, inputs)
 
 
-def batch_spec(inputs: Sequence[torch.Tensor]) -> tuple:
-    return tuple({0: Dim.AUTO} if t.dim() else None for t in inputs)
+def batch_spec(inputs: ModelInputs) -> Any:
+    return tree_map_only(torch.Tensor, lambda t: {0: Dim.AUTO} if t.dim() else None, inputs)
 
 
-def widen_unit_batch(inputs: Sequence[torch.Tensor]) -> tuple:
+def widen_unit_batch(inputs: ModelInputs) -> ModelInputs:
     """A batch of 1 would be specialized (torch's 0/1 rule): trace a batch of 2 copies instead."""
-    return tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() > 0 and t.shape[0] == 1 else t
-                 for t in inputs)
+    return map_tensors(lambda t: t.expand(2, *t.shape[1:]).contiguous() if t.dim() > 0 and t.shape[0] == 1 else t,
+                       inputs)
 
 
 def symbolic_dims(program: Any) -> list[list[int]]:
@@ -56,15 +59,26 @@ def symbolic_dims(program: Any) -> list[list[int]]:
     return out
 
 
-def spec_for(dims: Sequence[Sequence[int]]) -> tuple:
-    """torch.export ``dynamic_shapes`` keeping ``dims`` dynamic (e.g. to re-export a sub-network)."""
-    return tuple({d: Dim.AUTO for d in ds} or None for ds in dims)
+def spec_for(dims: Sequence[Sequence[int]], names: Sequence[str] | None = None) -> Any:
+    """torch.export ``dynamic_shapes`` keeping ``dims`` dynamic (e.g. to re-export a sub-network);
+    with ``names`` (keyword inputs) a dict keyed by them."""
+    spec = tuple({d: Dim.AUTO for d in ds} or None for ds in dims)
+    return dict(zip(names, spec)) if names is not None else spec
 
 
-def requested_dims(spec: Any, n_inputs: int) -> list[list[int]]:
-    """The dimensions a torch.export-style spec (tuple/list of dicts, or a dict of those) marks dynamic."""
+def requested_dims(spec: Any, inputs: ModelInputs) -> list[list[int]]:
+    """Per input tensor, the dimensions a torch.export-style spec (tuple/list of dicts, or a dict keyed by
+    argument names) marks dynamic."""
+    n_inputs = len(input_tensors(inputs))
     if isinstance(spec, dict) and spec and all(isinstance(k, str) for k in spec):
-        spec = list(spec.values())
+        if isinstance(inputs, dict):
+            unknown = sorted(set(spec) - set(inputs))
+            if unknown:
+                raise ValueError(f"dynamic_shapes names {unknown}, which are not among the example inputs "
+                                 f"{list(inputs)}.")
+            spec = [spec.get(k) for k in inputs]
+        else:
+            spec = list(spec.values())
     if not isinstance(spec, (tuple, list)) or len(spec) != n_inputs:
         raise ValueError(f"dynamic_shapes must give one entry per example input ({n_inputs}), got {spec!r}.")
     out: list[list[int]] = []
@@ -109,23 +123,26 @@ def _user_line() -> str:
     return "unknown location"
 
 
-def explain_pins(model: torch.nn.Module, inputs: tuple, requested: list[list[int]]) -> list[str]:
+def explain_pins(model: torch.nn.Module, inputs: ModelInputs, requested: list[list[int]]) -> list[str]:
     """Re-trace with ``Dim.AUTO`` on the requested dims and say, per pinned dim, what pinned it."""
-    spec = tuple({d: Dim.AUTO for d in ds} or None for ds in requested)
+    keywords = list(inputs) if isinstance(inputs, dict) else None
+    spec = spec_for(requested, keywords)
+    args, kwargs = args_and_kwargs(inputs)
     logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     handler = _GuardLog()
     old = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        program = torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
+        program = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=spec, strict=False)
     except Exception as e:  # noqa: BLE001 - the explanation is best effort; the caller raises anyway
         return [f"torch.export could not trace it with these dimensions dynamic: {str(e).splitlines()[0]}"]
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old)
     kept = symbolic_dims(program)
-    names = _argument_names(model, len(inputs))
+    tensors = input_tensors(inputs)
+    names = keywords or _argument_names(model, len(tensors))
     out = []
     for i, dims in enumerate(requested):
         for d in dims:
@@ -134,12 +151,13 @@ def explain_pins(model: torch.nn.Module, inputs: tuple, requested: list[list[int
             suffixes = (f"['{names[i]}'].size()[{d}]", f"[{i}].size()[{d}]")
             syms = [s for s, src in handler.sources.items() if src.endswith(suffixes)]
             pin = next((p for p in handler.pins if any(_mentions(p[0], s) for s in syms)), None)
-            size = int(inputs[i].shape[d])
+            size = int(tensors[i].shape[d])
+            which = f"input {names[i]!r}" if keywords else f"input {i}"
             if pin is None:
-                out.append(f"input {i} dimension {d} is fixed to {size} by the model")
+                out.append(f"{which} dimension {d} is fixed to {size} by the model")
             else:
                 op = pin[1].strip("()").split(" in ")[-1].removeprefix("meta_")
-                out.append(f"input {i} dimension {d} is fixed to {size} by the operator {op} at {pin[2]}")
+                out.append(f"{which} dimension {d} is fixed to {size} by the operator {op} at {pin[2]}")
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.fx
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import DynamicShapeError, TraceError
 from . import dynamic
+from .inputs import ModelInputs, args_and_kwargs, as_model_inputs, check_devices, input_tensors
 
 
 def op_name(target: Any) -> str:
@@ -83,46 +84,14 @@ class OpGraph:
         return out
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    if example_inputs is None:
-        raise ValueError(
-            "example_inputs is required: pass a tensor (or a tuple of tensors) shaped like one batch "
-            "of real input, e.g. OTO(model, torch.randn(1, 3, 32, 32))."
-        )
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        example_inputs = tuple(example_inputs)
-    if not isinstance(example_inputs, tuple) or not example_inputs:
-        raise TypeError(
-            f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}."
-        )
-    for i, t in enumerate(example_inputs):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"example_inputs[{i}] is a {type(t).__name__}; every example input must be a torch.Tensor.")
-    return example_inputs
-
-
-def check_devices(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
-    devs = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
-    in_devs = {t.device for t in inputs}
-    if len(devs) > 1:
-        raise ValueError(f"The model's parameters live on several devices ({sorted(map(str, devs))}); "
-                         "move the whole model to one device first (model.to(device)).")
-    if devs and in_devs and devs != in_devs:
-        raise ValueError(
-            f"The model's parameters are on {next(iter(devs))} but the example input is on "
-            f"{sorted(map(str, in_devs))}: move the example input with x.to({str(next(iter(devs)))!r})."
-        )
-
-
-def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
-    inputs = _as_tuple(example_inputs)
+def normalize_inputs(model: nn.Module, example_inputs: Any) -> ModelInputs:
+    """Validated example inputs (:mod:`lightning_oto.graph.inputs`) on the model's device."""
+    inputs = as_model_inputs(example_inputs)
     check_devices(model, inputs)
     return inputs
 
 
-def export_program(model: nn.Module, inputs: tuple, dynamic_batch: bool = False,
+def export_program(model: nn.Module, inputs: ModelInputs, dynamic_batch: bool = False,
                    dynamic_shapes: Any = None) -> Any:
     """Non-strict torch.export in eval mode; the model's mode is restored afterwards.
 
@@ -154,23 +123,28 @@ def _first_lines(e: BaseException, n: int = 12) -> str:
     return "\n".join(str(e).strip().splitlines()[:n])
 
 
-def _export_with_shapes(model: nn.Module, inputs: tuple, dynamic_batch: bool, dynamic_shapes: Any) -> Any:
+def _export(model: nn.Module, inputs: ModelInputs, spec: Any = None) -> Any:
+    args, kwargs = args_and_kwargs(inputs)
+    return torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=spec, strict=False)
+
+
+def _export_with_shapes(model: nn.Module, inputs: ModelInputs, dynamic_batch: bool, dynamic_shapes: Any) -> Any:
     if dynamic_shapes in (None, dynamic.STATIC) and not dynamic_batch:
-        return torch.export.export(model, inputs, strict=False)
+        return _export(model, inputs)
     if dynamic_shapes in (None, dynamic.STATIC, dynamic.AUTO):
         wide = dynamic.widen_unit_batch(inputs)
         specs = [dynamic.auto_spec(wide)] if dynamic_shapes == dynamic.AUTO else []
         specs.append(dynamic.batch_spec(wide))
         for spec in specs:
             try:
-                return torch.export.export(model, wide, dynamic_shapes=spec, strict=False)
+                return _export(model, wide, spec)
             except Exception as e:  # noqa: BLE001 - fewer dynamic dimensions still give a correct program
                 log.debug("lightning_oto: export with dynamic shapes %s failed (%s); trying fewer", spec,
                           str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return torch.export.export(model, inputs, strict=False)
-    wanted = dynamic.requested_dims(dynamic_shapes, len(inputs))
+        return _export(model, inputs)
+    wanted = dynamic.requested_dims(dynamic_shapes, inputs)
     try:
-        return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        return _export(model, inputs, dynamic_shapes)
     except Exception as e:  # noqa: BLE001 - say which dimension is pinned, and by what
         if "onstraint" not in str(e) and "specialized" not in str(e):
             raise
@@ -311,7 +285,7 @@ def build_graph(program: Any) -> OpGraph:
 
 
 def trace(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> OpGraph:
-    """Trace ``model`` on ``example_inputs`` (tensor or tuple) into an OpGraph; the model is not modified.
+    """Trace ``model`` on ``example_inputs`` (tensor, tuple or dict of keyword inputs) into an OpGraph; the model is not modified.
 
     ``dynamic_shapes``: see :func:`export_program` (``"auto"`` keeps every dimension the model
     allows dynamic; the OpGraph's shapes are always the example's sizes).
@@ -329,4 +303,4 @@ def trace(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> 
 
 
 __all__ = ["OpGraph", "OpNode", "TraceError", "trace", "build_graph", "normalize_inputs", "op_name",
-           "export_program", "check_devices"]
+           "export_program", "check_devices", "input_tensors"]

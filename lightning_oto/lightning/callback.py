@@ -39,6 +39,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ..graph.inputs import describe
 from ..errors import SubnetMismatchError
 from ..optim import HalfSpaceOptimizer
 from ..optim.factory import hparams_from_torch_optimizer, trainable_named_params
@@ -103,8 +104,9 @@ class OTOCallback(Callback):
     * ``saliency, saliency_ema, epsilon, lambda_scale, descent_margin``: half-space optimizer settings.
     * ``ignored_layers, max_group_sparsity, round_to, dynamic_shapes``: passed to ``OTO(...)`` when set.
     * ``network_attr``: dotted attribute of the module to compress (default: the LightningModule);
-      ``example_inputs``: default ``pl_module.example_input_array``, else 2 samples of the first
-      training batch (said once).
+      ``example_inputs``: a tensor, a tuple, or a dict of keyword inputs; default
+      ``pl_module.example_input_array``, else 2 samples of the first training batch (said once; a dict
+      batch without its labels, as keywords or as one dict argument, by the network's forward signature).
     * ``bn_recalibration_batches`` (20; 0 disables): re-estimate BatchNorm statistics on that many
       training batches before verification and export.
     * ``verify_atol, verify_rtol``: largest accepted |sub(x) - full(x)| is ``atol + rtol * max|full(x)|``;
@@ -237,10 +239,9 @@ class OTOCallback(Callback):
             if self.oto.mode != self.mode:
                 raise ValueError(f"{self._who()}: the LightningModule's OTOMixin uses mode {self.oto.mode!r}.")
         else:
-            x, source = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer)
+            x, source = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer, net)
             if source == "a training batch":
-                self._say(1, f"no example_input_array: tracing with {source}, input shape(s) "
-                             f"{[tuple(t.shape) for t in x]}.")
+                self._say(1, f"no example_input_array: tracing with {source}, input shape(s) {describe(x)}.")
             self.oto = OTO(net, to_device(x, net), mode=self.mode, **self.settings.oto_kwargs())
         self._check_space()
         self._param_shapes = dict(self.oto.graph.param_shapes)

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..graph.inputs import ModelInputs, map_tensors
 from ..space.groups import Group, zero_group
 from ..subnet.plan import plan_keeping_one
 from ..subnet.slim import slim_copy
@@ -63,8 +64,25 @@ def subnet_payload(oto: Any, zero_ids: Sequence[int], network_attr: str | None, 
         payload["plan"] = [[name, dim, sorted(int(i) for i in idx)] for (name, dim), idx in sorted(plan.items())]
     else:
         payload["zero_group_ids"] = [int(i) for i in zero_ids]
-        payload["example_inputs"] = [[list(t.shape), str(t.dtype).replace("torch.", "")] for t in oto.example_inputs]
+        payload["example_inputs"] = _input_shapes(oto.example_inputs)
     return payload
+
+
+def _input_shapes(inputs: ModelInputs) -> Any:
+    """[shape, dtype] per example input: a list (positional) or a dict (keyword inputs), JSON-able."""
+    spec = map_tensors(lambda t: [list(t.shape), str(t.dtype).replace("torch.", "")], inputs)
+    return dict(spec) if isinstance(spec, dict) else list(spec)
+
+
+def _zero_inputs(shapes: Any, device: torch.device) -> ModelInputs:
+    """Zero tensors of the recorded shapes: the erase-mode trace only needs shapes and dtypes."""
+    def zeros(entry: Any) -> torch.Tensor:
+        shape, dtype = entry
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+
+    if isinstance(shapes, dict):
+        return {k: zeros(v) for k, v in shapes.items()}
+    return tuple(zeros(v) for v in shapes)
 
 
 def _already_applied(module: nn.Module, state_dict: Mapping[str, Any] | None) -> bool:
@@ -101,9 +119,8 @@ def apply_subnet_payload(module: nn.Module, payload: Mapping[str, Any],
 def _rebuild_erased(net: nn.Module, payload: Mapping[str, Any]) -> nn.Module:
     from ..oto import OTO  # the facade: only this upper layer may import it
 
-    inputs = tuple(torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in payload["example_inputs"])
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
-    oto = OTO(net, tuple(t.to(device) for t in inputs), mode="erase")
+    oto = OTO(net, _zero_inputs(payload["example_inputs"], device), mode="erase")
     found = space_hash(oto.groups, "erase")
     if found != payload["space_hash"]:
         raise RuntimeError(

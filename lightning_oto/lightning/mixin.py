@@ -34,6 +34,7 @@ from torch import nn
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ..graph.inputs import describe
 from ..optim import HalfSpaceOptimizer
 from ..optim.factory import build_optimizer, trainable_named_params
 from ..oto import OTO
@@ -93,10 +94,10 @@ class OTOMixin:
             settings = self.oto_settings()
             net = self.oto_network
             who = f"{type(self).__name__} (OTOMixin)"
-            x, source = resolve_example_inputs(self, None, who, self._oto_trainer())
+            x, source = resolve_example_inputs(self, None, who, self._oto_trainer(), net)
             if source == "a training batch":
                 rank_zero_info(f"[lightning_oto] {who}: no example_input_array; tracing with {source}, input "
-                               f"shape(s) {[tuple(t.shape) for t in x]}.")
+                               f"shape(s) {describe(x)}.")
             self._oto = OTO(net, to_device(x, net), mode=settings.mode, **settings.oto_kwargs())
         return self._oto
 

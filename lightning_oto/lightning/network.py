@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..graph.inputs import ModelInputs, as_model_inputs, map_tensors
 from ..subnet.recalibrate import batch_inputs
 from .compat import module_stores
 
@@ -42,23 +43,20 @@ def resolve_network(pl_module: nn.Module, network_attr: str | None) -> nn.Module
     return net
 
 
-def as_input_tuple(x: Any, who: str) -> tuple[torch.Tensor, ...]:
-    """A tensor / list / tuple of tensors as a tuple, or a TypeError naming what was given."""
-    if isinstance(x, torch.Tensor):
-        x = (x,)
-    elif isinstance(x, list):
-        x = tuple(x)
-    if not isinstance(x, tuple) or not x or not all(isinstance(t, torch.Tensor) for t in x):
-        raise TypeError(
-            f"{who}: the example input must be a tensor or a tuple of tensors (dict inputs are not supported), got "
-            f"{type(x).__name__}.")
-    return x
+def as_example_inputs(x: Any, who: str) -> ModelInputs:
+    """A tensor / list / tuple (positional) or a dict (keyword inputs), or a TypeError naming what was given."""
+    try:
+        return as_model_inputs(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{who}: {e}") from e
 
 
 def training_loader(trainer: Any) -> Any:
     """The trainer's training dataloader (the first one of a collection), loaded through the public API if needed."""
     if trainer.train_dataloader is None:
-        _ = trainer.estimated_stepping_batches  # loads the train dataloader
+        _ = trainer.estimated_stepping_batches  # loads the train dataloader ...
+    if trainer.train_dataloader is None:  # ... except for a max_steps-only run, which returns before loading
+        trainer.fit_loop.setup_data()
     loader = trainer.train_dataloader
     if isinstance(loader, dict):
         loader = next(iter(loader.values()), None)
@@ -74,37 +72,41 @@ def first_train_batch(trainer: Any) -> Any:
     return next(iter(training_loader(trainer)))
 
 
-def resolve_example_inputs(pl_module: Any, example_inputs: Any, who: str,
-                           trainer: Any = None) -> tuple[tuple[torch.Tensor, ...], str]:
+def resolve_example_inputs(pl_module: Any, example_inputs: Any, who: str, trainer: Any = None,
+                           network: nn.Module | None = None) -> tuple[ModelInputs, str]:
     """Example inputs and where they came from: the argument, ``example_input_array`` or a training batch.
 
-    Without either of the first two, the first ``EXAMPLE_BATCH`` samples of the first training batch
-    are used (its input part: ``batch[0]`` for ``(x, y)`` batches).
+    A dict is keyword inputs (``network(**x)``), as for Lightning's ``example_input_array``. Without either
+    of the first two, the first ``EXAMPLE_BATCH`` samples of the first training batch are used: its input
+    part (``batch[0]`` for ``(x, y)`` batches; a dict batch without its labels, see
+    :func:`~lightning_oto.subnet.recalibrate.batch_inputs`, which reads ``network``'s forward signature).
     """
     if example_inputs is not None:
-        return as_input_tuple(example_inputs, who), "argument"
+        return as_example_inputs(example_inputs, who), "argument"
     x = getattr(pl_module, "example_input_array", None)
     if x is not None:
-        return as_input_tuple(x, who), "example_input_array"
+        return as_example_inputs(x, who), "example_input_array"
     if trainer is not None:
         try:
-            inputs = batch_inputs(first_train_batch(trainer))
+            inputs = as_example_inputs(batch_inputs(first_train_batch(trainer), network), who)
         except (TypeError, ValueError, StopIteration) as e:
             raise ValueError(f"{who} needs an example input to trace the network and could not take one from the "
-                             f"training data ({e}): set `self.example_input_array` in your LightningModule.") from e
-        inputs = as_input_tuple(tuple(inputs), who)
-        return tuple(t[:EXAMPLE_BATCH] if t.dim() else t for t in inputs), "a training batch"
+                             f"training data ({e}): set `self.example_input_array` in your LightningModule (a "
+                             "tensor, a tuple, or a dict of keyword inputs such as {'input_ids': ids, "
+                             "'attention_mask': mask}), or pass OTOCallback(example_inputs=...).") from e
+        return map_tensors(lambda t: t[:EXAMPLE_BATCH] if t.dim() else t, inputs), "a training batch"
     raise ValueError(
         f"{who} needs an example input to trace the network: set `self.example_input_array = "
-        f"torch.randn(2, C, H, W)` in your LightningModule's __init__, or pass example_inputs=... .")
+        f"torch.randn(2, C, H, W)` (or a dict of keyword inputs) in your LightningModule's __init__, or pass "
+        "example_inputs=... .")
 
 
-def to_device(inputs: Sequence[torch.Tensor], module: nn.Module) -> tuple[torch.Tensor, ...]:
+def to_device(inputs: ModelInputs, module: nn.Module) -> ModelInputs:
     """Move example inputs to where ``module``'s parameters are (Lightning moves modules around)."""
     dev = next((p.device for p in module.parameters()), None)
     if dev is None:
         dev = next((b.device for b in module.buffers()), torch.device("cpu"))
-    return tuple(t.to(dev) for t in inputs)
+    return map_tensors(lambda t: t.to(dev), inputs)
 
 
 def install_subnet(pl_module: nn.Module, network_attr: str | None, sub: nn.Module) -> nn.Module:
@@ -130,6 +132,6 @@ def install_subnet(pl_module: nn.Module, network_attr: str | None, sub: nn.Modul
     return shell
 
 
-__all__ = ["EXAMPLE_BATCH", "as_input_tuple", "batch_inputs", "first_train_batch", "get_attr_path",
+__all__ = ["EXAMPLE_BATCH", "as_example_inputs", "batch_inputs", "first_train_batch", "get_attr_path",
            "install_subnet", "resolve_example_inputs", "resolve_network", "set_attr_path", "to_device",
            "training_loader"]

@@ -15,19 +15,21 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils._pytree import TreeSpec
 
-from ..graph.trace import export_program
+from ..graph.inputs import ModelInputs, args_and_kwargs, as_model_inputs, input_tensors, program_input_names
+from ..graph.trace import concrete_size, export_program
 from .load import (FILE_ROLES, MANIFEST_FILE, METADATA_FILE, METADATA_KEY, ONNX_FILE, PROGRAM_FILE,
                        STATE_DICT_FILE, OnnxModule, load_program)
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs
 
 FORMATS = ("torch", "onnx")
-METADATA_VERSION = 1
-_RESERVED = ("inputs", "metadata_version")
+METADATA_VERSION = 2  # 2: inputs by name (keyword inputs), example_shape beside the dynamic shape, call
+_RESERVED = ("inputs", "call", "metadata_version")
 
 # loggers that narrate the ONNX export step by step ("Removed 38 unused nodes", every registered op)
 _CHATTY_LOGGERS = {"onnx_ir": logging.WARNING, "onnxscript": logging.WARNING, "torch.onnx": logging.ERROR}
@@ -52,27 +54,36 @@ def _quiet_onnx():
 
 
 # ---- metadata --------------------------------------------------------------------------------------
-def _input_specs(program: Any) -> list[dict[str, Any]]:
-    """Shape (None where the program keeps a dimension symbolic) and dtype of every user input."""
+def _input_specs(program: Any, inputs: ModelInputs | None = None) -> list[dict[str, Any]]:
+    """Per user input: its name (the keyword for dict inputs, else ``input_<i>``; the ONNX input names),
+    ``shape`` (``None`` where the program keeps a dimension dynamic), ``example_shape`` (the example's
+    sizes: a shape that runs, e.g. ``torch.rand(*example_shape)``) and dtype."""
     names = list(program.graph_signature.user_inputs)
     by_name = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    input_names = program_input_names(program)
+    examples = input_tensors(inputs) if inputs is not None else []
+    if isinstance(inputs, dict) and set(inputs) == set(input_names):  # by name: the program may order them
+        examples = [inputs[n] for n in input_names]
     specs = []
     for i, name in enumerate(names):
         val = by_name[name].meta.get("val") if name in by_name else None
         if not isinstance(val, torch.Tensor):
             continue
         shape = [int(d) if isinstance(d, int) else None for d in val.shape]
-        specs.append({"name": f"input_{i}", "shape": shape, "dtype": str(val.dtype).replace("torch.", "")})
+        example = list(examples[i].shape) if i < len(examples) else [concrete_size(d) for d in val.shape]
+        specs.append({"name": input_names[i], "shape": shape, "example_shape": [int(d) for d in example],
+                      "dtype": str(val.dtype).replace("torch.", "")})
     return specs
 
 
-def _build_metadata(user: Mapping[str, Any] | None, program: Any) -> dict[str, Any]:
+def _build_metadata(user: Mapping[str, Any] | None, program: Any, inputs: ModelInputs | None = None) -> dict[str, Any]:
     meta = dict(user or {})  # a copy: the caller's dict is not touched
     clash = [k for k in _RESERVED if k in meta]
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved: the input shapes and dtypes are recorded from the "
                          "example inputs.")
-    meta["inputs"] = _input_specs(program)
+    meta["inputs"] = _input_specs(program, inputs)
+    meta["call"] = "keywords" if isinstance(inputs, dict) else "positional"
     meta["metadata_version"] = METADATA_VERSION
     try:
         json.dumps(meta)
@@ -82,7 +93,7 @@ def _build_metadata(user: Mapping[str, Any] | None, program: Any) -> dict[str, A
 
 
 # ---- tracing ---------------------------------------------------------------------------------------
-def _program(sub: nn.Module, inputs: tuple, dynamic_shapes: Any) -> Any:
+def _program(sub: nn.Module, inputs: ModelInputs, dynamic_shapes: Any) -> Any:
     """The one program both files are written from.
 
     ``None``: a dynamic batch, as exports always had. ``"auto"`` or a torch.export spec: passed to
@@ -99,15 +110,41 @@ def _program(sub: nn.Module, inputs: tuple, dynamic_shapes: Any) -> Any:
     return program
 
 
+def plain_output_spec(spec: TreeSpec) -> TreeSpec:
+    """The same leaves in builtin containers: a mapping (``transformers``' ``ModelOutput``, an OrderedDict)
+    becomes a dict with its keys, any other container type a tuple. A file whose output structure names
+    a class needs that class's code to load; the plain one loads in any Python process."""
+    if spec.is_leaf():
+        return spec
+    children = [plain_output_spec(c) for c in spec.children_specs]
+    if spec.type in (tuple, list, dict):
+        return TreeSpec(spec.type, spec.context, children)
+    keys = spec.context
+    if isinstance(spec.type, type) and issubclass(spec.type, Mapping) and isinstance(keys, (list, tuple)) \
+            and len(keys) == len(children):
+        return TreeSpec(dict, list(keys), children)
+    return TreeSpec(tuple, None, children)
+
+
+def _plain_outputs(program: Any) -> None:
+    """Give the program plain output containers (see :func:`plain_output_spec`); the computation is unchanged."""
+    signature = program.module_call_graph[0].signature
+    if signature is not None and signature.out_spec is not None:
+        signature.out_spec = plain_output_spec(signature.out_spec)
+
+
 # ---- writers ---------------------------------------------------------------------------------------
-def _write_onnx(program: Any, inputs: tuple, path: Path, meta: dict[str, Any]) -> None:
-    """ONNX from the program; weights embedded unless the model is over 2 GB (the exporter decides)."""
-    names = [f"input_{i}" for i in range(len(inputs))]
+def _write_onnx(program: Any, inputs: ModelInputs, path: Path, meta: dict[str, Any]) -> None:
+    """ONNX from the program; weights embedded unless the model is over 2 GB (the exporter decides). The
+    input names are the program's, in its order (a dict's keys for keyword inputs)."""
+    names = program_input_names(program)
+    args, kwargs = args_and_kwargs(inputs)
     stale = path.with_name(path.name + ".data")  # a previous export's external weights
     if stale.exists():
         stale.unlink()
     with _quiet_onnx():
-        onnx_program = torch.onnx.export(program, inputs, dynamo=True, verbose=False, input_names=names)
+        onnx_program = torch.onnx.export(program, args, kwargs=kwargs or None, dynamo=True, verbose=False,
+                                         input_names=names)
         onnx_program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
         onnx_program.save(str(path), external_data=None)
 
@@ -121,17 +158,19 @@ def _remove_stale(out: Path, formats: tuple[str, ...]) -> None:
                 (out / name).unlink(missing_ok=True)
 
 
-def _check(sub: nn.Module, loaded: nn.Module, inputs: tuple, what: str, atol: float) -> str:
+def _check(sub: nn.Module, loaded: nn.Module, inputs: ModelInputs, what: str, atol: float) -> str:
     err = check_outputs(sub, loaded, inputs, atol=atol, rtol=DEFAULT_RTOL, context=f"reloaded {what}")
     return f"{err:.3g}"
 
 
-def export_subnet(sub: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, out_dir: str | Path,
+def export_subnet(sub: nn.Module, example_inputs: Any, out_dir: str | Path,
                   formats: Iterable[str] = FORMATS, check: bool = True, metadata: Mapping[str, Any] | None = None,
                   dynamic_shapes: Any = None, atol: float = DEFAULT_ATOL) -> dict[str, str]:
     """Write ``sub`` into ``out_dir`` so that ``lightning_oto.load(out_dir)`` gives it back; returns {kind: path}.
 
-    ``formats``: ``"torch"`` (state dict + ``subnet.pt2``) and/or ``"onnx"``. ``metadata``: a JSON-able
+    ``example_inputs``: a tensor, a tuple, or a dict of keyword inputs (the files then take the same
+    keywords; the ONNX inputs are named after them). ``formats``: ``"torch"`` (state dict +
+    ``subnet.pt2``) and/or ``"onnx"``. ``metadata``: a JSON-able
     dict of what inference needs (see :func:`lightning_oto.data.inference.inference_metadata`); the input shapes and dtypes are
     added from the example inputs. ``dynamic_shapes``: a ``torch.export`` spec; default, a dynamic
     batch. With ``check``, every file is reloaded and compared with ``sub`` (``SubnetMismatchError``).
@@ -141,7 +180,7 @@ def export_subnet(sub: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown export format(s) {bad}; choose from {FORMATS}.")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = as_model_inputs(example_inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale(out, formats)
@@ -150,7 +189,8 @@ def export_subnet(sub: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     sub.eval()
     try:
         program = _program(sub, inputs, dynamic_shapes)
-        meta = _build_metadata(metadata, program)
+        _plain_outputs(program)
+        meta = _build_metadata(metadata, program, inputs)
         (out / METADATA_FILE).write_text(json.dumps(meta, indent=2))
         paths = {"metadata": str(out / METADATA_FILE)}
         if "torch" in formats:

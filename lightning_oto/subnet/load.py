@@ -10,7 +10,9 @@ each file is for:
 - ``subnet_state_dict.pt``: the weights alone. In prune mode the sub-network is your own class with
   fewer channels: ``load(state_dict, model=YourNet())`` shrinks a fresh instance to the saved shapes
   and loads it. In erase mode it matches the module ``load(dir)`` returns (same keys).
-- ``metadata.json``: what inference needs (input shape/dtype, normalisation, class names); the
+- ``metadata.json``: what inference needs (per input its name, dynamic ``shape`` with ``null`` for a
+  dynamic dimension, ``example_shape`` and dtype; ``call``: positional or keywords; normalisation,
+  class names); the
   program and the ONNX file carry a copy, so a single file loads with its metadata too.
 - ``export_manifest.json``: the paths, the reload checks' errors and these descriptions.
 
@@ -27,6 +29,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..graph.inputs import input_tensors
 from .erase import modularize, program_module
 from .slim import slim_copy
 
@@ -158,7 +161,10 @@ class OnnxModule(nn.Module):
     def _run(self, arrays: Sequence[Any]) -> list[torch.Tensor]:
         return [torch.from_numpy(o) for o in self.session.run(None, dict(zip(self.input_names, arrays)))]
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: torch.Tensor) -> Any:
+        """Positional tensors (a dict argument counts as its values, in order), or the export's keyword
+        inputs by name (``model(input_ids=..., attention_mask=...)``)."""
+        inputs = self._ordered(args, kwargs)
         device = inputs[0].device if inputs else torch.device("cpu")
         arrays = [t.detach().cpu().numpy() for t in inputs]
         n = arrays[0].shape[0] if arrays and arrays[0].ndim else None
@@ -169,6 +175,18 @@ class OnnxModule(nn.Module):
             outs = self._run_in_chunks(arrays, n, B)
         outs = [o.to(device) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _ordered(self, args: tuple, kwargs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:  # forward(self, batch): by its keys
+            args, kwargs = (), args[0]
+        if not kwargs:
+            return input_tensors(args)
+        missing = [n for n in self.input_names if n not in kwargs]
+        unknown = sorted(set(kwargs) - set(self.input_names))
+        if args or missing or unknown:
+            raise TypeError(f"{Path(self.path).name} takes the inputs {self.input_names} (all by keyword, or all "
+                            f"in this order); got {len(args)} positional and the keywords {sorted(kwargs)}.")
+        return [kwargs[n] for n in self.input_names]
 
     def _run_in_chunks(self, arrays: list[Any], n: int, B: int) -> list[torch.Tensor]:
         import numpy as np

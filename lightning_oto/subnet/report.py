@@ -9,29 +9,30 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..graph.inputs import ModelInputs, as_model_inputs, call_model, map_tensors
 from ..space.groups import Group
 from .plan import removal_plan
 
 
-def count_flops(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], on_meta: bool = False) -> int:
+def count_flops(model: nn.Module, inputs: torch.Tensor | ModelInputs, on_meta: bool = False) -> int:
     """FLOPs of one forward pass in eval mode (torch.utils.flop_counter: a multiply-add counts 2).
 
     FLOPs depend only on shapes: ``on_meta`` counts on a ``meta``-device copy (no arithmetic, no
     memory; large networks in about the time of a trace) and falls back to a real forward for
     models that cannot run on ``meta``.  The caller's model is never modified.
     """
-    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    args = as_model_inputs(inputs)
     if on_meta:
         try:
             meta_model = copy.deepcopy(model).to("meta")
-            return _flops(meta_model, tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in args))
+            return _flops(meta_model, map_tensors(lambda t: t.to("meta"), args))
         except Exception:  # noqa: BLE001 - any meta failure just means "count for real"
             pass
     return _flops(model, args)
 
 
 @torch.no_grad()
-def _flops(model: nn.Module, args: tuple) -> int:
+def _flops(model: nn.Module, args: ModelInputs) -> int:
     was = model.training
     fast = torch.backends.mha.get_fastpath_enabled()
     _set_mode(model, False)
@@ -39,14 +40,14 @@ def _flops(model: nn.Module, args: tuple) -> int:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as fc:
-            model(*args)
+            call_model(model, args)
         return int(fc.get_total_flops())
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
         _set_mode(model, was)
 
 
-def count_macs(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], on_meta: bool = True) -> int:
+def count_macs(model: nn.Module, inputs: torch.Tensor | ModelInputs, on_meta: bool = True) -> int:
     """Multiply-accumulates of one forward pass: the papers' "FLOPs" column (use a batch of 1 per image)."""
     return count_flops(model, inputs, on_meta=on_meta) // 2
 
@@ -87,7 +88,7 @@ def count_params_removed(groups: Sequence[Group], zero_ids: Iterable[int],
     return removed
 
 
-def compression_report(full: nn.Module, sub: nn.Module | None, inputs: Sequence[torch.Tensor],
+def compression_report(full: nn.Module, sub: nn.Module | None, inputs: ModelInputs,
                        groups: Sequence[Group], zero_ids: Sequence[int],
                        speed_batch_sizes: Sequence[int] = (), speed_of: nn.Module | None = None,
                        speed_runs: int = 7) -> dict[str, Any]:

@@ -14,17 +14,21 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..graph.inputs import ModelInputs, as_model_inputs, call_model, input_tensors, map_tensors
 
-def batch_of(inputs: Sequence[Any], batch: int) -> tuple[Any, ...]:
-    """The example inputs at another batch size: rows repeated (or cut) along dim 0 of every tensor."""
+
+def batch_of(inputs: ModelInputs, batch: int) -> ModelInputs:
+    """The example inputs at another batch size: rows repeated (or cut) along dim 0 of every tensor
+    (positional or keyword inputs keep their form)."""
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch sizes must be integers >= 1, got {batch!r}")
-    out = []
-    for t in inputs:
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 0:
-            t = t[torch.arange(batch, device=t.device) % t.shape[0]]
-        out.append(t)
-    return tuple(out)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() > 0 and t.shape[0] > 0:
+            return t[torch.arange(batch, device=t.device) % t.shape[0]]
+        return t
+
+    return map_tensors(rows, inputs)
 
 
 def _sync(device: torch.device) -> None:
@@ -32,15 +36,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _device_of(model: nn.Module, inputs: Sequence[Any]) -> torch.device:
+def _device_of(model: nn.Module, inputs: ModelInputs) -> torch.device:
     p = next(iter(model.parameters()), None)
     if p is not None:
         return p.device
-    return next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    return next((t.device for t in input_tensors(inputs)), torch.device("cpu"))
 
 
 @torch.inference_mode()
-def interleaved_times(models: dict[str, nn.Module], inputs: Sequence[Any], runs: int = 7,
+def interleaved_times(models: dict[str, nn.Module], inputs: ModelInputs, runs: int = 7,
                       warmup: int = 2) -> dict[str, float]:
     """Median seconds of one forward per model (eval mode; each model's mode is restored)."""
     if runs < 1 or warmup < 0:
@@ -52,12 +56,12 @@ def interleaved_times(models: dict[str, nn.Module], inputs: Sequence[Any], runs:
         for m in models.values():
             m.eval()
             for _ in range(warmup):
-                m(*inputs)
+                call_model(m, inputs)
         for _ in range(runs):
             for name, m in models.items():
                 _sync(device)
                 t0 = time.perf_counter()
-                m(*inputs)
+                call_model(m, inputs)
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
     finally:
@@ -66,10 +70,10 @@ def interleaved_times(models: dict[str, nn.Module], inputs: Sequence[Any], runs:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def measure_speedup(full: nn.Module, sub: nn.Module, inputs: Sequence[Any], batch_sizes: Sequence[int] = (1,),
+def measure_speedup(full: nn.Module, sub: nn.Module, inputs: Any, batch_sizes: Sequence[int] = (1,),
                     runs: int = 7, warmup: int = 2) -> dict[str, Any]:
     """``{"device", "runs", "batches": {str(b): {"full_ms", "sub_ms", "speedup"}}}`` (speed-up = full / sub)."""
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    inputs = as_model_inputs(inputs)
     out: dict[str, Any] = {"device": str(_device_of(full, inputs)), "runs": runs, "warmup": warmup, "batches": {}}
     for b in dict.fromkeys(batch_sizes):  # unique, in order
         t = interleaved_times({"full": full, "sub": sub}, batch_of(inputs, b), runs=runs, warmup=warmup)

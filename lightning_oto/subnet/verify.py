@@ -6,13 +6,14 @@ in eval mode reaches ~1e12); tests on small models hold the absolute part alone.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ..errors import SubnetMismatchError
+from ..graph.inputs import ModelInputs, call_model
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-5
@@ -33,7 +34,7 @@ def tensor_leaves(out: Any) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def output_difference(full: nn.Module, sub: nn.Module, inputs: Sequence[Any]) -> tuple[float, float]:
+def output_difference(full: nn.Module, sub: nn.Module, inputs: ModelInputs) -> tuple[float, float]:
     """(max |sub(x) - full(x)|, max |full(x)|) over every output tensor, both in eval mode (modes restored).
 
     A different number of outputs or a shape mismatch is an infinite difference.  NaN on both sides
@@ -43,8 +44,8 @@ def output_difference(full: nn.Module, sub: nn.Module, inputs: Sequence[Any]) ->
     _set_mode(full, False)
     _set_mode(sub, False)
     try:
-        a = tensor_leaves(full(*inputs))
-        b = tensor_leaves(sub(*inputs))
+        a = tensor_leaves(call_model(full, inputs))
+        b = tensor_leaves(call_model(sub, inputs))
     finally:
         _set_mode(full, modes[0])
         _set_mode(sub, modes[1])
@@ -74,7 +75,7 @@ def allowed_error(scale: float, atol: float = DEFAULT_ATOL, rtol: float = DEFAUL
     return atol + rtol * scale
 
 
-def check_outputs(full: nn.Module, sub: nn.Module, inputs: Sequence[Any], atol: float = DEFAULT_ATOL,
+def check_outputs(full: nn.Module, sub: nn.Module, inputs: ModelInputs, atol: float = DEFAULT_ATOL,
                   rtol: float = DEFAULT_RTOL, context: str = "") -> float:
     """Raise :class:`SubnetMismatchError` unless ``sub`` matches ``full`` on ``inputs``; returns the error."""
     err, scale = output_difference(full, sub, inputs)

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 from torch import nn
 
+from ..graph.inputs import input_tensors
 from ..graph.trace import OpGraph, op_name
 from ..space.channels import UnionFind
 from ..space.rules import canonical_op, kind_of, rule_for
@@ -109,7 +110,7 @@ def fx_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> dict[str, tupl
     was = gm.training
     gm.eval()
     try:
-        _Rec(gm).run(*inputs)
+        _Rec(gm).run(*input_tensors(inputs))  # the placeholders are the flattened inputs (keywords too)
     except Exception as e:  # noqa: BLE001 - drawing falls back to the traced shapes
         log.info("lightning_oto.viz: could not re-measure sub-network shapes (%s); using traced ones", e)
     finally:
