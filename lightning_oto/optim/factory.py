@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..space.groups import Group
+from ..space.costs import check_budget
 from .half_space import DHSPG, H2SPG, HESSO, HalfSpaceOptimizer
 
 OPTIMIZERS: dict[str, type[HalfSpaceOptimizer]] = {"dhspg": DHSPG, "h2spg": H2SPG, "hesso": HESSO}
@@ -78,6 +79,12 @@ def build_optimizer(
     """
     resolved = resolve_optimizer(mode, name, erase_ablation)
     kwargs = {k: v for k, v in hyperparams.items() if v is not None}
+    budget = check_budget(kwargs.pop("budget", None))
+    if budget and "target_group_sparsity" in kwargs:
+        raise ValueError(f"give budget ({budget}) or target_group_sparsity "
+                         f"({kwargs['target_group_sparsity']}), not both: they are two ways to say how much goes.")
+    if budget:
+        kwargs["budget"] = budget
     if "target_group_sparsity" in kwargs:
         kwargs["target_group_sparsity"] = check_target_sparsity(kwargs["target_group_sparsity"])
     if "betas" in kwargs:
