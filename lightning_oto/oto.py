@@ -6,7 +6,7 @@ import random
 from collections import Counter
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from .errors import InvalidSubnetError, SubnetMismatchError  # noqa: F401 - re-e
 from .graph import dynamic
 from .graph.trace import OpGraph, normalize_inputs, trace
 from .modes import make_mode
+from .optim.factory import DEFAULT_TARGET_SPARSITY
 from .space import controls
 from .space.costs import BUDGET_TOLERANCE, CostModel, check_budget, measure_costs, time_forward
 from .space.groups import Group, group_is_zero, zero_group
@@ -23,8 +24,6 @@ from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_dif
 log = logging.getLogger("lightning_oto")
 
 MODES = ("prune", "erase")
-#: what ``dhspg/h2spg/hesso`` remove when given neither a budget nor a target
-DEFAULT_TARGET_SPARSITY = 0.5
 
 
 class OTO:
@@ -169,24 +168,38 @@ class OTO:
         Every refusal happens here, before a step and without touching the model."""
         from .optim.factory import build_optimizer
 
-        budget = check_budget(budget)
-        if budget and target is not None:
-            raise ValueError(f"give budget ({budget}) or target_group_sparsity ({target}), not both: they are two "
-                             "ways to say how much goes.")
-        if not budget and target is None:
-            target = DEFAULT_TARGET_SPARSITY
         ablation = bool(kwargs.pop("erase_ablation", False))
-        if self.candidate_filter is not None:
-            kwargs.setdefault("candidate_filter", self.candidate_filter)
-        if budget:
-            kwargs["cost_model"] = self.cost_model(latency="latency" in budget)
-            self._check_reachable(budget, kwargs["cost_model"])
+        selection = self.selection_kwargs(target, budget)
+        if "candidate_filter" in kwargs:
+            selection.pop("candidate_filter", None)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return build_optimizer(name, named, self.groups, mode=self.mode, hierarchy_check=self.hierarchy_check,
-                               erase_ablation=ablation, lr=lr, target_group_sparsity=target, budget=budget or None,
-                               **kwargs)
+                               erase_ablation=ablation, lr=lr, **selection, **kwargs)
 
     # ------------------------------------------------------------------ budgets
+    def selection_kwargs(self, target_group_sparsity: float | None = None,
+                         budget: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """How an optimizer chooses what goes, as its keyword arguments: ``target_group_sparsity`` (default
+        0.5) or a checked ``budget`` with its ``cost_model``, plus the caps and floors as ``candidate_filter``.
+
+        The one path for ``dhspg/h2spg/hesso``, :class:`OTOCallback` and :class:`OTOMixin`; every refusal
+        (unknown key, fraction outside (0, 1], both given, a model that cannot run for a latency budget,
+        a budget below the floors) happens here, before a step and without touching the model.
+        """
+        checked = check_budget(budget)
+        if checked and target_group_sparsity is not None:
+            raise ValueError(f"give budget ({checked}) or target_group_sparsity ({target_group_sparsity}), not both: "
+                             "they are two ways to say how much goes.")
+        out: dict[str, Any] = {}
+        if self.candidate_filter is not None:
+            out["candidate_filter"] = self.candidate_filter
+        if not checked:
+            target = DEFAULT_TARGET_SPARSITY if target_group_sparsity is None else target_group_sparsity
+            return {**out, "target_group_sparsity": target}
+        costs = self.cost_model(latency="latency" in checked)
+        self._check_reachable(checked, costs)
+        return {**out, "budget": checked, "cost_model": costs}
+
     def cost_model(self, latency: bool = False) -> CostModel:
         """What removing each group saves (params, FLOPs; with ``latency`` also the measured time on the
         model's device at the example input's batch size).  Measured once and cached."""

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..optim.factory import check_target_sparsity, resolve_optimizer
+from ..optim.factory import DEFAULT_TARGET_SPARSITY, check_target_sparsity, resolve_optimizer
+from ..space.controls import check_min_width
+from ..space.costs import check_budget
 from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
 #: fractions of the planned optimizer steps used when no warm-up / projection length is given
@@ -51,7 +53,10 @@ class OTOSettings:
 
     mode: str = "prune"
     optimizer: str | None = None
-    target_group_sparsity: float = 0.5
+    #: None: 0.5 without a budget (resolved on construction)
+    target_group_sparsity: float | None = None
+    #: {"flops" | "params" | "latency": fraction the sub-network may keep}; instead of target_group_sparsity
+    budget: Mapping[str, float] | None = None
     warmup_steps: int | None = None
     warmup_epochs: float | None = None
     projection_steps: int | None = None
@@ -77,6 +82,7 @@ class OTOSettings:
     ignored_layers: Sequence[Any] | None = None
     max_group_sparsity: Mapping[Any, float] | None = None
     round_to: int | None = None
+    min_width: float | None = None
     dynamic_shapes: Any = None
     # what is compressed
     network_attr: str | None = None
@@ -99,7 +105,15 @@ class OTOSettings:
 
     def __post_init__(self) -> None:
         self.optimizer = resolve_optimizer(self.mode, self.optimizer, self.erase_ablation)
-        self.target_group_sparsity = check_target_sparsity(self.target_group_sparsity)
+        self.budget = check_budget(self.budget) or None
+        if self.budget and self.target_group_sparsity is not None:
+            raise ValueError(f"give budget ({self.budget}) or target_group_sparsity ({self.target_group_sparsity}), "
+                             "not both: they are two ways to say how much goes.")
+        if not self.budget:
+            target = DEFAULT_TARGET_SPARSITY if self.target_group_sparsity is None else self.target_group_sparsity
+            self.target_group_sparsity = check_target_sparsity(target)
+        if self.min_width is not None:
+            self.min_width = check_min_width(self.min_width)
         self._check_lengths()
         self._check_numbers()
         self.export_formats = tuple(self.export_formats)
@@ -160,7 +174,7 @@ class OTOSettings:
     def oto_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``OTO(...)`` beyond model/inputs/mode: only those that were set."""
         out = {"ignored_layers": self.ignored_layers, "max_group_sparsity": self.max_group_sparsity,
-               "round_to": self.round_to, "dynamic_shapes": self.dynamic_shapes}
+               "round_to": self.round_to, "dynamic_shapes": self.dynamic_shapes, "min_width": self.min_width}
         return {k: v for k, v in out.items() if v is not None}
 
     def base_hparams(self) -> dict[str, Any]:
@@ -169,8 +183,9 @@ class OTOSettings:
                                               "weight_decay")}
 
     def search_hparams(self) -> dict[str, Any]:
-        """Half-space settings that do not depend on the trainer (phase lengths come from phase_lengths)."""
-        return {"target_group_sparsity": self.target_group_sparsity, "pruning_periods": self.pruning_periods,
+        """Half-space settings that do not depend on the trainer (phase lengths come from phase_lengths; what
+        goes - target or budget - from ``OTO.selection_kwargs(target_group_sparsity, budget)``)."""
+        return {"pruning_periods": self.pruning_periods,
                 "saliency": self.saliency, "saliency_ema": self.saliency_ema, "epsilon": self.epsilon,
                 "lambda_scale": self.lambda_scale, "descent_margin": self.descent_margin}
 

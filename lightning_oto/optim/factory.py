@@ -37,6 +37,10 @@ ABLATION_OPTIMIZERS: dict[str, tuple[str, ...]] = {"prune": (), "erase": ("dhspg
 BASE_HPARAMS = ("lr", "variant", "momentum", "nesterov", "betas", "eps", "weight_decay")
 
 
+#: what the optimizers remove when given neither a budget nor a target
+DEFAULT_TARGET_SPARSITY = 0.5
+
+
 def check_target_sparsity(target: Any) -> float:
     """``target_group_sparsity`` as a float in ``[0, 1)``, or a ``ValueError`` that says so."""
     if (isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target)
@@ -172,6 +176,7 @@ def trainable_named_params(network: nn.Module, extra: Iterable[torch.Tensor] = (
 __all__ = [
     "ABLATION_OPTIMIZERS",
     "ALLOWED_OPTIMIZERS",
+    "DEFAULT_TARGET_SPARSITY",
     "BASE_HPARAMS",
     "DEFAULT_OPTIMIZER",
     "OPTIMIZERS",

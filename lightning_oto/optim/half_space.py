@@ -86,6 +86,8 @@ from lightning_oto.space.groups import Group
 
 #: a budget selection may undershoot its target by at most this much (half the reported tolerance)
 BUDGET_SLACK = BUDGET_TOLERANCE / 2
+#: at most this many groups are tried for giving back after an overshoot (each try recounts the set)
+_MAX_GIVE_BACK = 128
 
 __all__ = ["HalfSpaceOptimizer", "DHSPG", "H2SPG", "HESSO", "VARIANTS", "CandidateFilter"]
 
@@ -516,9 +518,13 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             accepted.add(gid)
             chosen.append(pos)
             fr = tracker.fractions()
-        chosen += self._close_the_gap(tracker, targets, skipped, accepted, rules)
+        closing = self._close_the_gap(tracker, targets, skipped, accepted, rules)
+        if closing:  # a large group closed the gap: the small ones before it may be surplus now
+            chosen = self._drop_surplus(chosen + closing, targets)
+        tracker = self.cost_model.tracker(set(self._redundant_ids) | {ids[p] for p in chosen})
         self.budget_reached = tracker.fractions()
-        self.num_redundant_target = len(accepted)
+        self.num_redundant_target = len(self._redundant_ids) + len(chosen)
+        self._warn_if_off(targets)
         return chosen
 
     def _close_the_gap(self, tracker: Any, targets: dict[str, float], skipped: list[int], accepted: set[int],
@@ -539,7 +545,27 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             tracker.add(ids[best])
             accepted.add(ids[best])
             chosen.append(best)
-        fr = tracker.fractions()
+        return chosen
+
+    def _drop_surplus(self, chosen: list[int], targets: dict[str, float]) -> list[int]:
+        """After a large last group overshot a target, give back the groups (last taken first) that are
+        no longer needed: removing fewer groups keeps every acceptance rule satisfied."""
+        ids = self._index.group_ids
+        base = set(self._redundant_ids)
+
+        def fractions(positions: list[int]) -> dict[str, float]:
+            return self.cost_model.kept_fraction(base | {ids[p] for p in positions})
+
+        if not any(fractions(chosen)[k] < t - BUDGET_SLACK for k, t in targets.items()):
+            return chosen
+        for pos in list(reversed(chosen))[:_MAX_GIVE_BACK]:
+            trial = [p for p in chosen if p != pos]
+            if all(v <= targets[k] for k, v in fractions(trial).items() if k in targets):
+                chosen = trial
+        return chosen
+
+    def _warn_if_off(self, targets: dict[str, float]) -> None:
+        fr = self.budget_reached
         short = {k: round(fr[k], 4) for k, t in targets.items() if fr[k] > t + BUDGET_TOLERANCE}
         over = {k: round(fr[k], 4) for k, t in targets.items() if fr[k] < t - BUDGET_TOLERANCE}
         if (short or over) and not self._warned_short:
@@ -547,7 +573,6 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             why = (f"cannot be met by groups that pass {self._rules_name()}; the sub-network keeps {short}" if short
                    else f"falls between the groups' sizes (whole operators are coarse); the nearest keeps {over}")
             warnings.warn(f"{type(self).__name__}: the budget {targets} {why}.", stacklevel=5)
-        return chosen
 
     def _score(self, stats: GroupStats) -> torch.Tensor:
         s = self._saliency_fn(stats)
