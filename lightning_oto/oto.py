@@ -1,6 +1,7 @@
 """`OTO`: the one object users hold — trace once, search space, optimizers, construction, export."""
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections import Counter
@@ -204,8 +205,38 @@ class OTO:
         """What removing each group saves (params, FLOPs; with ``latency`` also the measured time on the
         model's device at the example input's batch size).  Measured once and cached."""
         if latency not in self._costs:
-            self._costs[latency] = measure_costs(self.model, self.example_inputs, self.groups, latency=latency)
+            costs = measure_costs(self.model, self.example_inputs, self.groups, latency=latency)
+            if latency:
+                self._calibrate_latency(costs)
+            self._costs[latency] = costs
         return self._costs[latency]
+
+    def _smallest(self, keys: Iterable[str], costs: CostModel) -> Any:
+        """Tracker of (about) the smallest sub-network the acceptance rules allow: greedy, largest saving first."""
+        tracker = costs.tracker()
+        order = sorted((g.id for g in self.prunable_groups),
+                       key=lambda gid: -sum(tracker.saving(gid)[k] for k in keys))
+        for gid in order:
+            if self.can_remove(frozenset(tracker.ids), gid):
+                tracker.add(gid)
+        return tracker
+
+    @torch.no_grad()
+    def _calibrate_latency(self, costs: CostModel) -> None:
+        """Fit ``measured = a + b * modelled`` through the full model and the smallest sub-network, built on a
+        copy (the model is not touched) and timed on its device at the example input's batch size."""
+        smallest = self._smallest(["latency"], costs)
+        raw = smallest.raw_fractions()["latency"]
+        if not smallest.ids or raw >= 0.999:
+            return
+        copy_ = copy.deepcopy(self.model)
+        params = dict(copy_.named_parameters())
+        for gid in smallest.ids:
+            zero_group(self.groups[gid], params)
+        sub = self._mode.construct(copy_, [self.groups[i] for i in sorted(smallest.ids)])
+        measured = time_forward(sub, self.example_inputs) / time_forward(self.model, self.example_inputs)
+        b = max((1.0 - measured) / (1.0 - raw), 1e-3)  # a smallest network that is not faster: nothing to gain
+        costs.calibration["latency"] = (1.0 - b, b)
 
     def _check_reachable(self, budget: dict[str, float], costs: CostModel) -> None:
         """Refuse a budget that the floors (or caps, kept groups, the hierarchy check) make unreachable.
@@ -213,12 +244,7 @@ class OTO:
         Greedily removes every group the acceptance rules allow, largest saving first: what is left is
         (about) the smallest sub-network the search space allows.
         """
-        tracker = costs.tracker()
-        order = sorted((g.id for g in self.prunable_groups),
-                       key=lambda gid: -sum(tracker.saving(gid)[k] for k in budget))
-        for gid in order:
-            if self.can_remove(frozenset(tracker.ids), gid):
-                tracker.add(gid)
+        tracker = self._smallest(budget, costs)
         least = tracker.fractions()
         short = {k: least[k] for k, b in budget.items() if least[k] > b + BUDGET_TOLERANCE / 2}
         if not short:

@@ -15,11 +15,14 @@ mode that sees every ATen operator):
   channels) are removed.  An operator without a parameter (attention's ``q @ k^T``, SDPA) charges
   the *rows* of the weight that produced its first input (it scales with the kept output width of
   that producer: attention heads).  What no parameter explains stays.
-* **latency** (an approximation, documented as such): each operator is timed once (median of a
-  few runs) on the model's device at the example input's batch size; the time is charged the same
+* **latency** (an approximation, documented as such): each operator is timed (median of a few
+  runs) on the model's device at the example input's batch size; the time is charged the same
   way, and operators without a parameter (relu, pooling, add) charge the rows of the parameter
   that produced their input (a BatchNorm's affine or a conv's weight), so they shrink with the kept
-  width.  It assumes an operator's time is linear in its width; small layers on a GPU are not.
+  width.  Time is not linear in width (fixed per-call overheads, kernels that do not shrink), so
+  ``OTO`` calibrates the modelled fraction with two measured points - the full model and the
+  smallest sub-network the search space allows, built and timed once - as ``a + b * modelled``
+  (:attr:`CostModel.calibration`).  Between those points the fraction is still interpolated.
 
 Removing a set of groups keeps, per tensor, ``prod_d (size_d - removed_d)`` entries (rows of one
 group, columns of another: the overlap is counted once) and ``(size_r - removed_r) / size_r`` of its
@@ -100,6 +103,13 @@ class CostModel:
     tensors: dict[str, TensorCost]
     totals: dict[str, float]
     footprints: dict[int, list[tuple[str, int, tuple[int, ...] | None]]]
+    #: key -> (a, b): the reported fraction is ``a + b * modelled`` (latency: fitted to two measured
+    #: points, the full model and the smallest sub-network, so fixed per-operator overheads count)
+    calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def calibrated(self, key: str, raw: float) -> float:
+        a, b = self.calibration.get(key, (0.0, 1.0))
+        return a + b * raw
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -150,6 +160,8 @@ class KeptTracker:
             old = self._tensor_kept[name]
             for k in out:
                 out[k] += (old.get(k, 0.0) - new.get(k, 0.0)) / max(self.model.totals[k], 1e-30)
+        for k, (_, b) in self.model.calibration.items():
+            out[k] *= b
         return out
 
     def add(self, gid: int) -> None:
@@ -167,8 +179,12 @@ class KeptTracker:
                 self._removed.setdefault(name, {}).setdefault(dim, set()).update(idx)
         self.ids.add(gid)
 
-    def fractions(self) -> dict[str, float]:
+    def raw_fractions(self) -> dict[str, float]:
+        """The modelled fractions before calibration."""
         return {k: max(0.0, v) / max(self.model.totals[k], 1e-30) for k, v in self._kept_abs.items()}
+
+    def fractions(self) -> dict[str, float]:
+        return {k: self.model.calibrated(k, v) for k, v in self.raw_fractions().items()}
 
 
 # ---------------------------------------------------------------------------------------------- measuring
