@@ -6,8 +6,8 @@ measured) chooses the redundant set, the sub-network is constructed and measured
 
 * FLOPs / params: ``oto.compression_report(sub)`` (torch.utils.flop_counter, per forward at batch 8;
   the fractions do not depend on the batch size).
-* latency: the modelled fraction (per-operator times scaled linearly with width, see
-  ``lightning_oto/space/costs.py``) next to the *measured* one (median of 30 eval forwards of sub vs
+* latency: the modelled fraction (per-operator times scaled linearly with width, calibrated, see
+  ``lightning_oto/space/costs.py``) next to the *measured* one (fastest of 30 eval forwards of sub vs
   full on this machine's device at batch 8).
 
 Writes a markdown table (``--out``, default ``docs/budgets_table.md``).  About 2 minutes on 2 CPU cores.
@@ -89,7 +89,7 @@ def run_case(name: str, mode: str, budget: dict[str, float], device: str) -> dic
 
 def table(rows: list[dict[str, object]], device: str) -> str:
     lines = [f"Budget asked vs kept by the constructed sub-network ({device}, {platform.processor() or 'cpu'}; "
-             "FLOPs/params per forward at batch 8, fractions batch-independent; latency = measured median eval "
+             "FLOPs/params per forward at batch 8, fractions batch-independent; latency = measured fastest-of-30 eval "
              "forward of sub / full at batch 8, `benchmarks/bench_budget.py`).", "",
              "| model | mode | budget | FLOPs kept | params kept | latency kept (measured) | "
              "budgeted key as modelled |", "|---|---|---|---|---|---|---|"]

@@ -76,6 +76,22 @@ def test_prune_budget_is_met_by_the_constructed_subnet(net, opt_name, budget):
     assert all(after >= floor for after, floor in _layer_widths(oto).values())
 
 
+def test_budget_in_periods_reaches_the_fraction_in_the_last_one():
+    model, x = _resnet()
+    oto = OTO(model, x, mode="prune")
+    opt = oto.dhspg(lr=0.01, budget={"flops": 0.5}, warmup_steps=1, projection_steps=4, pruning_periods=2)
+    kept = []
+    for _ in range(6):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        kept.append(opt.budget_reached.get("flops"))
+    assert kept[1] is not None and 0.75 - TOL <= kept[1] <= 0.75 + TOL  # first period: halfway
+    assert 0.5 - TOL <= kept[-1] <= 0.5 + TOL
+    rep = oto.compression_report(oto.construct_subnet())
+    assert 0.5 - TOL <= rep["flop_ratio"] <= 0.5 + TOL
+
+
 def test_erase_budget_is_exact_and_the_coarse_gap_is_said():
     """Erase groups are whole operators: the accounting is exact, and a budget between two operator sizes
     lands on the nearest reachable size with a warning that says so."""
