@@ -77,6 +77,7 @@ class OTOSettings:
     epsilon: float | None = None
     lambda_scale: float | None = None
     descent_margin: float | None = None
+    cost_weight: float | None = None  # a budget's ranking: saliency / saving**cost_weight (optimizer default 0.5)
     erase_ablation: bool = False
     # search space, forwarded to OTO(...)
     ignored_layers: Sequence[Any] | None = None
@@ -187,7 +188,8 @@ class OTOSettings:
         goes - target or budget - from ``OTO.selection_kwargs(target_group_sparsity, budget)``)."""
         return {"pruning_periods": self.pruning_periods,
                 "saliency": self.saliency, "saliency_ema": self.saliency_ema, "epsilon": self.epsilon,
-                "lambda_scale": self.lambda_scale, "descent_margin": self.descent_margin}
+                "lambda_scale": self.lambda_scale, "descent_margin": self.descent_margin,
+                "cost_weight": self.cost_weight}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (for the report): objects are shown by their repr."""
