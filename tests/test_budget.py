@@ -289,3 +289,25 @@ def test_hydra_budget_run_writes_asked_and_reached(tmp_path):
     assert result["budget"] == {"flops": 0.5} and result["target_group_sparsity"] is None
     assert abs(result["budget_reached"]["flops"] - 0.5) <= TOL
     assert abs(result["flop_ratio"] - 0.5) <= TOL
+
+
+def test_mixin_reads_budget_and_floors_from_hparams():
+    import lightning as L
+
+    from lightning_oto import OTOMixin
+
+    class Lit(OTOMixin, L.LightningModule):
+        def __init__(self, budget, min_width=0.2):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net, self.example_input_array = _resnet()
+
+        def forward(self, x):
+            return self.net(x)
+
+    opt = Lit({"params": 0.5}).oto_optimizer(warmup_steps=1, projection_steps=2)
+    assert opt.budget == {"params": 0.5} and opt.cost_model is not None
+    lit = Lit({"params": 0.5})
+    assert all(f.keep >= math.ceil(0.2 * f.width) for f in lit.oto.floors) and lit.oto.floors
+    with pytest.raises(ValueError, match="not both"):
+        Lit({"params": 0.5}).oto_optimizer(target_group_sparsity=0.3, warmup_steps=1, projection_steps=2)
