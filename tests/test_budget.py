@@ -28,6 +28,10 @@ def _demonet(width_mult: float = 1.0) -> tuple[nn.Module, torch.Tensor]:
     return DemoNet(width_mult=width_mult, image_size=16), torch.randn(2, 1, 16, 16)
 
 
+def _demonet_half() -> tuple[nn.Module, torch.Tensor]:
+    return _demonet(0.5)
+
+
 def _resnet() -> tuple[nn.Module, torch.Tensor]:
     return make("resnet_tiny")
 
@@ -58,8 +62,8 @@ def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize("net,opt_name,budget", [
-    (_demonet, "dhspg", {"flops": 0.5}),
-    (_demonet, "dhspg", {"params": 0.3}),
+    (_demonet_half, "dhspg", {"flops": 0.5}),
+    (_demonet_half, "dhspg", {"params": 0.3}),
     (_resnet, "dhspg", {"flops": 0.4}),
     (_resnet, "hesso", {"params": 0.5}),
     (_resnet, "dhspg", {"flops": 0.6, "params": 0.6}),
