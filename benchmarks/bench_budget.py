@@ -90,7 +90,7 @@ def run_case(name: str, mode: str, budget: dict[str, float], device: str) -> dic
 def table(rows: list[dict[str, object]], device: str) -> str:
     lines = [f"Budget asked vs kept by the constructed sub-network ({device}, {platform.processor() or 'cpu'}; "
              "FLOPs/params per forward at batch 8, fractions batch-independent; latency = measured fastest-of-30 eval "
-             "forward of sub / full at batch 8, `benchmarks/bench_budget.py`).", "",
+             "forward of sub / full at batch 8, `benchmarks/bench_budget.py`; the CPU is shared with other jobs, so latency is noisy: compare rows, not digits). Erase mode removes whole operators: a budget between two operator sizes lands on the nearest one, with a warning.", "",
              "| model | mode | budget | FLOPs kept | params kept | latency kept (measured) | "
              "budgeted key as modelled |", "|---|---|---|---|---|---|---|"]
     for r in rows:
