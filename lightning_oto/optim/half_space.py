@@ -209,19 +209,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         cost_weight: float = 0.5,
     ) -> None:
         named = self._check_named_params(named_params)
-        self.budget = check_budget(budget)
-        if self.budget and not isinstance(cost_model, CostModel):
-            raise ValueError("a budget needs cost_model (a lightning_oto.space.costs.CostModel): build the optimizer "
-                             "with OTO(...).dhspg/h2spg/hesso(budget=...), which measures it.")
-        missing = [k for k in self.budget if cost_model is not None and k not in cost_model.totals]
-        if missing:
-            raise ValueError(f"budget key(s) {missing} were not measured by cost_model (it has "
-                             f"{sorted(cost_model.totals)}).")
-        self.cost_model = cost_model
-        if not _finite(cost_weight) or not 0.0 <= cost_weight <= 1.0:
-            raise ValueError(f"cost_weight must be in [0, 1], got {cost_weight!r}")
-        self.cost_weight = float(cost_weight)
-        self.budget_reached: dict[str, float] = {}
+        self._set_budget(budget, cost_model, cost_weight)
         base = dict(lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
                     weight_decay=weight_decay)
         search = dict(
@@ -350,6 +338,23 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             _check_int("saliency_steps", a["saliency_steps"], 1)
         if a["candidate_filter"] is not None and not callable(a["candidate_filter"]):
             raise ValueError("candidate_filter must be callable (accepted_ids: frozenset[int], candidate_id: int) -> bool")
+
+    def _set_budget(self, budget: Mapping[str, float] | None, cost_model: CostModel | None,
+                    cost_weight: float) -> None:
+        """Validate and keep the budget settings (the selection reads them at :meth:`_choose_budget`)."""
+        self.budget = check_budget(budget)
+        if self.budget and not isinstance(cost_model, CostModel):
+            raise ValueError("a budget needs cost_model (a lightning_oto.space.costs.CostModel): build the optimizer "
+                             "with OTO(...).dhspg/h2spg/hesso(budget=...), which measures it.")
+        missing = [k for k in self.budget if cost_model is not None and k not in cost_model.totals]
+        if missing:
+            raise ValueError(f"budget key(s) {missing} were not measured by cost_model (it has "
+                             f"{sorted(cost_model.totals)}).")
+        if not _finite(cost_weight) or not 0.0 <= cost_weight <= 1.0:
+            raise ValueError(f"cost_weight must be in [0, 1], got {cost_weight!r}")
+        self.cost_model = cost_model
+        self.cost_weight = float(cost_weight)
+        self.budget_reached: dict[str, float] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_init_done", False):

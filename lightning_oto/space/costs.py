@@ -39,8 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode  # the documented home of dispatch modes
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from .groups import Group
@@ -212,7 +212,7 @@ class _Attribution(TorchDispatchMode):
             if self.sync is not None:
                 self.sync()
             elapsed = time.perf_counter() - start
-        flat = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        flat = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         params = [self.storages[_ptr(t)] for t in flat if _ptr(t) in self.storages]
         packet = func._overloadpacket
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
@@ -235,7 +235,7 @@ class _Attribution(TorchDispatchMode):
                 for key, value in costs.items():
                     self._charge(self.rows, owner, key, value)
         if owner is not None:
-            for t in tree_flatten(out)[0]:
+            for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.owner[_ptr(t)] = owner
         return out
