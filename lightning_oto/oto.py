@@ -1,12 +1,13 @@
 """`OTO`: the one object users hold — trace once, search space, optimizers, construction, export."""
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections import Counter
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +16,9 @@ from .errors import InvalidSubnetError, SubnetMismatchError  # noqa: F401 - re-e
 from .graph import dynamic
 from .graph.trace import OpGraph, normalize_inputs, trace
 from .modes import make_mode
+from .optim.factory import DEFAULT_TARGET_SPARSITY
 from .space import controls
+from .space.costs import BUDGET_TOLERANCE, CostModel, check_budget, measure_costs, time_forward
 from .space.groups import Group, group_is_zero, zero_group
 from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_difference
 
@@ -40,12 +43,15 @@ class OTO:
     The controls pruning users expect (:mod:`lightning_oto.space.controls`): ``ignored_layers``
     (modules or name patterns whose variables stay), ``max_group_sparsity`` (``{module or pattern:
     cap in [0, 1]}`` on the fraction of its groups that may go) and, in prune mode, ``round_to=N``
-    (channels go N at a time per layer).
+    (channels go N at a time per layer).  ``min_width`` (prune mode, default 0.1): every layer keeps at
+    least that fraction of its channels and at least one group (one ``round_to`` bundle, one attention
+    head), whatever the selection asks; 0 turns the floors off.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, mode: str = "prune", *,
                  ignored_layers: Iterable[Any] | None = None, max_group_sparsity: dict[Any, float] | None = None,
-                 round_to: int = 1, dynamic_shapes: Any = dynamic.AUTO) -> None:
+                 round_to: int = 1, dynamic_shapes: Any = dynamic.AUTO,
+                 min_width: float = controls.DEFAULT_MIN_WIDTH) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if mode not in MODES:
@@ -56,6 +62,7 @@ class OTO:
             raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}.")
         if round_to > 1 and mode != "prune":
             raise ValueError("round_to counts channels: it applies to mode='prune' only.")
+        self.min_width = controls.check_min_width(min_width)
         ignored = controls.module_names(model, ignored_layers or (), "ignored_layers")
         self.model = model
         self.mode = mode
@@ -65,7 +72,11 @@ class OTO:
         self.groups: list[Group] = controls.bundle(self._mode.groups, round_to)
         self._mode.groups = self.groups
         controls.apply_ignored(self.groups, ignored)
-        self.candidate_filter = controls.cap_filter(model, self.groups, max_group_sparsity or {})
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.floors = controls.layer_floors(self.groups, shapes, self.min_width) if mode == "prune" else []
+        self.candidate_filter = controls.all_of(controls.cap_filter(model, self.groups, max_group_sparsity or {}),
+                                                controls.floor_filter(self.floors))
+        self._costs: dict[bool, Any] = {}
         self.unsupported_ops: dict[str, str] = self._mode.unsupported
         self._explain_search_space()
 
@@ -136,38 +147,143 @@ class OTO:
         return sorted(chosen)
 
     # ------------------------------------------------------------------ optimizers
-    def dhspg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
+    def dhspg(self, lr: float = 0.1, target_group_sparsity: float | None = None,
+              budget: dict[str, float] | None = None, **kwargs: Any) -> torch.optim.Optimizer:
         """DHSPG over this search space (prune mode; in erase mode only for the paper's Table 4 ablation,
-        with ``erase_ablation=True``)."""
-        return self.build_optimizer("dhspg", lr=lr, target_group_sparsity=target_group_sparsity, **kwargs)
+        with ``erase_ablation=True``).  How much goes: ``target_group_sparsity`` (default 0.5) or
+        ``budget={"flops" | "params" | "latency": fraction kept}``, not both."""
+        return self.build_optimizer("dhspg", lr=lr, target_group_sparsity=target_group_sparsity, budget=budget,
+                                    **kwargs)
 
-    def h2spg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
-        """H2SPG: hierarchical search over the erase-mode GeZIGs, then hybrid training."""
-        return self.build_optimizer("h2spg", lr=lr, target_group_sparsity=target_group_sparsity, **kwargs)
+    def h2spg(self, lr: float = 0.1, target_group_sparsity: float | None = None,
+              budget: dict[str, float] | None = None, **kwargs: Any) -> torch.optim.Optimizer:
+        """H2SPG: hierarchical search over the erase-mode GeZIGs, then hybrid training (``budget`` as dhspg)."""
+        return self.build_optimizer("h2spg", lr=lr, target_group_sparsity=target_group_sparsity, budget=budget,
+                                    **kwargs)
 
-    def hesso(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
-        """HESSO-style progressive shrinking (prune mode)."""
-        return self.build_optimizer("hesso", lr=lr, target_group_sparsity=target_group_sparsity, **kwargs)
+    def hesso(self, lr: float = 0.1, target_group_sparsity: float | None = None,
+              budget: dict[str, float] | None = None, **kwargs: Any) -> torch.optim.Optimizer:
+        """HESSO-style progressive shrinking (prune mode; ``budget`` as dhspg)."""
+        return self.build_optimizer("hesso", lr=lr, target_group_sparsity=target_group_sparsity, budget=budget,
+                                    **kwargs)
 
     def build_optimizer(self, name: str | None = None, named_params: Iterable[tuple[str, nn.Parameter]] | None = None,
-                        *, erase_ablation: bool = False, **hyperparams: Any) -> torch.optim.Optimizer:
+                        *, erase_ablation: bool = False, target_group_sparsity: float | None = None,
+                        budget: Mapping[str, float] | None = None, **hyperparams: Any) -> torch.optim.Optimizer:
         """The one construction path for an optimizer over this search space (``OTO.dhspg/h2spg/hesso``,
         :class:`OTOCallback` and :class:`OTOMixin` all come here), so what the search space carries
-        besides its groups (the hierarchy check, the per-module caps of ``max_group_sparsity`` as the
-        optimizer's ``candidate_filter``) can never be left out by one caller.
+        besides its groups (the hierarchy check, the per-module caps and layer floors as the optimizer's
+        ``candidate_filter``, a budget's costs as its ``cost_model``) can never be left out by one caller.
 
         ``name``: ``"dhspg"`` / ``"h2spg"`` / ``"hesso"`` (None: the mode's default); ``named_params``:
-        the parameters to train, named as in the trace (default: the model's trainable ones);
-        ``hyperparams`` go to :func:`lightning_oto.optim.factory.build_optimizer`.
+        the parameters to train, named as in the trace (default: the model's trainable ones); how much goes:
+        ``target_group_sparsity`` or ``budget`` (:meth:`selection_kwargs`, where every refusal happens, before
+        a step and without touching the model); ``hyperparams`` go to
+        :func:`lightning_oto.optim.factory.build_optimizer` (a ``candidate_filter`` there replaces the caps).
         """
         from .optim.factory import build_optimizer
 
-        if self.candidate_filter is not None:
-            hyperparams.setdefault("candidate_filter", self.candidate_filter)
+        selection = self.selection_kwargs(target_group_sparsity, budget)
+        selection.update(hyperparams)
         if named_params is None:
             named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return build_optimizer(name, named_params, self.groups, mode=self.mode, hierarchy_check=self.hierarchy_check,
-                               erase_ablation=erase_ablation, **hyperparams)
+                               erase_ablation=erase_ablation, **selection)
+
+    # ------------------------------------------------------------------ budgets
+    def selection_kwargs(self, target_group_sparsity: float | None = None,
+                         budget: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """How an optimizer chooses what goes, as its keyword arguments: ``target_group_sparsity`` (default
+        0.5) or a checked ``budget`` with its ``cost_model``, plus the caps and floors as ``candidate_filter``.
+
+        The one path for ``dhspg/h2spg/hesso``, :class:`OTOCallback` and :class:`OTOMixin`; every refusal
+        (unknown key, fraction outside (0, 1], both given, a model that cannot run for a latency budget,
+        a budget below the floors) happens here, before a step and without touching the model.
+        """
+        checked = check_budget(budget)
+        if checked and target_group_sparsity is not None:
+            raise ValueError(f"give budget ({checked}) or target_group_sparsity ({target_group_sparsity}), not both: "
+                             "they are two ways to say how much goes.")
+        out: dict[str, Any] = {}
+        if self.candidate_filter is not None:
+            out["candidate_filter"] = self.candidate_filter
+        if not checked:
+            target = DEFAULT_TARGET_SPARSITY if target_group_sparsity is None else target_group_sparsity
+            return {**out, "target_group_sparsity": target}
+        costs = self.cost_model(latency="latency" in checked)
+        self._check_reachable(checked, costs)
+        return {**out, "budget": checked, "cost_model": costs}
+
+    def cost_model(self, latency: bool = False) -> CostModel:
+        """What removing each group saves (params, FLOPs; with ``latency`` also the measured time on the
+        model's device at the example input's batch size).  Measured once and cached."""
+        if latency not in self._costs:
+            costs = measure_costs(self.model, self.example_inputs, self.groups, latency=latency)
+            if latency:
+                self._calibrate_latency(costs)
+            self._costs[latency] = costs
+        return self._costs[latency]
+
+    def _smallest(self, keys: Iterable[str], costs: CostModel) -> Any:
+        """Tracker of (about) the smallest sub-network the acceptance rules allow: greedy, largest saving first."""
+        tracker = costs.tracker()
+        order = sorted((g.id for g in self.prunable_groups),
+                       key=lambda gid: -sum(tracker.saving(gid)[k] for k in keys))
+        for gid in order:
+            if self.can_remove(frozenset(tracker.ids), gid):
+                tracker.add(gid)
+        return tracker
+
+    @torch.no_grad()
+    def _calibrate_latency(self, costs: CostModel) -> None:
+        """Fit ``measured = a + b * modelled`` through the full model and the smallest sub-network, built on a
+        copy (the model is not touched) and timed on its device at the example input's batch size."""
+        smallest = self._smallest(["latency"], costs)
+        raw = smallest.raw_fractions()["latency"]
+        if not smallest.ids or raw >= 0.999:
+            return
+        copy_ = copy.deepcopy(self.model)
+        params = dict(copy_.named_parameters())
+        for gid in smallest.ids:
+            zero_group(self.groups[gid], params)
+        sub = self._mode.construct(copy_, [self.groups[i] for i in sorted(smallest.ids)])
+        measured = time_forward(sub, self.example_inputs) / time_forward(self.model, self.example_inputs)
+        b = max((1.0 - measured) / (1.0 - raw), 1e-3)  # a smallest network that is not faster: nothing to gain
+        costs.calibration["latency"] = (1.0 - b, b)
+
+    def _check_reachable(self, budget: dict[str, float], costs: CostModel) -> None:
+        """Refuse a budget that the floors (or caps, kept groups, the hierarchy check) make unreachable.
+
+        Greedily removes every group the acceptance rules allow, largest saving first: what is left is
+        (about) the smallest sub-network the search space allows.
+        """
+        tracker = self._smallest(budget, costs)
+        least = tracker.fractions()
+        short = {k: least[k] for k, b in budget.items() if least[k] > b + BUDGET_TOLERANCE / 2}
+        if not short:
+            return
+        what = ", ".join(f"{k} {budget[k]:g} (the smallest sub-network keeps {v:.3f})" for k, v in short.items())
+        held = [f for f in self.floors if f.holds_at(tracker.ids)]
+        if held:
+            names = ", ".join(f"{f.layer} keeps {f.keep}/{f.width}" for f in held[:6])
+            more = f" and {len(held) - 6} more" if len(held) > 6 else ""
+            why = (f"the layer floors hold (min_width={self.min_width:g}: every layer keeps at least "
+                   f"{self.min_width:.0%} of its channels and one group): {names}{more}. Lower min_width "
+                   f"(OTO(..., min_width=0) turns the floors off) or raise the budget")
+        else:
+            why = ("the groups that may go are all gone by then (the rest are kept: unprunable structures, "
+                   "ignored_layers, max_group_sparsity caps or, in erase mode, the hierarchy check); raise the budget")
+        raise ValueError(f"budget below what the search space allows: {what}; {why}.")
+
+    def budget_report(self, sub: nn.Module, budget: dict[str, float]) -> dict[str, dict[str, float]]:
+        """Per budget key: what was asked and what the constructed ``sub`` keeps (flops/params counted,
+        latency timed on the model's device at the example input's batch size)."""
+        budget = check_budget(budget)
+        rep = self.compression_report(sub)
+        reached = {"flops": rep["flop_ratio"], "params": rep["param_ratio"]}
+        if "latency" in budget:
+            reached["latency"] = time_forward(sub, self.example_inputs) / time_forward(self.model, self.example_inputs)
+        return {k: {"asked": b, "reached": float(reached[k])} for k, b in budget.items()}
 
     def recalibrate_batchnorm(self, batches: Iterable[Any], num_batches: int = 20,
                               inputs_of: Callable[[Any], tuple] | None = None) -> int:
@@ -285,7 +401,12 @@ class OTO:
 
         zero = self.zero_group_ids() if zero_ids is None else list(zero_ids)
         if self.mode == "prune":
-            return format_summary(prune_summary(self.model, self.groups, zero), "channels")
+            table = format_summary(prune_summary(self.model, self.groups, zero), "channels")
+            held = [f for f in self.floors if f.holds_at(set(zero))]
+            if held:
+                table += (f"\nfloor held (min_width={self.min_width:g}) in {len(held)} layer(s): "
+                          + ", ".join(f"{f.layer} keeps >= {f.keep}/{f.width}" for f in held))
+            return table
         return format_summary(erase_summary(self.groups, zero), "operators")
 
     def __repr__(self) -> str:

@@ -19,15 +19,15 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-COLUMNS = ("target_group_sparsity", "optimizer", "mode", "seed", "params_full", "params_sub", "flops_full",
+COLUMNS = ("target_group_sparsity", "budget", "budget_reached", "optimizer", "mode", "seed", "params_full", "params_sub", "flops_full",
            "flops_sub", "test_acc", "valid", "group_sparsity", "status", "phase_reached", "search_finished",
            "baseline", "model", "data", "run_dir")
-SHOWN = ("run", "target_group_sparsity", "group_sparsity", "seed", "params", "flops", "test_acc", "phase_reached",
+SHOWN = ("run", "target_group_sparsity", "group_sparsity", "budget", "seed", "params", "flops", "test_acc", "phase_reached",
          "search_finished", "status")
 HEADERS = {"run": "run", "target_group_sparsity": "target sparsity", "group_sparsity": "reached", "seed": "seed",
            "params": "params (kept)", "flops": "FLOPs (kept)", "test_acc": "test acc",
            "phase_reached": "phase reached", "search_finished": "search finished", "status": "result",
-           "acc_vs_baseline": "acc vs dense"}
+           "acc_vs_baseline": "acc vs dense", "budget": "budget (asked -> reached)"}
 
 
 # ---- rows --------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
         r["status"] = status(r)
         rows.append(r)
     rows.sort(key=lambda r: (not r["baseline"], str(r.get("optimizer")), float(r.get("target_group_sparsity") or 0),
-                             r.get("seed") or 0))
+                             sorted((r.get("budget") or {}).items()), r.get("seed") or 0))
     return rows
 
 
@@ -88,6 +88,8 @@ def _cell(r: dict[str, Any], key: str, rows: Sequence[dict[str, Any]]) -> str:
         return "dense baseline" if r["baseline"] else " ".join(str(x) for x in (r.get("mode"), r.get("optimizer")) if x)
     if key in ("params", "flops"):
         return _size(r, key)
+    if key == "budget":
+        return budget_cell(r)
     if key == "test_acc":
         return "–" if v is None else f"{100 * v:.2f}%"
     if key == "acc_vs_baseline":
@@ -103,6 +105,15 @@ def _cell(r: dict[str, Any], key: str, rows: Sequence[dict[str, Any]]) -> str:
     if v is None:
         return "–"
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def budget_cell(r: dict[str, Any]) -> str:
+    """``flops 0.5 -> 0.493``: each budgeted fraction asked, and what the sub-network keeps."""
+    asked, reached = r.get("budget") or {}, r.get("budget_reached") or {}
+    if not asked:
+        return "–"
+    return ", ".join(f"{k} {v:g} -> {reached[k]:.3f}" if reached.get(k) is not None else f"{k} {v:g} -> –"
+                     for k, v in sorted(asked.items()))
 
 
 def write_table(rows: Sequence[dict[str, Any]], out: Path) -> tuple[Path, Path]:
@@ -213,7 +224,7 @@ def pareto_figure(rows: Sequence[dict[str, Any]]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     invalid = sum(r["status"] == "invalid" for r in rows)
-    title = "accuracy vs size (labels: target group sparsity)"
+    title = "accuracy vs size (labels: target group sparsity or budget)"
     if invalid:
         title += f" — {invalid} invalid sub-network(s) not plotted"
     fig.suptitle(title, fontsize=10)
@@ -223,6 +234,12 @@ def pareto_figure(rows: Sequence[dict[str, Any]]) -> Any:
     return fig
 
 
+def run_label(r: dict[str, Any]) -> str:
+    """A point's label: its budget (``flops 0.5``) or its target group sparsity."""
+    budget = r.get("budget") or {}
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(budget.items())) if budget else f"{r.get('target_group_sparsity')}"
+
+
 def _draw_series(ax: Any, rows: Sequence[dict[str, Any]], key: str) -> list[tuple[float, float, str]]:
     """Plot the rows; returns the points that want a sparsity label."""
     labels: list[tuple[float, float, str]] = []
@@ -230,7 +247,7 @@ def _draw_series(ax: Any, rows: Sequence[dict[str, Any]], key: str) -> list[tupl
         ax.plot(b[key] / 1e6, 100 * b["test_acc"], "*", ms=13, color="black", label="dense baseline")
     usable = ("valid", "degraded")
     for i, opt in enumerate(sorted({str(r.get("optimizer")) for r in rows if r["status"] in usable})):
-        pts = sorted((r[key] / 1e6, 100 * r["test_acc"], f"{r.get('target_group_sparsity')}")
+        pts = sorted((r[key] / 1e6, 100 * r["test_acc"], run_label(r))
                      for r in rows if r["status"] in usable and str(r.get("optimizer")) == opt)
         # later series smaller, so a point two optimizers share shows both
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=max(3, 8 - 2.5 * i), label=opt)
@@ -243,7 +260,7 @@ def _draw_series(ax: Any, rows: Sequence[dict[str, Any]], key: str) -> list[tupl
     if empty:
         ax.plot([r[key] / 1e6 for r in empty], [100 * r["test_acc"] for r in empty], "o", mfc="none", color="grey",
                 label="removed nothing")
-        labels.extend((r[key] / 1e6, 100 * r["test_acc"], f"{r.get('target_group_sparsity')}") for r in empty)
+        labels.extend((r[key] / 1e6, 100 * r["test_acc"], run_label(r)) for r in empty)
     return labels
 
 

@@ -120,6 +120,12 @@ def _dense_copy(cfg: DictConfig, out_dir: Path) -> DictConfig:
     return dense
 
 
+def asked_budget(oto_cfg: dict[str, Any]) -> dict[str, float] | None:
+    """The ``oto.budget`` keys that are set (the config lists every key as null), or None."""
+    budget = {k: v for k, v in (oto_cfg.get("budget") or {}).items() if v is not None}
+    return budget or None
+
+
 def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
     """Train (compressing with the OTOCallback when ``use_oto``), validate and test; the result dict."""
     import lightning as L
@@ -138,7 +144,9 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
         "experiment": cfg.get("experiment_name", "default"), "model": cfg.model.name, "data": cfg.data.name,
         "seed": cfg.seed, "baseline": not use_oto, "mode": oto_cfg.get("mode") if use_oto else None,
         "optimizer": oto_cfg.get("optimizer") if use_oto else "sgd",
-        "target_group_sparsity": oto_cfg.get("target_group_sparsity") if use_oto else 0.0,
+        "target_group_sparsity": (None if asked_budget(oto_cfg) else oto_cfg.get("target_group_sparsity"))
+        if use_oto else 0.0,
+        "budget": asked_budget(oto_cfg) if use_oto else None, "budget_reached": None,
         "valid": True, "error": None, "files": {"result": str(out_dir / "result.json")},
     }
     t0 = time.time()
@@ -150,6 +158,8 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
     result["fit_seconds"] = round(time.time() - t0, 1)
     if oto_cb is not None and oto_cb.report is not None:
         result.update({k: oto_cb.report.get(k) for k in REPORT_FIELDS})
+        reached = oto_cb.report.get("budget") or {}
+        result["budget_reached"] = {k: v["reached"] for k, v in reached.items()} or None
     elif not use_oto:
         result.update(_dense_size(module))
     if cfg.get("run_test", True) and result["valid"]:
@@ -210,6 +220,9 @@ def _trainer(cfg: DictConfig, out_dir: Path, use_oto: bool) -> tuple[Any, Any]:
     if use_oto:
         oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
         oto_cfg.pop("enabled", None)
+        oto_cfg["budget"] = asked_budget(oto_cfg)
+        if oto_cfg["budget"]:  # a budget set on the command line replaces the config's default sparsity
+            oto_cfg.pop("target_group_sparsity", None)
         oto_cfg.setdefault("plot_curves", bool(cfg.get("plot_curves", True)))
         oto_cb = OTOCallback(network_attr="net", export_dir=str(out_dir / "oto"), swap_subnet=True, **oto_cfg)
         callbacks.append(oto_cb)

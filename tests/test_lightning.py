@@ -479,7 +479,8 @@ def test_callback_caps_the_redundant_groups_per_module(tmp_path):
     (without the cap, target 0.9 takes all of them)."""
     torch.manual_seed(0)
     cb = OTOCallback(mode="prune", target_group_sparsity=0.9, warmup_steps=2, projection_steps=2,
-                     max_group_sparsity={"net.stem.0": 0.5}, bn_recalibration_batches=0, export_formats=("torch",),
+                     max_group_sparsity={"net.stem.0": 0.5}, min_width=0.0,  # no layer floors: the cap alone
+                     bn_recalibration_batches=0, export_formats=("torch",),
                      export_dir=tmp_path / "export")
     trainer(tmp_path, [cb], max_epochs=1).fit(LitTiny(), data())
     stem = _stem_groups(cb.oto)
@@ -496,6 +497,7 @@ def test_mixin_caps_the_redundant_groups_per_module(tmp_path):
     torch.manual_seed(0)
     model = MixinNet(target_group_sparsity=0.9, warmup_steps=2, projection_steps=2)
     model.hparams["max_group_sparsity"] = {"net.stem.0": 0.5}
+    model.hparams["min_width"] = 0.0  # no layer floors: the cap alone
     trainer(tmp_path, [], max_epochs=1).fit(model, data())
     chosen = set(model._oto_optimizer.redundant_group_ids)
     stem = _stem_groups(model.oto)

@@ -96,13 +96,15 @@ class OTOCallback(Callback):
     * ``mode``: ``"prune"`` (channel groups, DHSPG) or ``"erase"`` (whole operators, H2SPG);
       ``optimizer``: ``"dhspg"`` / ``"hesso"`` (prune) or ``"h2spg"`` (erase), default by mode;
       ``erase_ablation``: admit DHSPG/HESSO in erase mode (Table 4 ablation, see ``optim.factory``).
-    * ``target_group_sparsity`` in ``[0, 1)``; ``warmup_steps`` / ``warmup_epochs`` and
+    * how much goes: ``target_group_sparsity`` in ``[0, 1)`` (default 0.5) or ``budget={"flops" |
+      "params" | "latency": fraction the sub-network may keep}`` (not both); ``min_width``: each layer's
+      floor (see ``OTO``); ``warmup_steps`` / ``warmup_epochs`` and
       ``projection_steps`` / ``projection_epochs`` (default 20% / 30% of the planned steps; lengths
       in epochs that do not fit the run are scaled to fit, with one warning); ``pruning_periods``.
     * ``lr, variant, momentum, nesterov, betas, eps, weight_decay``: base optimizer; ``None`` carries the
       value over from the optimizer returned by ``configure_optimizers``.
     * ``saliency, saliency_ema, epsilon, lambda_scale, descent_margin``: half-space optimizer settings.
-    * ``ignored_layers, max_group_sparsity, round_to, dynamic_shapes``: passed to ``OTO(...)`` when set.
+    * ``ignored_layers, max_group_sparsity, round_to, min_width, dynamic_shapes``: passed to ``OTO(...)`` when set.
     * ``network_attr``: dotted attribute of the module to compress (default: the LightningModule);
       ``example_inputs``: a tensor, a tuple, or a dict of keyword inputs; default
       ``pl_module.example_input_array``, else 2 samples of the first training batch (said once; a dict
@@ -255,9 +257,14 @@ class OTOCallback(Callback):
             self._draw(self._export_dir(trainer) / "graphs_fit_start", ("trace", "space"))
         opt = self.optimizer
         self._say(1, f"{self.mode} mode: {len(self.oto.prunable_groups)} of {len(self.oto.groups)} groups removable, "
-                     f"target sparsity {self.settings.target_group_sparsity} -> {opt.num_redundant_target} groups; "
+                     f"{self._asked()}; "
                      f"{type(opt).__name__} warm-up {opt.warmup_steps} + projection {opt.projection_steps} steps "
                      f"(search space built in {time.perf_counter() - t0:.1f}s).")
+
+    def _asked(self) -> str:
+        if self.settings.budget:
+            return "budget " + ", ".join(f"{k} {v:g}" for k, v in self.settings.budget.items())
+        return f"target sparsity {self.settings.target_group_sparsity} -> {self.optimizer.num_redundant_target} groups"
 
     def _user_optimizer(self, trainer: "pl.Trainer") -> torch.optim.Optimizer | None:
         user_opts = real_optimizers(trainer.strategy.optimizers)
@@ -295,7 +302,8 @@ class OTOCallback(Callback):
         phases = s.phase_lengths(steps_per_epoch(trainer) if need_epochs else None, planned_steps(trainer))
         if phases.note:
             rank_zero_warn(f"OTO: {phases.note}")
-        hparams = {**base, **s.search_hparams(), "warmup_steps": phases.warmup_steps,
+        hparams = {**base, **s.search_hparams(), "target_group_sparsity": s.target_group_sparsity,
+                   "budget": s.budget, "warmup_steps": phases.warmup_steps,
                    "projection_steps": phases.projection_steps}
         extra = [p for pg in user_opt.param_groups for p in pg["params"]] if user_opt is not None else []
         named = trainable_named_params(net, extra, warn_missing_from=user_opt)
@@ -519,6 +527,8 @@ class OTOCallback(Callback):
         rep: dict[str, Any] = {
             "mode": self.mode, "optimizer": type(opt).__name__,
             "target_group_sparsity": self.settings.target_group_sparsity,
+            "budget": oto.budget_report(sub, self.settings.budget) if self.settings.budget else None,
+            "floors_held": [f.layer for f in getattr(oto, "floors", []) if f.holds_at(set(zero))],
             "num_groups": len(oto.groups), "num_prunable_groups": len(oto.prunable_groups),
             "num_redundant_target": opt.num_redundant_target, "num_zero_groups": len(zero),
             "removed_nothing": not zero,

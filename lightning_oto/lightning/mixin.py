@@ -17,7 +17,7 @@ search is read from hparams (an ``oto_`` prefixed name wins over the plain one):
 ``eps``, ``weight_decay``, ``warmup_steps``/``warmup_epochs``, ``projection_steps``/``projection_epochs``,
 ``pruning_periods``, ``saliency``, ``saliency_ema``, ``epsilon``, ``lambda_scale``, ``descent_margin``,
 ``erase_ablation``, ``network_attr``, ``ignored_layers``, ``max_group_sparsity``, ``round_to``,
-``dynamic_shapes``.  Unset base-optimizer values take the half-space optimizer's defaults.
+``dynamic_shapes``, ``budget`` (instead of ``target_group_sparsity``), ``min_width``, ``cost_weight``.  Unset base-optimizer values take the half-space optimizer's defaults.
 Add :class:`OTOCallback` as well to get progress logging and the export at fit end; it reuses this
 module's OTO and optimizer.  After :meth:`swap_in_compressed` (or the callback's ``swap_subnet``),
 checkpoints reload with ``load_from_checkpoint`` and ``Trainer(ckpt_path=...)``: the module then trains
@@ -50,7 +50,7 @@ HPARAM_SETTINGS = (
     "mode", "optimizer", "target_group_sparsity", "lr", "variant", "momentum", "nesterov", "betas", "eps",
     "weight_decay", "warmup_steps", "warmup_epochs", "projection_steps", "projection_epochs", "pruning_periods",
     "saliency", "saliency_ema", "epsilon", "lambda_scale", "descent_margin", "erase_ablation", "network_attr",
-    "ignored_layers", "max_group_sparsity", "round_to", "dynamic_shapes",
+    "ignored_layers", "max_group_sparsity", "round_to", "dynamic_shapes", "budget", "min_width", "cost_weight",
 )
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OTOSettings)}
 
@@ -124,7 +124,8 @@ class OTOMixin:
             rank_zero_warn(f"OTOMixin: {phases.note}")
         named = trainable_named_params(oto.model, named_extra)
         opt = oto.build_optimizer(s.optimizer, named, erase_ablation=s.erase_ablation, **s.base_hparams(),
-                                  **s.search_hparams(), warmup_steps=phases.warmup_steps,
+                                  **s.search_hparams(), target_group_sparsity=s.target_group_sparsity,
+                                  budget=s.budget, warmup_steps=phases.warmup_steps,
                                   projection_steps=phases.projection_steps)
         self._oto_optimizer = opt
         return opt

@@ -67,6 +67,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _target(report: Mapping[str, Any]) -> str:
+    target = report.get("target_group_sparsity")
+    return "set by the budget" if target is None else f"target {_fmt(target)}"
+
+
 def _size_row(report: Mapping[str, Any], key: str, unit: str) -> str:
     full, sub, removed = report.get(f"{key}_full"), report.get(f"{key}_sub"), report.get(f"{key}_removed_fraction")
     if full is None or sub is None:
@@ -130,11 +135,16 @@ def summary_table(report: Mapping[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("mode / optimizer", f"{report['mode']} / {report['optimizer']}"),
         ("removed groups", f"{report['num_zero_groups']} of {report['num_prunable_groups']} (group sparsity "
-                           f"{_fmt(report['group_sparsity'])}, target {_fmt(report['target_group_sparsity'])})"),
+                           f"{_fmt(report['group_sparsity'])}, {_target(report)})"),
         ("parameters", _size_row(report, "params", "")),
         ("FLOPs", _size_row(report, "flops", "")),
         ("search", _search_row(report)),
     ]
+    if report.get("budget"):
+        rows.insert(2, ("budget (asked -> kept)", ", ".join(f"{k} {v['asked']:g} -> {v['reached']:.3f}"
+                                                            for k, v in report["budget"].items())))
+    if report.get("floors_held"):
+        rows.append(("floor held", ", ".join(report["floors_held"])))
     rows += _guard_rows(report)
     if report.get("removed_nothing"):
         rows.append(("RESULT", "nothing was removed: the sub-network is the full network. Train longer, or "

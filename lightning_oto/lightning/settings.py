@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..optim.factory import check_target_sparsity, resolve_optimizer
+from ..optim.factory import DEFAULT_TARGET_SPARSITY, check_target_sparsity, resolve_optimizer
+from ..space.controls import check_min_width
+from ..space.costs import check_budget
 from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL
 from .compat import load_train_dataloader
 from .metric_guard import check_max_metric_drop
@@ -53,7 +55,10 @@ class OTOSettings:
 
     mode: str = "prune"
     optimizer: str | None = None
-    target_group_sparsity: float = 0.5
+    #: None: 0.5 without a budget (resolved on construction)
+    target_group_sparsity: float | None = None
+    #: {"flops" | "params" | "latency": fraction the sub-network may keep}; instead of target_group_sparsity
+    budget: Mapping[str, float] | None = None
     warmup_steps: int | None = None
     warmup_epochs: float | None = None
     projection_steps: int | None = None
@@ -74,11 +79,13 @@ class OTOSettings:
     epsilon: float | None = None
     lambda_scale: float | None = None
     descent_margin: float | None = None
+    cost_weight: float | None = None  # a budget's ranking: saliency / saving**cost_weight (optimizer default 0.5)
     erase_ablation: bool = False
     # search space, forwarded to OTO(...)
     ignored_layers: Sequence[Any] | None = None
     max_group_sparsity: Mapping[Any, float] | None = None
     round_to: int | None = None
+    min_width: float | None = None
     dynamic_shapes: Any = None
     # what is compressed
     network_attr: str | None = None
@@ -108,7 +115,15 @@ class OTOSettings:
 
     def __post_init__(self) -> None:
         self.optimizer = resolve_optimizer(self.mode, self.optimizer, self.erase_ablation)
-        self.target_group_sparsity = check_target_sparsity(self.target_group_sparsity)
+        self.budget = check_budget(self.budget) or None
+        if self.budget and self.target_group_sparsity is not None:
+            raise ValueError(f"give budget ({self.budget}) or target_group_sparsity ({self.target_group_sparsity}), "
+                             "not both: they are two ways to say how much goes.")
+        if not self.budget:
+            target = DEFAULT_TARGET_SPARSITY if self.target_group_sparsity is None else self.target_group_sparsity
+            self.target_group_sparsity = check_target_sparsity(target)
+        if self.min_width is not None:
+            self.min_width = check_min_width(self.min_width)
         self._check_lengths()
         self._check_numbers()
         self._check_guard()
@@ -179,7 +194,7 @@ class OTOSettings:
     def oto_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``OTO(...)`` beyond model/inputs/mode: only those that were set."""
         out = {"ignored_layers": self.ignored_layers, "max_group_sparsity": self.max_group_sparsity,
-               "round_to": self.round_to, "dynamic_shapes": self.dynamic_shapes}
+               "round_to": self.round_to, "dynamic_shapes": self.dynamic_shapes, "min_width": self.min_width}
         return {k: v for k, v in out.items() if v is not None}
 
     def base_hparams(self) -> dict[str, Any]:
@@ -188,10 +203,12 @@ class OTOSettings:
                                               "weight_decay")}
 
     def search_hparams(self) -> dict[str, Any]:
-        """Half-space settings that do not depend on the trainer (phase lengths come from phase_lengths)."""
-        return {"target_group_sparsity": self.target_group_sparsity, "pruning_periods": self.pruning_periods,
+        """Half-space settings that do not depend on the trainer (phase lengths come from phase_lengths; what
+        goes - target or budget - from ``OTO.selection_kwargs(target_group_sparsity, budget)``)."""
+        return {"pruning_periods": self.pruning_periods,
                 "saliency": self.saliency, "saliency_ema": self.saliency_ema, "epsilon": self.epsilon,
-                "lambda_scale": self.lambda_scale, "descent_margin": self.descent_margin}
+                "lambda_scale": self.lambda_scale, "descent_margin": self.descent_margin,
+                "cost_weight": self.cost_weight}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (for the report): objects are shown by their repr."""

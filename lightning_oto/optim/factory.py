@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..space.groups import Group
+from ..space.costs import check_budget
 from .half_space import DHSPG, H2SPG, HESSO, HalfSpaceOptimizer
 
 OPTIMIZERS: dict[str, type[HalfSpaceOptimizer]] = {"dhspg": DHSPG, "h2spg": H2SPG, "hesso": HESSO}
@@ -37,6 +38,10 @@ ABLATION_OPTIMIZERS: dict[str, tuple[str, ...]] = {"prune": (), "erase": ("dhspg
 
 #: the base-optimizer settings a torch optimizer can hand over to a half-space optimizer
 BASE_HPARAMS = ("lr", "variant", "momentum", "nesterov", "betas", "eps", "weight_decay")
+
+
+#: what the optimizers remove when given neither a budget nor a target
+DEFAULT_TARGET_SPARSITY = 0.5
 
 
 def check_target_sparsity(target: Any) -> float:
@@ -81,6 +86,12 @@ def build_optimizer(
     """
     resolved = resolve_optimizer(mode, name, erase_ablation)
     kwargs = {k: v for k, v in hyperparams.items() if v is not None}
+    budget = check_budget(kwargs.pop("budget", None))
+    if budget and "target_group_sparsity" in kwargs:
+        raise ValueError(f"give budget ({budget}) or target_group_sparsity "
+                         f"({kwargs['target_group_sparsity']}), not both: they are two ways to say how much goes.")
+    if budget:
+        kwargs["budget"] = budget
     if "target_group_sparsity" in kwargs:
         kwargs["target_group_sparsity"] = check_target_sparsity(kwargs["target_group_sparsity"])
     if "betas" in kwargs:
@@ -168,6 +179,7 @@ def trainable_named_params(network: nn.Module, extra: Iterable[torch.Tensor] = (
 __all__ = [
     "ABLATION_OPTIMIZERS",
     "ALLOWED_OPTIMIZERS",
+    "DEFAULT_TARGET_SPARSITY",
     "BASE_HPARAMS",
     "DEFAULT_OPTIMIZER",
     "OPTIMIZERS",

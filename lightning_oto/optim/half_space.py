@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -91,7 +91,13 @@ import torch.distributed as dist
 from lightning_oto.optim.group_index import GroupIndex, GroupStats, RowFactors
 from lightning_oto.optim.saliency import SaliencyFn, get_saliency
 from lightning_oto.optim.variants import Direction, UpdatePlan, apply_update, decoupled_decay, directions
+from lightning_oto.space.costs import BUDGET_TOLERANCE, CostModel, check_budget
 from lightning_oto.space.groups import Group
+
+#: a budget selection may undershoot its target by at most this much (half the reported tolerance)
+BUDGET_SLACK = BUDGET_TOLERANCE / 2
+#: at most this many groups are tried for giving back after an overshoot (each try recounts the set)
+_MAX_GIVE_BACK = 128
 
 __all__ = ["HalfSpaceOptimizer", "DHSPG", "H2SPG", "HESSO", "VARIANTS", "CandidateFilter", "cut_ratio_summary"]
 
@@ -181,12 +187,21 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         saliency_steps: ``None``: score over the whole warm-up.  An integer ``N`` scores only
             within the last ``N`` steps before each selection.
         candidate_filter: ``(accepted_ids, candidate_id) -> bool``; candidates it rejects are
-            skipped (e.g. per-module caps).  ``None`` accepts every candidate.
+            skipped (e.g. per-module caps, layer floors).  ``None`` accepts every candidate.
         fade_ratio: in ``(0, 1)``: the base lambda shrinks a redundant group geometrically to this
             fraction of its norm at selection by its schedule target (default 1e-3).
         cut_ratio: in ``[fade_ratio, 1)``: the half-space test may cut a group only once it is at most
             this fraction of its norm at selection (default 1e-2), so nothing is cut at full size
             before the deadline.
+        budget: ``{"flops" | "params" | "latency": fraction}`` instead of ``target_group_sparsity``:
+            the redundant set is chosen so that the sub-network keeps at most that fraction of the
+            full model's cost (see :meth:`_choose_budget`); needs ``cost_model``.
+        cost_model: :class:`~lightning_oto.space.costs.CostModel` of the groups (plain numbers per
+            tensor, built by ``OTO``): what removing each group saves.
+        cost_weight: in ``[0, 1]``: a budget ranks candidates by ``saliency / saving**cost_weight``;
+            1 is the knapsack ratio (cheapest saliency per unit cost: it strips the costliest layers to
+            their floors first), 0 ranks by saliency alone (the cost only says when to stop).  The
+            default 0.5 lets a 10x cheaper saving outweigh a ~3x lower saliency.
     """
 
     def __init__(
@@ -219,8 +234,12 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         candidate_filter: CandidateFilter | None = None,
         fade_ratio: float = 1e-3,
         cut_ratio: float = 1e-2,
+        budget: Mapping[str, float] | None = None,
+        cost_model: CostModel | None = None,
+        cost_weight: float = 0.5,
     ) -> None:
         named = self._check_named_params(named_params)
+        self._set_budget(budget, cost_model, cost_weight)
         base = dict(lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
                     weight_decay=weight_decay)
         search = dict(
@@ -248,6 +267,8 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self.__dict__.update(search)
         self.num_prunable = self._index.num_groups
         self.num_redundant_target = _round_half_up(self.target_group_sparsity * self.num_prunable)
+        if self.budget:  # the budget decides how many at selection; the schedule only needs the periods
+            self.num_redundant_target = self.num_prunable
         self._reset_search_state()
 
     def _reset_search_state(self) -> None:
@@ -358,6 +379,23 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
                              "the schedule must bring a group below the size at which it may be cut")
         if a["candidate_filter"] is not None and not callable(a["candidate_filter"]):
             raise ValueError("candidate_filter must be callable (accepted_ids: frozenset[int], candidate_id: int) -> bool")
+
+    def _set_budget(self, budget: Mapping[str, float] | None, cost_model: CostModel | None,
+                    cost_weight: float) -> None:
+        """Validate and keep the budget settings (the selection reads them at :meth:`_choose_budget`)."""
+        self.budget = check_budget(budget)
+        if self.budget and not isinstance(cost_model, CostModel):
+            raise ValueError("a budget needs cost_model (a lightning_oto.space.costs.CostModel): build the optimizer "
+                             "with OTO(...).dhspg/h2spg/hesso(budget=...), which measures it.")
+        missing = [k for k in self.budget if cost_model is not None and k not in cost_model.totals]
+        if missing:
+            raise ValueError(f"budget key(s) {missing} were not measured by cost_model (it has "
+                             f"{sorted(cost_model.totals)}).")
+        if not _finite(cost_weight) or not 0.0 <= cost_weight <= 1.0:
+            raise ValueError(f"cost_weight must be in [0, 1], got {cost_weight!r}")
+        self.cost_model = cost_model
+        self.cost_weight = float(cost_weight)
+        self.budget_reached: dict[str, float] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_init_done", False):
@@ -496,6 +534,108 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
     def _rules_name(self) -> str:
         return "the candidate filter"
 
+    def _period_budget(self, period: int) -> dict[str, float]:
+        """Period ``i`` of ``n`` keeps ``1 - (1 - b) (i + 1) / n`` of each budgeted cost (the last keeps ``b``)."""
+        n = max(self.pruning_periods, 1)
+        return {k: 1.0 - (1.0 - b) * (period + 1) / n for k, b in self.budget.items()}
+
+    def _choose_budget(self, scores: torch.Tensor, targets: dict[str, float]) -> list[int]:
+        """Positions of the new redundant groups that bring every budgeted cost down to ``targets``.
+
+        Knapsack-style greedy: candidates are ranked by saliency per unit of cost saved, the saving
+        raised to ``cost_weight`` (saliency shifted to start just above zero, so the ratio is meaningful
+        for any score scale; a group that saves nothing is never taken) and accepted while a budgeted cost is above its target.  The
+        kept fractions are exact after each acceptance (:class:`~lightning_oto.space.costs.KeptTracker`:
+        a weight losing rows and columns counts once).  A candidate that would undershoot a target by
+        more than ``BUDGET_SLACK`` is skipped while smaller ones may still fit; the acceptance rules
+        (caps, floors, H2SPG's hierarchy check) apply as in :meth:`_choose`.
+        """
+        ids = self._index.group_ids
+        tracker = self.cost_model.tracker(self._redundant_ids)
+        ex = self._redundant.tolist()
+        s = scores.tolist()
+        lo, hi = (min(s), max(s)) if s else (0.0, 0.0)
+        floor = lo - 1e-3 * ((hi - lo) or 1.0)
+        ranked = []
+        for pos, gid in enumerate(ids):
+            gain = sum(tracker.saving(gid)[k] for k in targets) if not ex[pos] else 0.0
+            if gain > 0:
+                ranked.append(((s[pos] - floor) / gain ** self.cost_weight, pos))
+        ranked.sort()
+        rules = self._acceptance_rules()
+        accepted, chosen, skipped = set(self._redundant_ids), [], []
+        fr = tracker.fractions()
+        for _, pos in ranked:
+            need = [k for k, t in targets.items() if fr[k] > t]
+            if not need:
+                break
+            gid = ids[pos]
+            if not all(rule(frozenset(accepted), gid) for rule in rules):
+                continue
+            after = {k: fr[k] - v for k, v in tracker.saving(gid).items()}
+            if any(after[k] < targets[k] - BUDGET_SLACK for k in need):
+                skipped.append(pos)
+                continue
+            tracker.add(gid)
+            accepted.add(gid)
+            chosen.append(pos)
+            fr = tracker.fractions()
+        closing = self._close_the_gap(tracker, targets, skipped, accepted, rules)
+        if closing:  # a large group closed the gap: the small ones before it may be surplus now
+            chosen = self._drop_surplus(chosen + closing, targets)
+        tracker = self.cost_model.tracker(set(self._redundant_ids) | {ids[p] for p in chosen})
+        self.budget_reached = tracker.fractions()
+        self.num_redundant_target = len(self._redundant_ids) + len(chosen)
+        self._warn_if_off(targets)
+        return chosen
+
+    def _close_the_gap(self, tracker: Any, targets: dict[str, float], skipped: list[int], accepted: set[int],
+                       rules: list[CandidateFilter]) -> list[int]:
+        """When only large groups are left (erase mode), take the ones that land closest to the targets."""
+        ids, chosen = self._index.group_ids, []
+        while skipped:
+            fr = tracker.fractions()
+            need = [k for k, t in targets.items() if fr[k] > t]
+            if not need:
+                break
+            fits = [pos for pos in skipped if all(rule(frozenset(accepted), ids[pos]) for rule in rules)]
+            if not fits:
+                break
+            miss = {pos: max(abs(fr[k] - tracker.saving(ids[pos])[k] - targets[k]) for k in need) for pos in fits}
+            best = min(fits, key=miss.__getitem__)
+            skipped.remove(best)
+            tracker.add(ids[best])
+            accepted.add(ids[best])
+            chosen.append(best)
+        return chosen
+
+    def _drop_surplus(self, chosen: list[int], targets: dict[str, float]) -> list[int]:
+        """After a large last group overshot a target, give back the groups (last taken first) that are
+        no longer needed: removing fewer groups keeps every acceptance rule satisfied."""
+        ids = self._index.group_ids
+        base = set(self._redundant_ids)
+
+        def fractions(positions: list[int]) -> dict[str, float]:
+            return self.cost_model.kept_fraction(base | {ids[p] for p in positions})
+
+        if not any(fractions(chosen)[k] < t - BUDGET_SLACK for k, t in targets.items()):
+            return chosen
+        for pos in list(reversed(chosen))[:_MAX_GIVE_BACK]:
+            trial = [p for p in chosen if p != pos]
+            if all(v <= targets[k] for k, v in fractions(trial).items() if k in targets):
+                chosen = trial
+        return chosen
+
+    def _warn_if_off(self, targets: dict[str, float]) -> None:
+        fr = self.budget_reached
+        short = {k: round(fr[k], 4) for k, t in targets.items() if fr[k] > t + BUDGET_TOLERANCE}
+        over = {k: round(fr[k], 4) for k, t in targets.items() if fr[k] < t - BUDGET_TOLERANCE}
+        if (short or over) and not self._warned_short:
+            self._warned_short = True
+            why = (f"cannot be met by groups that pass {self._rules_name()}; the sub-network keeps {short}" if short
+                   else f"falls between the groups' sizes (whole operators are coarse); the nearest keeps {over}")
+            warnings.warn(f"{type(self).__name__}: the budget {targets} {why}.", stacklevel=5)
+
     def _score(self, stats: GroupStats) -> torch.Tensor:
         s = self._saliency_fn(stats)
         if not isinstance(s, torch.Tensor) or s.shape != (self.num_prunable,):
@@ -535,8 +675,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             if self._num_steps < at or self._ema is None:
                 break
             _all_reduce_mean_(self._ema)  # identical decision on every rank
-            k_new = max(0, k_cum - len(self._redundant_ids))
-            chosen = self._choose(self._ema, k_new, self._redundant.clone()) if k_new else []
+            if self.budget:
+                chosen = self._choose_budget(self._ema, self._period_budget(self._selections_done))
+            else:
+                k_new = max(0, k_cum - len(self._redundant_ids))
+                chosen = self._choose(self._ema, k_new, self._redundant.clone()) if k_new else []
             if chosen:
                 idx = torch.tensor(chosen, dtype=torch.long, device=self._redundant.device)
                 self._redundant[idx] = True
@@ -805,6 +948,8 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             "pruning_periods": self.pruning_periods,
             "target_group_sparsity": self.target_group_sparsity,
             "num_redundant_target": self.num_redundant_target,
+            "budget": dict(self.budget),
+            "budget_reached": dict(self.budget_reached),
         }
         for name in self._TENSORS:
             oto[name] = getattr(self, f"_{name}").detach().clone()
@@ -837,6 +982,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             if key in oto:
                 setattr(self, key, oto[key])
         self._reset_search_state()
+        self.budget_reached = dict(oto.get("budget_reached", {}))
         self._num_steps = int(oto["num_steps"])
         self._selections_done = int(oto["selections_done"])
         self._warned_short = bool(oto.get("warned_short", False))

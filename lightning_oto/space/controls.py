@@ -7,12 +7,18 @@
 - ``round_to=N`` (prune mode): the channel groups of one layer are bundled N at a time, so every
   removal takes a multiple of N channels and kept widths stay hardware-friendly; the remainder of
   a width that is not a multiple of N is kept.
+- floors (``min_width``, on by default): in prune mode every layer (a channel space: the groups that
+  slice the same tensors) keeps at least ``max(one group, ceil(min_width * width))`` channels, so
+  no selection (a sparsity target or a budget) collapses a layer to one channel.  Attention heads
+  are groups of their layer, so an attention keeps at least one head.  ``min_width=0`` turns the
+  floors off.  In erase mode the groups are whole operators and the hierarchy check is the floor:
+  whatever is removed, the network stays connected.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
@@ -82,6 +88,79 @@ def cap_filter(model: nn.Module, groups: Sequence[Group],
     return allowed
 
 
+#: default floor: every layer keeps at least this fraction of its channels (and at least one group)
+DEFAULT_MIN_WIDTH = 0.1
+
+
+@dataclass(frozen=True)
+class Floor:
+    """One layer's floor: of its ``width`` channels at least ``keep`` stay; ``members`` its prunable groups."""
+
+    layer: str
+    width: int
+    keep: int
+    members: dict[int, int]  # group id -> channels it removes
+
+    def removed(self, ids: Iterable[int]) -> int:
+        if isinstance(ids, (set, frozenset)) and len(ids) > len(self.members):
+            return sum(c for gid, c in self.members.items() if gid in ids)
+        return sum(self.members.get(i, 0) for i in ids)
+
+    def holds_at(self, ids: Iterable[int]) -> bool:
+        """True when removing ``ids`` leaves the layer exactly at (or no group can go below) its floor."""
+        left = self.width - self.removed(ids)
+        return left - min(self.members.values(), default=0) < self.keep
+
+
+def check_min_width(min_width: Any) -> float:
+    if isinstance(min_width, bool) or not isinstance(min_width, (int, float)) or not 0.0 <= float(min_width) < 1.0:
+        raise ValueError(f"min_width must be a fraction in [0, 1) of each layer's width (0: no floors), "
+                         f"got {min_width!r}.")
+    return float(min_width)
+
+
+def layer_floors(groups: Sequence[Group], shapes: Mapping[str, Sequence[int]], min_width: float) -> list[Floor]:
+    """The floor of every prune-mode layer with prunable channel groups (none when ``min_width`` is 0)."""
+    min_width = check_min_width(min_width)
+    if min_width == 0:
+        return []
+    layers: dict[tuple, dict[int, int]] = {}
+    for g in groups:
+        if g.prunable and g.slices and all(s.indices is not None for s in g.slices):
+            key = tuple(sorted((s.name, s.dim) for s in g.slices))
+            layers.setdefault(key, {})[g.id] = len(g.slices[0].indices)
+    floors = []
+    for key, members in layers.items():
+        name, dim = key[0]
+        width = int(shapes[name][dim]) if name in shapes else sum(members.values())
+        keep = max(min(members.values()), math.ceil(min_width * width - 1e-9))
+        floors.append(Floor(name.rpartition(".")[0] or name, width, min(keep, width), members))
+    return floors
+
+
+def floor_filter(floors: Sequence[Floor]) -> Callable[[frozenset[int], int], bool] | None:
+    """``candidate_filter``: False when taking the candidate would leave its layer below its floor."""
+    if not floors:
+        return None
+    by_group = {gid: f for f in floors for gid in f.members}
+
+    def allowed(accepted: frozenset[int], candidate: int) -> bool:
+        f = by_group.get(candidate)
+        return f is None or f.width - f.removed(accepted) - f.members[candidate] >= f.keep
+
+    return allowed
+
+
+def all_of(*filters: Callable[[frozenset[int], int], bool] | None) -> Callable[[frozenset[int], int], bool] | None:
+    """One candidate filter that passes when every given filter passes (None entries ignored)."""
+    active = [f for f in filters if f is not None]
+    if not active:
+        return None
+    if len(active) == 1:
+        return active[0]
+    return lambda accepted, candidate: all(f(accepted, candidate) for f in active)
+
+
 def bundle(groups: Sequence[Group], round_to: int) -> list[Group]:
     """Merge the prunable channel groups of each layer N at a time (see the module docstring)."""
     if round_to < 1 or int(round_to) != round_to:
@@ -120,4 +199,5 @@ def _merge(members: Sequence[Group]) -> Group:
                    dependents=union(s for g in members for s in g.dependents))
 
 
-__all__ = ["module_names", "apply_ignored", "cap_filter", "bundle"]
+__all__ = ["DEFAULT_MIN_WIDTH", "Floor", "all_of", "apply_ignored", "bundle", "cap_filter", "check_min_width",
+           "floor_filter", "layer_floors", "module_names"]

@@ -1,0 +1,124 @@
+"""Budget benchmark: what the constructed sub-network keeps vs what the budget asked.
+
+For each model (DemoNet and a ResNet-style CNN, both 1x28x28 / 3x32x32 images, batch 8), mode and
+budget, a short search (warm-up 2, projection 3 steps on random data: the selection, not accuracy, is
+measured) chooses the redundant set, the sub-network is constructed and measured:
+
+* FLOPs / params: ``oto.compression_report(sub)`` (torch.utils.flop_counter, per forward at batch 8;
+  the fractions do not depend on the batch size).
+* latency: the modelled fraction (per-operator times scaled linearly with width, calibrated, see
+  ``lightning_oto/space/costs.py``) next to the *measured* one (fastest of 30 eval forwards of sub vs
+  full on this machine's device at batch 8).
+
+Writes a markdown table (``--out``, default ``docs/budgets_table.md``).  About 2 minutes on 2 CPU cores.
+    python benchmarks/bench_budget.py [--device cpu] [--out docs/budgets_table.md]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_oto import OTO  # noqa: E402
+from lightning_oto.models.demonet import DemoNet  # noqa: E402
+from lightning_oto.space.costs import time_forward  # noqa: E402
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = _block(c, c, 1), nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.b(self.a(x)))
+
+
+class ResNetSmall(nn.Module):
+    """ResNet-style: stem, three stages (32/64/128 channels, two residual blocks each), linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _block(3, 32, 1)
+        stages = []
+        for cin, c, s in ((32, 32, 1), (32, 64, 2), (64, 128, 2)):
+            stages += [_block(cin, c, s), ResBlock(c), ResBlock(c)]
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+MODELS = {"DemoNet": (lambda: DemoNet(), (8, 1, 28, 28)), "ResNetSmall": (ResNetSmall, (8, 3, 32, 32))}
+CASES = [("prune", {"flops": 0.3}), ("prune", {"flops": 0.5}), ("prune", {"flops": 0.7}),
+         ("prune", {"params": 0.5}), ("prune", {"latency": 0.5}),
+         ("erase", {"flops": 0.5}), ("erase", {"params": 0.5})]
+
+
+def run_case(name: str, mode: str, budget: dict[str, float], device: str) -> dict[str, object]:
+    torch.manual_seed(0)
+    factory, shape = MODELS[name]
+    model = factory().to(device)
+    x = torch.randn(*shape, device=device)
+    oto = OTO(model, x, mode=mode)
+    make = oto.dhspg if mode == "prune" else oto.h2spg
+    opt = make(lr=0.01, budget=budget, warmup_steps=2, projection_steps=3)
+    for _ in range(6):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    sub = oto.construct_subnet()
+    rep = oto.compression_report(sub)
+    row = {"model": name, "mode": mode, "asked": budget, "flops": rep["flop_ratio"], "params": rep["param_ratio"],
+           "modelled": opt.budget_reached}
+    if "latency" in budget or mode == "prune":
+        row["latency"] = time_forward(sub, oto.example_inputs, 30) / time_forward(model, oto.example_inputs, 30)
+    return row
+
+
+def table(rows: list[dict[str, object]], device: str) -> str:
+    lines = [f"Budget asked vs kept by the constructed sub-network ({device}, {platform.processor() or 'cpu'}; "
+             "FLOPs/params per forward at batch 8, fractions batch-independent; latency = measured fastest-of-30 eval "
+             "forward of sub / full at batch 8, `benchmarks/bench_budget.py`; the CPU is shared with other jobs, so latency is noisy: compare rows, not digits). Erase mode removes whole operators: a budget between two operator sizes lands on the nearest one, with a warning.", "",
+             "| model | mode | budget | FLOPs kept | params kept | latency kept (measured) | "
+             "budgeted key as modelled |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        asked = ", ".join(f"{k} {v:g}" for k, v in r["asked"].items())
+        modelled = ", ".join(f"{k} {r['modelled'][k]:.3f}" for k in r["asked"])
+        lat = f"{r['latency']:.3f}" if "latency" in r else "–"
+        lines.append(f"| {r['model']} | {r['mode']} | {asked} | {r['flops']:.3f} | {r['params']:.3f} | {lat} | "
+                     f"{modelled} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="docs/budgets_table.md")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in MODELS:
+            for mode, budget in CASES:
+                rows.append(run_case(name, mode, budget, args.device))
+                print(rows[-1], flush=True)
+    text = table(rows, args.device)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
