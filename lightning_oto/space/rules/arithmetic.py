@@ -138,7 +138,7 @@ class AddSub(Broadcasting):
     def zero_output(self, call: Call, is_zero: IsZero) -> bool:
         if call.args.get("alpha", 1) == 0:
             return is_zero(call.input)
-        return is_zero(call.args.get("self")) and is_zero(call.args.get("other"))
+        return is_zero(call.input) and is_zero(call.args.get("other"))
 
 
 class Multiply(Broadcasting):

@@ -27,8 +27,9 @@ class AttentionHeads(Rule):
     scale depends on the head size, which does not change.  A mask (or additive bias) with one entry per
     head that is computed from parameters (T5's relative position bias, passed as the SDPA mask) is coupled
     head by head: removing head h removes its bias too, and a zero head stays zero whatever its bias is,
-    because its values are zero.  A per-head mask the analysis cannot follow keeps every head.  Channels in the last dim (within-head) are
-    only accepted with an explicit ``scale`` (the default one would change with the head size).
+    because its values are zero.  A per-head mask the analysis cannot follow keeps every head.  Channels in
+    the last dim (within-head) are only accepted with an explicit ``scale`` (the default one would change
+    with the head size).
     """
 
     kind = "joint"
