@@ -475,3 +475,26 @@ def test_branch_ending_in_reshape_as_is_erasable():
 
     oto, sub, _ = erase_and_check(_perturb(ReshapeAs()), torch.randn(2, 5, 4), [torch.randn(3, 7, 4)], zero=["fc1"])
     assert not any(n.startswith(("fc1.", "fc2.")) for n, _ in sub.named_parameters())
+
+
+def test_masked_branch_where_condition_comes_first_is_erasable():
+    """``where(cond, branch, 0)`` is zero when the branch is, whatever the condition (issue 19: the rule
+    read the condition as the chosen tensor); ``where(cond, branch, 1)`` is not, and stays."""
+
+    class MaskedBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 8)
+            self.zero_fill, self.one_fill = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+            self.register_buffer("keep", torch.arange(8) % 3 > 0)  # a fixed mask, as causal masks are
+
+        def forward(self, x):
+            h = self.stem(x)
+            h = h + torch.where(self.keep, self.zero_fill(h), 0.0) + torch.where(self.keep, self.one_fill(h), 1.0)
+            return self.head(h)
+
+    oto, sub, _ = erase_and_check(_perturb(MaskedBranches()), torch.randn(2, 5, 4), [torch.randn(3, 7, 4)],
+                                  zero=["zero_fill"])
+    assert {g.name for g in oto.prunable_groups if "fill" in g.name} == {"zero_fill"}
+    assert not any(n.startswith("zero_fill.") for n, _ in sub.named_parameters())

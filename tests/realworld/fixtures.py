@@ -46,11 +46,12 @@ class ResidualMLP(nn.Module):
 
 
 class SdpaBlock(nn.Module):
-    """x + proj(sdpa(q(x), k(x), v(x))): erasing proj must take Q, K, V and the attention with it."""
+    """x + proj(sdpa(q(x), k(x), v(x))): erasing proj must take Q, K, V and the attention with it.
+    ``fused=False`` writes the same attention out as softmax(q k^T / sqrt(d)) v."""
 
-    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+    def __init__(self, dim: int = 8, heads: int = 2, fused: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.fused = heads, fused
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
         self.out = nn.Linear(dim, 2)
 
@@ -60,7 +61,11 @@ class SdpaBlock(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
 
-        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = torch.softmax(q @ k.transpose(-2, -1) / (c // self.heads) ** 0.5, dim=-1) @ v
         return self.out(x + self.proj(a.transpose(1, 2).reshape(b, n, c)))
 
 

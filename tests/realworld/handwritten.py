@@ -319,11 +319,12 @@ class TimmPoolFormer(nn.Module):
 
 
 class Attention(nn.Module):
-    """timm Attention (fused_attn=False): one qkv linear, explicit softmax(q k^T) v."""
+    """timm Attention: one qkv linear, then explicit softmax(q k^T) v, or ``F.scaled_dot_product_attention``
+    with ``fused`` (timm's ``fused_attn``)."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, fused: bool = False) -> None:
         super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.heads, self.scale, self.fused = heads, (dim // heads) ** -0.5, fused
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -331,16 +332,19 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class LayerScaleBlock(nn.Module):
     """CaiT LayerScaleBlock: ``x + gamma_1 * attn(norm1(x))``, ``x + gamma_2 * mlp(norm2(x))``."""
 
-    def __init__(self, dim: int, heads: int, ls_init: float = 1e-5) -> None:
+    def __init__(self, dim: int, heads: int, ls_init: float = 1e-5, fused: bool = False) -> None:
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, fused)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, dim * 2, drop=0.0)
         self.gamma_1 = nn.Parameter(ls_init * torch.ones(dim))
         self.gamma_2 = nn.Parameter(ls_init * torch.ones(dim))
@@ -354,11 +358,11 @@ class CaiT(nn.Module):
     """CaiT's patch stage: layer-scaled self-attention blocks, then mean pooling (class attention left out)."""
 
     def __init__(self, dim: int = 32, heads: int = 4, depth: int = 2, patch: int = 8, image: int = 32,
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10, fused: bool = False) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.pos_embed = nn.Parameter(torch.zeros(1, (image // patch) ** 2, dim))
-        self.blocks = nn.Sequential(*[LayerScaleBlock(dim, heads) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[LayerScaleBlock(dim, heads, fused=fused) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 

@@ -17,13 +17,25 @@ not hide the others.  ``benchmarks/realworld_table.py`` turns the same measureme
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from .harness import run_case
-from .zoo import ZOO
+from .zoo import ZOO, Entry
 
 MODES = ("prune", "erase")
-CASES = [pytest.param(name, mode, id=f"{name}-{mode}", marks=[pytest.mark.slow] if entry.slow else [])
+SOAK = bool(os.environ.get("LOTO_SOAK"))
+
+
+def _marks(entry: Entry) -> list:
+    marks = [pytest.mark.slow] if entry.slow else []
+    if entry.opt_in:
+        marks += [pytest.mark.soak, pytest.mark.skipif(not SOAK, reason=f"set LOTO_SOAK=1: {entry.opt_in}")]
+    return marks
+
+
+CASES = [pytest.param(name, mode, id=f"{name}-{mode}", marks=_marks(entry))
          for name, entry in ZOO.items() for mode in MODES]
 
 

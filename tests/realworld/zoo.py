@@ -8,7 +8,8 @@ residual gammas and layer scales would otherwise make wrong sub-networks look ex
 Each :class:`Entry` carries two inputs: the example the engine traces, and a second one with another
 batch size and, where the model allows it, another sequence length or image size.  The attention
 implementation of every transformer is chosen on purpose ("eager" traces into matmul/softmax,
-"sdpa" into ``scaled_dot_product_attention``) and recorded in ``Entry.attention``.
+"sdpa" into ``scaled_dot_product_attention``) and recorded in ``Entry.attention``; every attention model
+is in the zoo with both (:func:`both_kernels`), except the few :data:`ONE_KERNEL` names with the reason.
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ class Entry:
     attention: str | None = None  # "eager" / "sdpa" for transformers, None otherwise
     slow: bool = False
     note: str = ""
+    family: str = ""  # the architecture, where several entries build it ("" = the name)
+    opt_in: str = ""  # why the tests run it only with LOTO_SOAK set (too slow for CI); the table always runs it
+
+    @property
+    def architecture(self) -> str:
+        return self.family or self.name
 
     def make(self) -> tuple[nn.Module, tuple, tuple]:
         """A fresh perturbed model and its (example, second) inputs, all seeded by the name."""
@@ -135,47 +142,47 @@ def bert_raw() -> nn.Module:
     return hf.BertModel(hf.BertConfig(**_TEXT, attn_implementation="sdpa"))
 
 
-def roberta() -> nn.Module:
-    return Output(hf.RobertaModel(hf.RobertaConfig(**_TEXT, attn_implementation="sdpa", pad_token_id=1)))
+def roberta(attn: str) -> nn.Module:
+    return Output(hf.RobertaModel(hf.RobertaConfig(**_TEXT, attn_implementation=attn, pad_token_id=1)))
 
 
-def albert() -> nn.Module:
-    return Output(hf.AlbertModel(hf.AlbertConfig(**_TEXT, embedding_size=16, attn_implementation="eager")))
+def albert(attn: str) -> nn.Module:
+    return Output(hf.AlbertModel(hf.AlbertConfig(**_TEXT, embedding_size=16, attn_implementation=attn)))
 
 
-def electra() -> nn.Module:
-    return Output(hf.ElectraModel(hf.ElectraConfig(**_TEXT, embedding_size=16, attn_implementation="eager")))
+def electra(attn: str) -> nn.Module:
+    return Output(hf.ElectraModel(hf.ElectraConfig(**_TEXT, embedding_size=16, attn_implementation=attn)))
 
 
-def distilbert() -> nn.Module:
+def distilbert(attn: str) -> nn.Module:
     cfg = hf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-                              max_position_embeddings=64, attn_implementation="sdpa")
+                              max_position_embeddings=64, attn_implementation=attn)
     return Output(hf.DistilBertModel(cfg))
 
 
-def t5_encoder() -> nn.Module:
+def t5_encoder(attn: str) -> nn.Module:
     cfg = hf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, use_cache=False, attn_implementation="eager")
+                      relative_attention_num_buckets=8, use_cache=False, attn_implementation=attn)
     return Output(hf.T5EncoderModel(cfg))
 
 
-def gpt2() -> nn.Module:
+def gpt2(attn: str) -> nn.Module:
     cfg = hf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
-                        bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+                        bos_token_id=0, eos_token_id=0, attn_implementation=attn)
     return Output(hf.GPT2Model(cfg))
 
 
-def llama() -> nn.Module:
-    return Output(hf.LlamaModel(hf.LlamaConfig(**_DECODER, num_key_value_heads=4, attn_implementation="sdpa")))
+def llama(attn: str) -> nn.Module:
+    return Output(hf.LlamaModel(hf.LlamaConfig(**_DECODER, num_key_value_heads=4, attn_implementation=attn)))
 
 
-def mistral() -> nn.Module:
-    cfg = hf.MistralConfig(**_DECODER, num_key_value_heads=2, sliding_window=None, attn_implementation="sdpa")
+def mistral(attn: str) -> nn.Module:
+    cfg = hf.MistralConfig(**_DECODER, num_key_value_heads=2, sliding_window=None, attn_implementation=attn)
     return Output(hf.MistralModel(cfg))
 
 
-def qwen2() -> nn.Module:
-    return Output(hf.Qwen2Model(hf.Qwen2Config(**_DECODER, num_key_value_heads=2, attn_implementation="eager")))
+def qwen2(attn: str) -> nn.Module:
+    return Output(hf.Qwen2Model(hf.Qwen2Config(**_DECODER, num_key_value_heads=2, attn_implementation=attn)))
 
 
 def vit() -> nn.Module:
@@ -187,42 +194,43 @@ def vit_raw() -> nn.Module:
     return hf.ViTForImageClassification(hf.ViTConfig(**_VIT, attn_implementation="sdpa"))
 
 
-def deit() -> nn.Module:
-    return Output(hf.DeiTForImageClassification(hf.DeiTConfig(**_VIT, attn_implementation="sdpa")), "logits")
+def deit(attn: str) -> nn.Module:
+    return Output(hf.DeiTForImageClassification(hf.DeiTConfig(**_VIT, attn_implementation=attn)), "logits")
 
 
-def dinov2() -> nn.Module:
+def dinov2(attn: str) -> nn.Module:
     cfg = hf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32,
-                          patch_size=8, attn_implementation="sdpa")
+                          patch_size=8, attn_implementation=attn)
     return Output(hf.Dinov2Model(cfg), "pooler_output")
 
 
-def data2vec_vision() -> nn.Module:
+def data2vec_vision(attn: str) -> nn.Module:
     cfg = hf.Data2VecVisionConfig(**_VIT, use_mean_pooling=True, layer_scale_init_value=0.1,
-                                  attn_implementation="eager")
+                                  attn_implementation=attn)
     return Output(hf.Data2VecVisionForImageClassification(cfg), "logits")
 
 
-def swin() -> nn.Module:
-    cfg = hf.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4,
-                        mlp_ratio=2.0, num_labels=10, attn_implementation="eager")
+def swin(attn: str, image_size: int = 32) -> nn.Module:
+    """``image_size=16``: the smallest Swin that still shifts windows (8x8 patches, window 4, one stage shifted)."""
+    cfg = hf.SwinConfig(image_size=image_size, patch_size=2, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
+                        window_size=4, mlp_ratio=2.0, num_labels=10, attn_implementation=attn)
     return Output(hf.SwinForImageClassification(cfg), "logits")
 
 
-def clip_vision() -> nn.Module:
+def clip_vision(attn: str) -> nn.Module:
     cfg = hf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, attn_implementation="sdpa")
+                              image_size=32, patch_size=8, attn_implementation=attn)
     return Output(hf.CLIPVisionModel(cfg), "pooler_output")
 
 
-def whisper_encoder() -> nn.Module:
+def whisper_encoder(attn: str) -> nn.Module:
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     cfg = hf.WhisperConfig(vocab_size=VOCAB, num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4,
                            encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
                            max_source_positions=16, max_target_positions=32, use_cache=False,
                            pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
-                           attn_implementation="sdpa")
+                           attn_implementation=attn)
     return Output(WhisperEncoder(cfg))
 
 
@@ -283,6 +291,33 @@ def _hand(cls: type, *args: Any, **kwargs: Any) -> Callable[[], nn.Module]:
     return lambda: cls(*args, **kwargs)
 
 
+OTHER_KERNEL = {"eager": "sdpa", "sdpa": "eager"}
+# attention models that exist with one kernel only, and why
+ONE_KERNEL = {
+    "mobilevit": "transformers has no SDPA path for MobileViT (_supports_sdpa is False)",
+    "bert": "BertModel with SDPA is bert_sdpa_modeloutput",
+    "bert_sdpa_modeloutput": "BertModel with eager attention is bert",
+    "vit": "ViT with SDPA is vit_sdpa_modeloutput",
+    "vit_sdpa_modeloutput": "ViT with eager attention is vit",
+}
+
+
+def both_kernels(name: str, build: Callable[[str], nn.Module], inputs: Callable[[], tuple[tuple, tuple]], attn: str,
+                 note: str = "", twin: Callable[[str], nn.Module] | None = None,
+                 twin_inputs: Callable[[], tuple[tuple, tuple]] | None = None, twin_opt_in: str = "") -> list[Entry]:
+    """The model with kernel ``attn`` as ``name``, and with the other kernel as ``name_<other>``.
+
+    Eager attention traces into matmul / softmax, SDPA into ``scaled_dot_product_attention`` (masks and
+    biases then travel as its ``attn_mask``): the engine meets different graphs, so both are checked.
+    ``twin`` / ``twin_inputs`` build a smaller twin where the model is costly (same structure).
+    """
+    other = OTHER_KERNEL[attn]
+    make_twin = twin or build
+    return [Entry(name, lambda: build(attn), inputs, attn, note=note),
+            Entry(f"{name}_{other}", lambda: make_twin(other), twin_inputs or inputs, other, note=note, family=name,
+                  opt_in=twin_opt_in)]
+
+
 # The heavier half of the zoo by measured time (both modes); marked slow, still run in CI.
 HEAVY = frozenset({"mobilevit", "mobilenet_v2", "levit", "efficientnet", "regnet_y", "swin", "data2vec_vision",
                    "qwen2_gqa", "whisper_encoder", "tv_resnet_bottleneck", "mistral_gqa", "albert", "tv_densenet",
@@ -300,27 +335,30 @@ def _entries() -> list[Entry]:
     return [
         # text (the second input changes batch and sequence length)
         Entry("bert", lambda: bert("eager"), text_inputs, "eager"),
-        Entry("bert_sdpa_modeloutput", bert_raw, text_inputs, "sdpa", note="BertModel unwrapped: returns a ModelOutput"),
-        Entry("roberta", roberta, text_inputs, "sdpa"),
-        Entry("albert", albert, text_inputs, "eager", note="parameters shared across layers"),
-        Entry("electra", electra, text_inputs, "eager"),
-        Entry("distilbert", distilbert, text_inputs, "sdpa"),
-        Entry("t5_encoder", t5_encoder, text_inputs, "eager"),
-        Entry("gpt2", gpt2, text_inputs, "eager", note="Conv1D = addmm"),
-        Entry("llama", llama, text_inputs, "sdpa"),
-        Entry("mistral_gqa", mistral, text_inputs, "sdpa", note="2 KV heads for 4 query heads"),
-        Entry("qwen2_gqa", qwen2, text_inputs, "eager", note="2 KV heads for 4 query heads"),
+        Entry("bert_sdpa_modeloutput", bert_raw, text_inputs, "sdpa", note="BertModel unwrapped: returns a ModelOutput",
+              family="bert"),
+        *both_kernels("roberta", roberta, text_inputs, "sdpa"),
+        *both_kernels("albert", albert, text_inputs, "eager", note="parameters shared across layers"),
+        *both_kernels("electra", electra, text_inputs, "eager"),
+        *both_kernels("distilbert", distilbert, text_inputs, "sdpa"),
+        *both_kernels("t5_encoder", t5_encoder, text_inputs, "eager", note="relative position bias per head"),
+        *both_kernels("gpt2", gpt2, text_inputs, "eager", note="Conv1D = addmm"),
+        *both_kernels("llama", llama, text_inputs, "sdpa"),
+        *both_kernels("mistral_gqa", mistral, text_inputs, "sdpa", note="2 KV heads for 4 query heads"),
+        *both_kernels("qwen2_gqa", qwen2, text_inputs, "eager", note="2 KV heads for 4 query heads"),
         # audio
-        Entry("whisper_encoder", whisper_encoder, whisper_inputs, "sdpa"),
+        *both_kernels("whisper_encoder", whisper_encoder, whisper_inputs, "sdpa"),
         # vision transformers (position embeddings fix the image size: the second input changes the batch)
         Entry("vit", vit, fixed, "eager"),
         Entry("vit_sdpa_modeloutput", vit_raw, fixed, "sdpa",
-              note="ViTForImageClassification unwrapped: returns an ImageClassifierOutput"),
-        Entry("deit", deit, fixed, "sdpa"),
-        Entry("dinov2", dinov2, fixed, "sdpa", note="layer scale"),
-        Entry("data2vec_vision", data2vec_vision, fixed, "eager", note="layer scale, relative position bias"),
-        Entry("swin", swin, fixed, "eager", note="shifted windows (roll)"),
-        Entry("clip_vision", clip_vision, fixed, "sdpa"),
+              note="ViTForImageClassification unwrapped: returns an ImageClassifierOutput", family="vit"),
+        *both_kernels("deit", deit, fixed, "sdpa"),
+        *both_kernels("dinov2", dinov2, fixed, "sdpa", note="layer scale"),
+        *both_kernels("data2vec_vision", data2vec_vision, fixed, "eager", note="layer scale, relative position bias"),
+        *both_kernels("swin", swin, fixed, "eager", note="shifted windows (roll)", twin=lambda a: swin(a, 16),
+                      twin_inputs=image_inputs(16),
+                      twin_opt_in="torch.export of Swin under SDPA with dynamic shapes takes ~95 s CPU per mode"),
+        *both_kernels("clip_vision", clip_vision, fixed, "sdpa"),
         Entry("mobilevit", mobilevit, fixed, "eager"),
         Entry("levit", levit, image_inputs(64), note="BatchNorm1d attention, no attention kernel"),
         # CNNs from transformers
@@ -341,14 +379,15 @@ def _entries() -> list[Entry]:
         Entry("mlp_mixer", _hand(hw.MLPMixer), fixed, note="token and channel MLPs with dropout"),
         Entry("timm_convnext", _hand(hw.TimmConvNeXt), conv, note="x.mul(gamma.reshape(1,-1,1,1)), x * gamma (NHWC)"),
         Entry("timm_poolformer", _hand(hw.TimmPoolFormer), conv, note="gamma.reshape(-1,1,1) * x"),
-        Entry("timm_cait", _hand(hw.CaiT), fixed, note="gamma * attn(x), explicit softmax attention"),
+        *both_kernels("timm_cait", lambda a: hw.CaiT(fused=a == "sdpa"), fixed, "eager",
+                      note="gamma * attn(x); timm Attention with fused_attn off (eager) / on (sdpa)"),
         # the smallest model of each failure class (see fixtures.py)
         Entry("fixture_cat_inplace_branches", _hand(fx.CatOfInplaceBranches), tiny),
         Entry("fixture_residual_mlp", _hand(fx.ResidualMLP, "plain"), vector_inputs(4), note="control"),
         Entry("fixture_residual_dropout", _hand(fx.ResidualMLP, "dropout"), vector_inputs(4)),
         Entry("fixture_residual_inplace_add", _hand(fx.ResidualMLP, "inplace"), vector_inputs(4)),
         Entry("fixture_inplace_residual_relu", _hand(fx.InplaceResidualRelu), tiny),
-        Entry("fixture_sdpa_block", _hand(fx.SdpaBlock), token_features, "sdpa"),
+        *both_kernels("fixture_sdpa_block", lambda a: fx.SdpaBlock(fused=a == "sdpa"), token_features, "sdpa"),
         Entry("fixture_token_mlp", _hand(fx.TokenMLP), small_ids),
         Entry("fixture_preact_dense", _hand(fx.PreActDenseBlock), tiny),
         Entry("fixture_layer_scale_conv", _hand(fx.LayerScaleConv), tiny),
@@ -359,4 +398,4 @@ def _entries() -> list[Entry]:
     ]
 
 
-ZOO: dict[str, Entry] = {e.name: replace(e, slow=e.name in HEAVY) for e in _entries()}
+ZOO: dict[str, Entry] = {e.name: replace(e, slow=e.architecture in HEAVY) for e in _entries()}

@@ -221,13 +221,14 @@ class ReverseSub(AddSub):
 
 class Where(Rule):
     """where(cond, x, y): entry-wise choice with a condition broadcast over the channels (a causal mask):
-    channel i of the result comes from channel i of x or y only; it stays zero when both choices are."""
+    channel i of the result comes from channel i of x or y only; it stays zero when both choices are.
+    The chosen tensors are ``self`` and ``other``; the condition is the first argument, never a choice."""
 
     kind = "accessory"
 
     def channels(self, ctx: "Context", call: Call) -> None:
         out = call.node.shape
-        cond, x, y = call["condition"], call.input, call.args.get("other")
+        cond, x, y = call["condition"], call.args.get("self"), call.args.get("other")
         tx, ty = ctx.channels(x), ctx.channels(y)
         t = tx or ty
         if t is None:
@@ -251,7 +252,7 @@ class Where(Rule):
         ctx.set(call, TensorChannels(cd, list(t.elems), zi, t.taint or f"{ctx.describe(call)} fills a constant"))
 
     def zero_output(self, call: Call, is_zero: IsZero) -> bool:
-        return is_zero(call.input) and is_zero(call.args.get("other"))
+        return is_zero(call.args.get("self")) and is_zero(call.args.get("other"))
 
 
 add(AddSub(), "add", "sub")

@@ -24,8 +24,12 @@ class AttentionHeads(Rule):
     Head h of the output is softmax(q_h k_g^T * scale) v_g with g = h // (Hq / Hkv): it reads only
     head h of q and head g of k and v, so removing a whole head group (a key/value head with its query
     heads) removes exactly those output heads, and zeroing it zeroes v_g, hence the output heads.  The
-    scale depends on the head size, which does not change.  Channels in the last dim (within-head) are
-    only accepted with an explicit ``scale`` (the default one would change with the head size).
+    scale depends on the head size, which does not change.  A mask (or additive bias) with one entry per
+    head that is computed from parameters (T5's relative position bias, passed as the SDPA mask) is coupled
+    head by head: removing head h removes its bias too, and a zero head stays zero whatever its bias is,
+    because its values are zero.  A per-head mask the analysis cannot follow keeps every head.  Channels in
+    the last dim (within-head) are only accepted with an explicit ``scale`` (the default one would change
+    with the head size).
     """
 
     kind = "joint"
@@ -35,13 +39,18 @@ class AttentionHeads(Rule):
         tq, tk, tv = ctx.channels(q), ctx.channels(k), ctx.channels(v)
         sq, out = ctx.shape(q), call.node.shape
         if tq is None and tk is None and tv is None:
-            ctx.set(call, None)
+            if ctx.channels(call.args.get("attn_mask")) is None:
+                ctx.set(call, None)
+            else:  # heads the analysis cannot see: the bias's heads cannot be matched to them
+                ctx.refuse(call, f"{ctx.describe(call)} has a per-head bias but untracked heads")
             return
-        if sq is None or out is None or ctx.channels(call.args.get("attn_mask")) is not None:
+        if sq is None or out is None:
             ctx.refuse(call)
             return
         heads = [t is not None and t.cdim == len(ctx.shape(x)) - 3 for t, x in ((tq, q), (tk, k), (tv, v))]
-        if all(heads):
+        if ctx.channels(call.args.get("attn_mask")) is not None and not all(heads):
+            ctx.refuse(call, f"{ctx.describe(call)} has a mask (or bias) computed from parameters, read within heads")
+        elif all(heads):
             self.by_head(ctx, call, tq, tk, tv, out)
         elif tq is not None and tk is not None and tq.cdim == len(sq) - 1 and tk.cdim == len(ctx.shape(k)) - 1 \
                 and call.args.get("scale") is not None and (tv is None or tv.cdim == len(ctx.shape(v)) - 1):
@@ -58,11 +67,17 @@ class AttentionHeads(Rule):
             ctx.refuse(call, f"{ctx.describe(call)} has {hq} query heads for {hkv} key/value heads")
             return
         mask = call.args.get("attn_mask")
-        ms = ctx.shape(mask)
-        if ms is not None and size_at(ms, len(out) - 3, len(out)) > 1:
+        ms, tm = ctx.shape(mask), ctx.channels(mask)
+        if tm is not None and (tm.cdim != len(out) - 3 or len(tm.elems) != hq or ms is None or len(ms) != len(out)):
+            ctx.refuse(call, f"{ctx.describe(call)} has a mask (or bias) whose channels are not its heads")
+            return
+        if tm is None and ms is not None and size_at(ms, len(out) - 3, len(out)) > 1:
             ctx.refuse(call, f"{ctx.describe(call)} has a mask (or bias) with one entry per head")
             return
         rep = hq // hkv
+        if tm is not None:  # a per-head bias made from parameters (T5's position bias): sliced with its head
+            for h in range(hq):
+                ctx.el.union(tq.elems[h], tm.elems[h])
         for g in range(hkv):
             ctx.el.union(tk.elems[g], tv.elems[g])
         for h in range(hq):
