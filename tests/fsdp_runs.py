@@ -8,10 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_oto import OTO
 
@@ -63,24 +65,114 @@ def single_process() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One FSDP2 rank: trace the full model, shard it, search on the shards, save the gathered state (rank 0)."""
+    """One FSDP2 rank: the optimizer alone on shards, then OTOCallback under ModelParallelStrategy."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(optimizer_on_shards(rank, world), Path(out_dir) / f"rank{rank}.pt")
+        torch.save(callback_on_shards(rank, world, out_dir), Path(out_dir) / f"lit{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def optimizer_on_shards(rank: int, world: int) -> dict[str, Any]:
+    """Trace the full model, shard it, search on the shards, gather the state once (rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    torch.manual_seed(0)
+    model = TinyMLP()
+    oto = OTO(model, torch.randn(2, 6), mode="prune")  # traced before sharding: the full module
+    for m in (model.l1, model.l2, model.l3):
+        fully_shard(m)
+    fully_shard(model)
+    local_rows = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
+    out = search(model, oto, rank, world)
+    out.pop("optimizer_state")
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out.update(local_rows=local_rows, state=state)
+    return out
+
+
+# ---------------------------------------------------------------------------- OTOCallback under ModelParallelStrategy
+class LitMLP(L.LightningModule):
+    """Shards its network in configure_model when a device mesh is there (ModelParallelStrategy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
         torch.manual_seed(0)
-        model = TinyMLP()
-        oto = OTO(model, torch.randn(2, 6), mode="prune")  # traced before sharding: the full module
-        for m in (model.l1, model.l2, model.l3):
-            fully_shard(m)
-        fully_shard(model)
-        local_rows = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
-        out = search(model, oto, rank, world)
-        out.pop("optimizer_state")
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        out.update(local_rows=local_rows, state=state)
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        self.net = TinyMLP()
+        self.example_input_array = torch.randn(2, 6)
+        self.losses: list[float] = []
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for m in (self.net.l1, self.net.l2, self.net.l3):
+            fully_shard(m, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def loader(rank: int, world: int) -> DataLoader:
+    """The same 112 samples in batches of 8; rank r of ``world`` reads samples r, r + world, ... of each."""
+    x = torch.cat([b[0] for b in batches()])
+    y = torch.cat([b[1] for b in batches()])
+    mine = list(range(rank, x.shape[0], world))
+    return DataLoader(TensorDataset(x[mine], y[mine]), batch_size=8 // world, shuffle=False)
+
+
+def fit(strategy: Any, devices: int, export_dir: str, formats: tuple[str, ...], swap: bool,
+        rank: int = 0) -> tuple[Any, Any]:
+    from lightning_oto import OTOCallback
+
+    cb = OTOCallback(mode="prune", target_group_sparsity=0.4, warmup_steps=4, projection_steps=6,
+                     network_attr="net", export_dir=export_dir, export_formats=formats, swap_subnet=swap,
+                     bn_recalibration_batches=0, destroy_process_group=False)
+    lit = LitMLP()
+    tr = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, callbacks=[cb],
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=export_dir, use_distributed_sampler=False)
+    tr.fit(lit, loader(rank, devices))
+    return cb, lit
+
+
+def probe() -> torch.Tensor:
+    return torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+
+
+def callback_single(export_dir: str) -> dict[str, Any]:
+    cb, lit = fit("auto", 1, export_dir, (), swap=True)
+    return {"zero": cb.optimizer.zero_group_ids(), "redundant": cb.optimizer.redundant_group_ids,
+            "sub_state": {k: v.detach().clone() for k, v in lit.net.state_dict().items()}, "losses": lit.losses}
+
+
+def callback_on_shards(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """OTOCallback in prune mode under ModelParallelStrategy(data_parallel_size=2), the sub-network swapped in."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    cb, lit = fit(strategy, world, str(Path(out_dir) / "export"), ("torch",), swap=True, rank=rank)
+    sub, full = lit.net, cb.oto.model  # the swapped-in sub-network and the gathered full network
+    x = probe()
+    with torch.no_grad():
+        sub_out, full_out = sub.eval()(x), full.eval()(x)
+    return {"zero": cb.optimizer.zero_group_ids(), "redundant": cb.optimizer.redundant_group_ids,
+            "sub_type": type(sub).__name__, "full_sharded_type": type(cb.full_network).__name__,
+            "sub_state": {k: v.detach().clone() for k, v in sub.state_dict().items()},
+            "sub_out": sub_out, "full_out": full_out, "report": cb.report, "losses": lit.losses}

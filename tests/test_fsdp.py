@@ -27,12 +27,26 @@ def sharded(tmp_path_factory):
     """What each of the two FSDP2 ranks saw (trained on its half of every batch)."""
     out = tmp_path_factory.mktemp("fsdp")
     mp.spawn(runs.sharded_worker, args=(2, _free_port(), str(out)), nprocs=2)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    recs = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for r in recs:
+        r["out_dir"] = out
+    return recs
 
 
 @pytest.fixture(scope="module")
 def single():
     return runs.single_process()
+
+
+@pytest.fixture(scope="module")
+def sharded_fit(sharded, tmp_path_factory):
+    """OTOCallback under ModelParallelStrategy, per rank (the same spawn as ``sharded``)."""
+    return [torch.load(sharded[0]["out_dir"] / f"lit{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def single_fit(tmp_path_factory):
+    return runs.callback_single(str(tmp_path_factory.mktemp("single_fit")))
 
 
 def test_shards_are_uneven_and_local(sharded):
@@ -53,6 +67,69 @@ def test_sharded_search_equals_single_process(sharded, single):
     assert set(state) == set(ref_state)
     for name, t in ref_state.items():
         torch.testing.assert_close(state[name], t, atol=1e-5, rtol=1e-4)
+
+
+def test_callback_under_model_parallel_strategy_equals_single_process(sharded_fit, single_fit):
+    """Prune mode under ModelParallelStrategy(data_parallel_size=2): traced before configure_model sharded the
+    network, searched on the shards, gathered once at fit end; the same zero groups and the same sub-network as a
+    single-process run of the same seed, swapped in on every rank, and its outputs equal the full model's."""
+    assert single_fit["zero"] and single_fit["zero"] == single_fit["redundant"]
+    for r in sharded_fit:
+        assert r["zero"] == r["redundant"] == single_fit["zero"]
+        assert r["sub_type"] == "TinyMLP" and r["full_sharded_type"].startswith("FSDP")  # swapped on every rank
+        assert set(r["sub_state"]) == set(single_fit["sub_state"])
+        for name, t in single_fit["sub_state"].items():
+            assert r["sub_state"][name].shape == t.shape  # the same channels were removed
+            torch.testing.assert_close(r["sub_state"][name], t, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(r["sub_out"], r["full_out"], atol=1e-6, rtol=0)
+    both = zip(single_fit["losses"], sharded_fit[0]["losses"], sharded_fit[1]["losses"])
+    assert [(a + b) / 2 for _, a, b in both] == pytest.approx(single_fit["losses"], abs=1e-5)
+
+
+def test_rank0_exports_once_and_the_export_loads(sharded_fit):
+    from lightning_oto import load
+
+    rep0, rep1 = (r["report"] for r in sharded_fit)
+    assert rep1 is None  # only rank 0 reports and writes
+    assert rep0["world_size"] == 2 and rep0["verification_max_abs_error"] <= 1e-5
+    assert sorted(g["id"] for g in rep0["removed_groups"]) == sharded_fit[0]["zero"]
+    assert rep0["params_sub"] < rep0["params_full"]
+    sub = load(rep0["export_dir"])
+    with torch.no_grad():
+        torch.testing.assert_close(sub(runs.probe()), sharded_fit[0]["full_out"], atol=1e-5, rtol=1e-5)
+
+
+def test_fsdp1_and_tensor_parallelism_are_refused_by_name():
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lightning_oto.lightning.sharded import check_strategy
+
+    with pytest.raises(ValueError, match="FSDPStrategy.*ModelParallelStrategy"):
+        check_strategy(FSDPStrategy(), "OTOCallback")
+
+    class Mesh:
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return type("Sub", (), {"size": lambda self: 2 if name == "tensor_parallel" else 1})()
+
+    class TP(ModelParallelStrategy):
+        device_mesh = Mesh()
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        check_strategy(TP(data_parallel_size=1, tensor_parallel_size=2), "OTOCallback")
+
+
+def test_configure_model_that_renames_parameters_is_refused():
+    from torch import nn
+
+    from lightning_oto.lightning.sharded import check_names, parameter_shapes
+
+    traced = parameter_shapes(runs.TinyMLP())
+    renamed = nn.Sequential(runs.TinyMLP())  # e.g. a wrapper added in configure_model
+    with pytest.raises(ValueError, match=r"configure_model changed.*missing \['l1.bias'"):
+        check_names(traced, renamed, "OTOCallback")
+    check_names(traced, runs.TinyMLP(), "OTOCallback")  # same names and shapes: fine
 
 
 def test_unsupported_placement_names_tensor_parallelism(tmp_path):

@@ -51,6 +51,7 @@ from .network import install_subnet, resolve_example_inputs, resolve_network, to
 from .optimizer_swap import replace_optimizer
 from .run_report import PHASE_CODES
 from .settings import OTOSettings, planned_steps, steps_per_epoch
+from .sharded import ShardedTrace, check_strategy, gather_full
 
 __all__ = ["OTOCallback", "PHASE_CODES"]
 
@@ -135,6 +136,7 @@ class OTOCallback(Callback):
         self.space_id: str | None = None
         self.subnet_payload: dict[str, Any] | None = None
         self._loaded_state: dict[str, Any] | None = None
+        self._sharded: ShardedTrace | None = None  # FSDP2: the trace taken in setup, before configure_model
         self._reset_run()
 
     def _reset_run(self) -> None:
@@ -180,6 +182,18 @@ class OTOCallback(Callback):
         if not any(p.requires_grad for p in net.parameters()):
             raise ValueError(f"{self._who()}: {type(net).__name__} has no trainable parameters: there is nothing "
                              "to compress.")
+        self._setup_sharded(trainer, pl_module, net)
+
+    def _setup_sharded(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", net: nn.Module) -> None:
+        """FSDP2 (ModelParallelStrategy): trace the full network now, before configure_model shards it."""
+        self._sharded = None
+        if not check_strategy(trainer.strategy, self._who()) or self.subnet_payload is not None:
+            return
+        x, _ = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer)
+        t0 = time.perf_counter()
+        oto = OTO(net, to_device(x, net), mode=self.mode, **self.settings.oto_kwargs())
+        self._sharded = ShardedTrace.of(oto, net)
+        self._say(2, f"FSDP2: traced the full network before configure_model ({time.perf_counter() - t0:.1f}s).")
 
     def _install_restore_hook(self, pl_module: "pl.LightningModule") -> None:
         """Lightning restores the weights (ckpt_path) before any callback hook sees the checkpoint, so the
@@ -222,6 +236,8 @@ class OTOCallback(Callback):
             self.oto = pl_module._oto  # type: ignore[attr-defined]
             if self.oto.mode != self.mode:
                 raise ValueError(f"{self._who()}: the LightningModule's OTOMixin uses mode {self.oto.mode!r}.")
+        elif self._sharded is not None:
+            self.oto = self._sharded.bind(net, self._who())
         else:
             x, source = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer)
             if source == "a training batch":
@@ -360,6 +376,8 @@ class OTOCallback(Callback):
 
     def _current_flops(self) -> int | None:
         assert self.oto is not None and self.optimizer is not None
+        if self._sharded is not None:  # a sharded network cannot be copied and sliced mid-run
+            return None
         inputs = to_device(self.oto.example_inputs, self.oto.model)
         if self._flops_full is None:
             self._flops_full = count_flops(self.oto.model, inputs)
@@ -407,10 +425,44 @@ class OTOCallback(Callback):
         self._val_before = self._stage_metrics(trainer, "val")
         recalibrated = self._recalibrate(trainer)
         swap = self.settings.swap_subnet and self._can_swap(trainer)
+        if self._sharded is not None:
+            self._fit_end_sharded(trainer, pl_module, swap, recalibrated)
+            return
         if not trainer.is_global_zero and not swap:
             return  # only rank 0 builds and writes the export
         t0 = time.perf_counter()
         sub, err = self._construct_verified()
+        self.subnet = sub
+        if trainer.is_global_zero:
+            self._export_and_report(trainer, sub, err, time.perf_counter() - t0, recalibrated)
+        if swap:
+            self._swap(pl_module, sub)
+
+    def _fit_end_sharded(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", swap: bool,
+                         recalibrated: int | None) -> None:
+        """FSDP2: gather the full state once (rank 0; every rank when swapping), then construct, verify, export
+        and swap as in a single-process run.  Every rank learns whether construction worked: if it failed
+        anywhere, every rank raises and nothing is swapped."""
+        assert self.oto is not None and self._sharded is not None
+        sharded_net = self.oto.model
+        full = gather_full(sharded_net, self._sharded.skeleton, to_all_ranks=swap)
+        t0 = time.perf_counter()
+        sub, err, failure = None, 0.0, None
+        if full is not None:
+            self.oto.model = full
+            try:
+                sub, err = self._construct_verified()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after every rank heard of it
+                failure = e
+        failures = [f for f in _gather(None if failure is None else f"{type(failure).__name__}: {failure}") if f]
+        if failures:
+            self.oto.model = sharded_net
+            if failure is not None:
+                raise failure
+            raise SubnetMismatchError(f"{self._who()}: constructing the sub-network failed on another rank, so no "
+                                      f"rank swaps or exports it: {failures[0]}")
+        if sub is None:  # not rank 0 and not swapping: nothing more to do here
+            return
         self.subnet = sub
         if trainer.is_global_zero:
             self._export_and_report(trainer, sub, err, time.perf_counter() - t0, recalibrated)
@@ -621,6 +673,7 @@ class OTOCallback(Callback):
         if stage != "fit":
             return
         self._loaded_state = None
+        self._sharded = None
         if self.settings.destroy_process_group and dist.is_available() and dist.is_initialized() \
                 and trainer.world_size > 1:
             dist.destroy_process_group()
