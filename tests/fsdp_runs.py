@@ -71,6 +71,7 @@ def sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         torch.save(optimizer_on_shards(rank, world), Path(out_dir) / f"rank{rank}.pt")
         torch.save(callback_on_shards(rank, world, out_dir), Path(out_dir) / f"lit{rank}.pt")
+        torch.save(construction_fails_on_rank0(rank, world, out_dir), Path(out_dir) / f"fail{rank}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -138,10 +139,10 @@ def loader(rank: int, world: int) -> DataLoader:
 
 
 def fit(strategy: Any, devices: int, export_dir: str, formats: tuple[str, ...], swap: bool,
-        rank: int = 0) -> tuple[Any, Any]:
+        rank: int = 0, callback_class: type | None = None) -> tuple[Any, Any]:
     from lightning_oto import OTOCallback
 
-    cb = OTOCallback(mode="prune", target_group_sparsity=0.4, warmup_steps=4, projection_steps=6,
+    cb = (callback_class or OTOCallback)(mode="prune", target_group_sparsity=0.4, warmup_steps=4, projection_steps=6,
                      network_attr="net", export_dir=export_dir, export_formats=formats, swap_subnet=swap,
                      bn_recalibration_batches=0, destroy_process_group=False)
     lit = LitMLP()
@@ -176,3 +177,32 @@ def callback_on_shards(rank: int, world: int, out_dir: str) -> dict[str, Any]:
             "sub_type": type(sub).__name__, "full_sharded_type": type(cb.full_network).__name__,
             "sub_state": {k: v.detach().clone() for k, v in sub.state_dict().items()},
             "sub_out": sub_out, "full_out": full_out, "report": cb.report, "losses": lit.losses}
+
+
+def construction_fails_on_rank0(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Construction raises on rank 0 only: every rank must raise, and no rank swaps its network."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_oto import OTOCallback
+    from lightning_oto.errors import SubnetMismatchError
+
+    class FailsOnRank0(OTOCallback):
+        def _construct_verified(self):  # type: ignore[override]
+            if dist.get_rank() == 0:
+                raise SubnetMismatchError("simulated construction failure on rank 0")
+            return super()._construct_verified()
+
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    holder: dict[str, Any] = {}
+
+    class Keep(FailsOnRank0):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            holder["lit"] = pl_module
+            super().on_fit_start(trainer, pl_module)
+
+    try:
+        fit(strategy, world, str(Path(out_dir) / "fail"), (), swap=True, rank=rank, callback_class=Keep)
+        raised = None
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        raised = f"{type(e).__name__}: {e}"
+    return {"raised": raised, "net_type": type(holder["lit"].net).__name__}

@@ -99,6 +99,14 @@ def test_rank0_exports_once_and_the_export_loads(sharded_fit):
         torch.testing.assert_close(sub(runs.probe()), sharded_fit[0]["full_out"], atol=1e-5, rtol=1e-5)
 
 
+def test_construction_failure_on_rank0_raises_on_every_rank_and_swaps_nothing(sharded):
+    recs = [torch.load(sharded[0]["out_dir"] / f"fail{r}.pt", weights_only=False) for r in (0, 1)]
+    assert "simulated construction failure on rank 0" in recs[0]["raised"]
+    assert recs[1]["raised"].startswith("SubnetMismatchError") and "another rank" in recs[1]["raised"]
+    assert "simulated construction failure on rank 0" in recs[1]["raised"]
+    assert all(r["net_type"].startswith("FSDP") for r in recs)  # still the sharded network: nothing swapped
+
+
 def test_fsdp1_and_tensor_parallelism_are_refused_by_name():
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
