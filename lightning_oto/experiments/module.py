@@ -31,6 +31,20 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (``trainer=fsdp`` / ``fsdp_sim``): FSDP2, one unit per child of the network
+        that holds parameters, then the network itself; parameter names stay what OTOCallback traced."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"]
+        for child in self.net.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child, mesh=dp)
+        fully_shard(self.net, mesh=dp)
+
     def _step(self, batch: Any, metric: MulticlassAccuracy, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
