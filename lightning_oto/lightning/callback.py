@@ -449,7 +449,7 @@ class OTOCallback(Callback):
         t0 = time.perf_counter()
         sub, err, failure = None, 0.0, None
         if full is not None:
-            self.oto.model = full
+            self._sharded.adopt(full)
             try:
                 sub, err = self._construct_verified()
             except Exception as e:  # noqa: BLE001 - re-raised below, after every rank heard of it

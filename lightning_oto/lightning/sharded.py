@@ -117,7 +117,31 @@ class ShardedTrace:
         return cls(oto, parameter_shapes(net), meta_copy(net))
 
     def bind(self, net: nn.Module, who: str) -> Any:
-        """The traced OTO, now driving the sharded ``net`` (same names and shapes, checked)."""
+        """The traced OTO, now driving the sharded ``net`` (same names and shapes, checked).  The traced program
+        let go of the full-size weights it referenced (they would stay alive on every rank next to the shards)."""
         check_names(self.shapes, net, who)
         self.oto.model = net
+        state = _program_state(self.oto)
+        for k, v in state.items():
+            state[k] = _meta_like(v)
         return self.oto
+
+    def adopt(self, full: nn.Module) -> None:
+        """Fit end: the gathered ``full`` network becomes the model, and the program's weights are its tensors."""
+        self.oto.model = full
+        named = dict(full.named_parameters(remove_duplicate=False)) | dict(full.named_buffers(remove_duplicate=False))
+        state = _program_state(self.oto)
+        for k in state:
+            if k in named:
+                state[k] = named[k]
+
+
+def _program_state(oto: Any) -> dict[str, Any]:
+    """The traced program's own weight dict (``ExportedProgram.state_dict`` is that dict, not a copy)."""
+    program = getattr(oto.graph, "program", None)
+    return program.state_dict if program is not None else {}
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(t, device="meta")
+    return nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
