@@ -51,7 +51,7 @@ from .network import install_subnet, resolve_example_inputs, resolve_network, to
 from .optimizer_swap import replace_optimizer
 from .run_report import PHASE_CODES
 from .settings import OTOSettings, planned_steps, steps_per_epoch
-from .sharded import ShardedTrace, check_strategy, gather_full
+from .sharded import ShardedTrace, check_strategy, gather_full, is_model_parallel
 
 __all__ = ["OTOCallback", "PHASE_CODES"]
 
@@ -674,8 +674,10 @@ class OTOCallback(Callback):
             return
         self._loaded_state = None
         self._sharded = None
+        # ModelParallelStrategy keeps its process group and device mesh for validate / test in the same
+        # processes (re-initialising one there hangs): it is Lightning's to destroy
         if self.settings.destroy_process_group and dist.is_available() and dist.is_initialized() \
-                and trainer.world_size > 1:
+                and trainer.world_size > 1 and not is_model_parallel(trainer.strategy):
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ checkpointing
