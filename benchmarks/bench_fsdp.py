@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/bench_fsdp.json")
     args = ap.parse_args()
     world = 2
-    out_dir = Path(args.out).parent / "bench_fsdp_ranks"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_fsdp_"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
