@@ -131,25 +131,30 @@ class LitMLP(L.LightningModule):
 
 
 def loader(rank: int, world: int) -> DataLoader:
-    """The same 112 samples in batches of 8; rank r of ``world`` reads samples r, r + world, ... of each."""
-    x = torch.cat([b[0] for b in batches()])
-    y = torch.cat([b[1] for b in batches()])
+    """The same 56 samples in 7 batches of 8 (an epoch: 7 steps); rank r of ``world`` reads samples r, r + world,
+    ... of each."""
+    x = torch.cat([b[0] for b in batches()[:7]])
+    y = torch.cat([b[1] for b in batches()[:7]])
     mine = list(range(rank, x.shape[0], world))
     return DataLoader(TensorDataset(x[mine], y[mine]), batch_size=8 // world, shuffle=False)
 
 
 def fit(strategy: Any, devices: int, export_dir: str, formats: tuple[str, ...], swap: bool,
-        rank: int = 0, callback_class: type | None = None) -> tuple[Any, Any]:
+        rank: int = 0, callback_class: type | None = None, checkpoint_dir: str | None = None,
+        ckpt_path: str | None = None) -> tuple[Any, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from lightning_oto import OTOCallback
 
     cb = (callback_class or OTOCallback)(mode="prune", target_group_sparsity=0.4, warmup_steps=4, projection_steps=6,
                      network_attr="net", export_dir=export_dir, export_formats=formats, swap_subnet=swap,
                      bn_recalibration_batches=0, destroy_process_group=False)
     lit = LitMLP()
-    tr = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, callbacks=[cb],
-                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   default_root_dir=export_dir, use_distributed_sampler=False)
-    tr.fit(lit, loader(rank, devices))
+    extra = [ModelCheckpoint(dirpath=checkpoint_dir, every_n_epochs=1, save_top_k=-1)] if checkpoint_dir else []
+    tr = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, callbacks=[cb, *extra],
+                   logger=False, enable_checkpointing=bool(extra), enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=export_dir, use_distributed_sampler=False)
+    tr.fit(lit, loader(rank, devices), ckpt_path=ckpt_path)
     return cb, lit
 
 
@@ -158,9 +163,20 @@ def probe() -> torch.Tensor:
 
 
 def callback_single(export_dir: str) -> dict[str, Any]:
-    cb, lit = fit("auto", 1, export_dir, (), swap=True)
+    ckpt_dir = Path(export_dir) / "ckpt"
+    cb, lit = fit("auto", 1, export_dir, (), swap=True, checkpoint_dir=str(ckpt_dir))
     return {"zero": cb.optimizer.zero_group_ids(), "redundant": cb.optimizer.redundant_group_ids,
-            "sub_state": {k: v.detach().clone() for k, v in lit.net.state_dict().items()}, "losses": lit.losses}
+            "sub_state": {k: v.detach().clone() for k, v in lit.net.state_dict().items()}, "losses": lit.losses,
+            "resumed": resume(ckpt_dir, "auto", 1, 0, str(Path(export_dir) / "resumed"))}
+
+
+def resume(ckpt_dir: Path, strategy: Any, world: int, rank: int, export_dir: str) -> dict[str, Any]:
+    """Resume from the end of epoch 0 (step 7: mid-projection) and finish the same 14 steps."""
+    first = sorted(p for p in ckpt_dir.iterdir() if p.name.startswith("epoch=0"))[0]
+    cb, lit = fit(strategy, world, export_dir, (), swap=True, rank=rank, ckpt_path=str(first))
+    return {"zero": cb.optimizer.zero_group_ids(), "losses": lit.losses, "checkpoint": first.name,
+            "num_steps": cb.optimizer.num_steps,
+            "sub_state": {k: v.detach().clone() for k, v in lit.net.state_dict().items()}}
 
 
 def callback_on_shards(rank: int, world: int, out_dir: str) -> dict[str, Any]:
@@ -168,12 +184,16 @@ def callback_on_shards(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-    cb, lit = fit(strategy, world, str(Path(out_dir) / "export"), ("torch",), swap=True, rank=rank)
+    ckpt_dir = Path(out_dir) / "ckpt"
+    cb, lit = fit(strategy, world, str(Path(out_dir) / "export"), ("torch",), swap=True, rank=rank,
+                  checkpoint_dir=str(ckpt_dir))
     sub, full = lit.net, cb.oto.model  # the swapped-in sub-network and the gathered full network
     x = probe()
     with torch.no_grad():
         sub_out, full_out = sub.eval()(x), full.eval()(x)
-    return {"zero": cb.optimizer.zero_group_ids(), "redundant": cb.optimizer.redundant_group_ids,
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    resumed = resume(ckpt_dir, strategy, world, rank, str(Path(out_dir) / "resumed"))
+    return {"resumed": resumed, "zero": cb.optimizer.zero_group_ids(), "redundant": cb.optimizer.redundant_group_ids,
             "sub_type": type(sub).__name__, "full_sharded_type": type(cb.full_network).__name__,
             "sub_state": {k: v.detach().clone() for k, v in sub.state_dict().items()},
             "sub_out": sub_out, "full_out": full_out, "report": cb.report, "losses": lit.losses}

@@ -86,6 +86,23 @@ def test_callback_under_model_parallel_strategy_equals_single_process(sharded_fi
     assert [(a + b) / 2 for _, a, b in both] == pytest.approx(single_fit["losses"], abs=1e-5)
 
 
+def test_resume_from_a_distributed_checkpoint_continues_the_search(sharded_fit, single_fit):
+    """A distributed checkpoint at step 7 (mid-projection; the search state rides in the callback's state, torch's
+    sharded optimizer state dict has no room for it) resumes to the same zero groups, sub-network and losses as
+    the same resume single-process."""
+    ref = single_fit["resumed"]
+    assert ref["checkpoint"].startswith("epoch=0-step=7") and ref["num_steps"] == runs.STEPS
+    assert ref["zero"] == single_fit["zero"]
+    for r in sharded_fit:
+        res = r["resumed"]
+        assert res["checkpoint"] == ref["checkpoint"] and res["num_steps"] == runs.STEPS
+        assert res["zero"] == ref["zero"]
+        for name, t in ref["sub_state"].items():
+            torch.testing.assert_close(res["sub_state"][name], t, atol=1e-5, rtol=1e-4)
+    both = zip(sharded_fit[0]["resumed"]["losses"], sharded_fit[1]["resumed"]["losses"])
+    assert [(a + b) / 2 for a, b in both] == pytest.approx(ref["losses"], abs=1e-5)
+
+
 def test_rank0_exports_once_and_the_export_loads(sharded_fit):
     from lightning_oto import load
 

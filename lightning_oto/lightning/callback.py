@@ -708,14 +708,23 @@ class OTOCallback(Callback):
             "space_hash": self.space_id, "num_groups": len(self.oto.groups) if self.oto is not None else None,
             "phase": opt.phase, "phase_code": PHASE_CODES[opt.phase], "num_steps": int(opt.num_steps),
             "redundant": list(opt.redundant_group_ids), "target_group_sparsity": self.settings.target_group_sparsity,
-            "compressed": self.subnet_payload is not None,
+            "compressed": self.subnet_payload is not None, **self._sharded_search_state(),
         }
+
+    def _sharded_search_state(self) -> dict[str, Any]:
+        """FSDP2: the optimizer's search state rides in the callback state (torch's sharded optimizer state dict
+        drops it); it is the same on every rank."""
+        if self._sharded is None or self.optimizer is None:
+            return {}
+        return {"search_state": self.optimizer.search_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the saved state; it is checked against the rebuilt search space and restored optimizer."""
         if state_dict.get("mode") not in (None, self.mode):
             raise RuntimeError(f"{self._who()}: the checkpoint was written in {state_dict.get('mode')!r} mode.")
         self._loaded_state = dict(state_dict)
+        if self.optimizer is not None and "search_state" in state_dict:  # FSDP2: restored after on_fit_start
+            self.optimizer.expect_search_state(state_dict["search_state"])
 
     # ------------------------------------------------------------------ kept for existing callers
     summary_table = staticmethod(run_report.summary_table)

@@ -693,6 +693,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hp = self.param_groups[0]
+        if self.__dict__.get("_awaiting_search_state"):
+            raise ValueError(
+                f"{type(self).__name__}: this sharded optimizer state was loaded without its search state (step, "
+                "saliency, redundant and zero sets): resume through OTOCallback, which carries it in its own state, "
+                "or call expect_search_state(saved['oto']) before stepping.")
         self._follow_device()
         if self._score_due():
             self._update_ema(self._stats())
@@ -717,6 +722,15 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
+        sd["oto"] = self.search_state()
+        return sd
+
+    def search_state(self) -> dict[str, Any]:
+        """The search's own state (the ``"oto"`` entry of :meth:`state_dict`): the same on every rank.
+
+        FSDP2 checkpoints (torch's ``get_optimizer_state_dict``) keep only ``state`` and ``param_groups``, so
+        the Lightning callback carries this part itself and hands it back through :meth:`expect_search_state`.
+        """
         oto = {
             "version": _STATE_VERSION,
             "class": type(self).__name__,
@@ -738,12 +752,27 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         }
         for name in self._TENSORS:
             oto[name] = getattr(self, f"_{name}").detach().clone()
-        sd["oto"] = oto
-        return sd
+        return oto
+
+    def expect_search_state(self, oto: dict[str, Any]) -> None:
+        """Restore this search state now if a sharded load is waiting for it, else at the next
+        :meth:`load_state_dict` without an ``"oto"`` entry."""
+        if self.__dict__.pop("_awaiting_search_state", False):
+            self._load_search_state(oto)
+        else:
+            self._pending_search_state = oto
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         oto = state_dict.pop("oto", None)
+        if oto is None:
+            oto = self.__dict__.pop("_pending_search_state", None)
+        if oto is None and state_dict.get("state") and self._index.sharded:
+            # FSDP2: torch's sharded optimizer state dict has no room for it; the callback restores it next
+            # (expect_search_state), and a step before that raises
+            super().load_state_dict(state_dict)
+            self._awaiting_search_state = True
+            return
         if oto is None and state_dict.get("state"):
             raise ValueError(
                 f"this optimizer state was not saved by a {type(self).__name__} (no 'oto' entry): it probably comes "
