@@ -11,6 +11,8 @@ small ResNet.  Printed per run:
 * test accuracy at the end of projection and at the end of training, measured with batch
   statistics (``batch``), with the BatchNorm running statistics (``run``), and with running
   statistics after ``recalibrate_batchnorm`` on 20 training batches (``recal``);
+* the distribution of the redundant groups' norm when cut relative to their norm at selection
+  (``cut ratio``: median / max / how many above 0.1);
 * ``subnet`` whether the constructed sub-network reproduces the trained network (and how many
   parameters it keeps).
 
@@ -57,6 +59,7 @@ class Problem:
 PROBLEMS = [
     Problem("digits", "demonet", "prune", "dhspg"),
     Problem("digits", "demonet", "prune", "dhspg", "adam", 1e-3),
+    Problem("digits", "demonet", "prune", "dhspg", "adamw", 1e-3, {"weight_decay": 1e-2}),
     Problem("digits", "resnet", "prune", "dhspg"),
     Problem("digits", "demonet", "erase", "h2spg"),
     Problem("digits", "demonet", "erase", "h2spg", "adam", 1e-3),
@@ -130,13 +133,20 @@ def run(p: Problem, seed: int, steps: tuple[int, int, int], overrides: dict[str,
     hs_steps = [s for s in zs if s < W + P]
     out.update(K=len(opt.redundant_group_ids), hs=opt.zeroed_by_half_space, forced=opt.forced_at_deadline,
                when=statistics.mean((s - W) / P for s in hs_steps) if hs_steps else float("nan"),
-               seconds=time.perf_counter() - t0, groups=opt.num_prunable)
+               seconds=time.perf_counter() - t0, groups=opt.num_prunable, cut=opt.cut_norm_summary())
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sub = oto.construct_subnet()
     out["params"] = (sum(q.numel() for q in sub.parameters()), sum(q.numel() for q in model.parameters()))
     return out
+
+
+def fmt_cut(c: dict[str, Any]) -> str:
+    """Median / max of the cut-norm ratios and how many exceed 0.1."""
+    if not c["cut"]:
+        return "-"
+    return f"{c['median']:.1e} / {c['max']:.1e} / {c['above_0.1']}"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -163,8 +173,8 @@ def main() -> None:
     steps = (args.warmup, args.projection, args.hybrid)
     print(f"steps warm-up/projection/hybrid {steps}, target sparsity 0.5, overrides {overrides or 'none'}")
     print("| problem | seed | K | hs | forced | hs % | hs when | proj batch / run / recal | "
-          "end batch / run / recal | sub params | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "end batch / run / recal | cut ratio median / max / >0.1 | sub params | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     totals: dict[str, list[int]] = {}
     for p in problems:
         for seed in args.seeds:
@@ -177,6 +187,7 @@ def main() -> None:
                   f"{100 * r['hs'] / max(r['K'], 1):.0f} | {r['when']:.2f} | "
                   f"{pr['batch']:.1f} / {pr['run']:.1f} / {pr['recal']:.1f} | "
                   f"{en['batch']:.1f} / {en['run']:.1f} / {en['recal']:.1f} | "
+                  f"{fmt_cut(r['cut'])} | "
                   f"{r['params'][0] / r['params'][1]:.2f} | {r['seconds']:.0f} |", flush=True)
     print("\nzeroed by the half-space test before the deadline, all seeds:")
     for name, (hs, k) in totals.items():

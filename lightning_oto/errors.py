@@ -22,4 +22,9 @@ class DynamicShapeError(ValueError):
     """A dimension the user asked to keep dynamic is pinned by the model; the message names it and why."""
 
 
-__all__ = ["TraceError", "SubnetMismatchError", "InvalidSubnetError", "IncompleteRemovalError", "DynamicShapeError"]
+class ConfigError(ValueError):
+    """A setting is invalid (a Hydra value, or a control that names no module of the model); the message is
+    the whole reason, so the Hydra entry point prints it alone."""
+
+
+__all__ = ["ConfigError", "TraceError", "SubnetMismatchError", "InvalidSubnetError", "IncompleteRemovalError", "DynamicShapeError"]

@@ -137,27 +137,35 @@ class OTO:
     def dhspg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """DHSPG over this search space (prune mode; in erase mode only for the paper's Table 4 ablation,
         with ``erase_ablation=True``)."""
-        return self._optimizer("dhspg", lr, target_group_sparsity, kwargs)
+        return self.build_optimizer("dhspg", lr=lr, target_group_sparsity=target_group_sparsity, **kwargs)
 
     def h2spg(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """H2SPG: hierarchical search over the erase-mode GeZIGs, then hybrid training."""
-        return self._optimizer("h2spg", lr, target_group_sparsity, kwargs)
+        return self.build_optimizer("h2spg", lr=lr, target_group_sparsity=target_group_sparsity, **kwargs)
 
     def hesso(self, lr: float = 0.1, target_group_sparsity: float = 0.5, **kwargs: Any) -> torch.optim.Optimizer:
         """HESSO-style progressive shrinking (prune mode)."""
-        return self._optimizer("hesso", lr, target_group_sparsity, kwargs)
+        return self.build_optimizer("hesso", lr=lr, target_group_sparsity=target_group_sparsity, **kwargs)
 
-    def _optimizer(self, name: str, lr: float, target: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-        """One construction path (:mod:`lightning_oto.optim.factory`); per-module caps travel as the
-        optimizer's ``candidate_filter``."""
+    def build_optimizer(self, name: str | None = None, named_params: Iterable[tuple[str, nn.Parameter]] | None = None,
+                        *, erase_ablation: bool = False, **hyperparams: Any) -> torch.optim.Optimizer:
+        """The one construction path for an optimizer over this search space (``OTO.dhspg/h2spg/hesso``,
+        :class:`OTOCallback` and :class:`OTOMixin` all come here), so what the search space carries
+        besides its groups (the hierarchy check, the per-module caps of ``max_group_sparsity`` as the
+        optimizer's ``candidate_filter``) can never be left out by one caller.
+
+        ``name``: ``"dhspg"`` / ``"h2spg"`` / ``"hesso"`` (None: the mode's default); ``named_params``:
+        the parameters to train, named as in the trace (default: the model's trainable ones);
+        ``hyperparams`` go to :func:`lightning_oto.optim.factory.build_optimizer`.
+        """
         from .optim.factory import build_optimizer
 
-        ablation = bool(kwargs.pop("erase_ablation", False))
         if self.candidate_filter is not None:
-            kwargs.setdefault("candidate_filter", self.candidate_filter)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        return build_optimizer(name, named, self.groups, mode=self.mode, hierarchy_check=self.hierarchy_check,
-                               erase_ablation=ablation, lr=lr, target_group_sparsity=target, **kwargs)
+            hyperparams.setdefault("candidate_filter", self.candidate_filter)
+        if named_params is None:
+            named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return build_optimizer(name, named_params, self.groups, mode=self.mode, hierarchy_check=self.hierarchy_check,
+                               erase_ablation=erase_ablation, **hyperparams)
 
     def recalibrate_batchnorm(self, batches: Iterable[Any], num_batches: int = 20,
                               inputs_of: Callable[[Any], tuple] | None = None) -> int:
@@ -207,12 +215,28 @@ class OTO:
         return (err, scale) if return_scale else err
 
     # ------------------------------------------------------------------ reporting / export
-    def compression_report(self, sub: nn.Module | None = None) -> dict[str, float]:
-        """Parameters and FLOPs (torch.utils.flop_counter) of the full model vs ``sub``."""
+    def compression_report(self, sub: nn.Module | None = None,
+                           speed: bool | Sequence[int] = False) -> dict[str, Any]:
+        """Parameters and FLOPs (torch.utils.flop_counter) of the full model vs ``sub``.
+
+        ``speed``: also time ``sub`` against the full model on the device they sit on (median of
+        interleaved runs, :mod:`lightning_oto.subnet.timing`): ``True`` at batch 1 and at the example
+        input's batch size, or the given batch sizes.  Off by default: timing costs forwards.
+        """
         from .subnet.report import compression_report
 
+        batches: Sequence[int] = ()
+        if speed is True:
+            first = next((t for t in self.example_inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+            batches = (1,) if first is None else (1, int(first.shape[0]))
+        elif speed is not False:
+            batches = tuple(speed)
+            if not batches or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches):
+                raise ValueError(f"speed must be True/False or batch sizes (integers >= 1), got {speed!r}")
+        if batches and sub is None:
+            raise ValueError("speed needs the sub-network: compression_report(sub, speed=...)")
         rep = compression_report(self._mode.reference(self.model), sub, self.example_inputs, self.groups,
-                                 self.zero_group_ids())
+                                 self.zero_group_ids(), speed_batch_sizes=batches, speed_of=self.model)
         rep["params_full"] = sum(p.numel() for p in self.model.parameters())
         if sub is not None:
             rep["param_ratio"] = rep["params_sub"] / max(1, rep["params_full"])

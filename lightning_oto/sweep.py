@@ -6,7 +6,9 @@ Reads every ``result.json`` below the directory (one per run, written by ``light
 and writes ``sweep.csv``, ``sweep.md`` and ``pareto.png`` (accuracy vs parameters and vs FLOPs,
 one series per optimizer). Each run gets a status: ``baseline`` (a dense run: ``"baseline": true``
 or ``oto=none``), ``valid``, ``invalid`` (no sub-network; listed, not plotted) or ``nothing removed``
-(a valid run whose sub-network is the full model, e.g. a search that ended in warm-up). The table
+(a valid run whose sub-network is the full model, e.g. a search that ended in warm-up) or ``degraded``
+(a valid sub-network whose validation metric fell by more than the callback's ``max_metric_drop``
+from the dense reference at the end of warm-up; plotted, with a cross). The table
 also shows the phase each search reached and whether it finished.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ HEADERS = {"run": "run", "target_group_sparsity": "target sparsity", "group_spar
 
 # ---- rows --------------------------------------------------------------------------------------------
 def status(r: dict[str, Any]) -> str:
-    """baseline | invalid | nothing removed | valid."""
+    """baseline | invalid | nothing removed | degraded | valid."""
     if r.get("baseline"):
         return "baseline"
     if not r.get("valid"):
@@ -40,6 +42,8 @@ def status(r: dict[str, Any]) -> str:
                  and r.get("flops_sub") == r.get("flops_full"))
     if zero == 0 or (zero is None and same_size):
         return "nothing removed"
+    if r.get("degraded"):  # the accuracy guard: the final validation lost more than max_metric_drop
+        return "degraded"
     return "valid"
 
 
@@ -224,12 +228,17 @@ def _draw_series(ax: Any, rows: Sequence[dict[str, Any]], key: str) -> list[tupl
     labels: list[tuple[float, float, str]] = []
     for b in (r for r in rows if r["baseline"]):
         ax.plot(b[key] / 1e6, 100 * b["test_acc"], "*", ms=13, color="black", label="dense baseline")
-    for i, opt in enumerate(sorted({str(r.get("optimizer")) for r in rows if r["status"] == "valid"})):
+    usable = ("valid", "degraded")
+    for i, opt in enumerate(sorted({str(r.get("optimizer")) for r in rows if r["status"] in usable})):
         pts = sorted((r[key] / 1e6, 100 * r["test_acc"], f"{r.get('target_group_sparsity')}")
-                     for r in rows if r["status"] == "valid" and str(r.get("optimizer")) == opt)
+                     for r in rows if r["status"] in usable and str(r.get("optimizer")) == opt)
         # later series smaller, so a point two optimizers share shows both
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=max(3, 8 - 2.5 * i), label=opt)
         labels.extend(pts)
+    bad = [r for r in rows if r["status"] == "degraded"]
+    if bad:
+        ax.plot([r[key] / 1e6 for r in bad], [100 * r["test_acc"] for r in bad], "x", ms=10, color="red",
+                label="degraded (accuracy guard)")
     empty = [r for r in rows if r["status"] == "nothing removed"]
     if empty:
         ax.plot([r[key] / 1e6 for r in empty], [100 * r["test_acc"] for r in empty], "o", mfc="none", color="grey",

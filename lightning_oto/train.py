@@ -3,16 +3,22 @@
 One run = build data + model, train with the OTOCallback (trace, DHSPG/H2SPG, BatchNorm
 recalibration, construct, verify, export), validate and test the sub-network, write ``result.json``
 into the run directory.  ``baseline=true`` also trains the same model densely (``<run>/baseline``,
-its ``result.json`` has ``"baseline": true``).  ``-m`` sweeps (e.g. over ``oto.target_group_sparsity``)
-are aggregated with ``python -m lightning_oto.sweep <dir>``.
+its ``result.json`` has ``"baseline": true``); in a ``-m`` sweep the dense model is trained once, by the
+first job, into ``<sweep dir>/baseline/<hash of the dense config>`` and reused by every later job with
+the same dense config.  Sweeps (e.g. over ``oto.target_group_sparsity``) are aggregated with
+``python -m lightning_oto.sweep <dir>``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -23,7 +29,8 @@ log = logging.getLogger("lightning_oto.train")
 REPORT_FIELDS = ("params_full", "params_sub", "flops_full", "flops_sub", "param_ratio", "flop_ratio",
                  "params_removed_fraction", "flops_removed_fraction", "group_sparsity", "num_zero_groups",
                  "num_prunable_groups", "verification_max_abs_error", "phase_reached", "search_finished",
-                 "removed_nothing", "bn_recalibration_batches_used", "zeroed_by_half_space", "forced_at_deadline")
+                 "removed_nothing", "bn_recalibration_batches_used", "zeroed_by_half_space", "forced_at_deadline",
+                 "cut_norm_ratio", "metric_guard", "degraded")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -38,13 +45,70 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     use_oto = bool(cfg.oto.get("enabled", True))
     result = _run_one(cfg, out_dir, use_oto)
     if cfg.get("baseline", False) and use_oto:
-        base = _run_one(_dense_copy(cfg, out_dir / "baseline"), out_dir / "baseline", use_oto=False)
+        base = _baseline(cfg, out_dir)
         result.update(baseline_test_acc=base.get("test_acc"), baseline_params=base.get("params_full"),
                       baseline_result=base["files"]["result"])
     _write_result(result, out_dir)
     if _is_rank_zero():
         log.info(_run_summary(result))
     return result
+
+
+def _baseline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """The dense reference run's result: trained here, or read back when another job of the sweep
+    already trained the same dense config (a lock keeps parallel launchers from training it twice)."""
+    base_dir = _baseline_dir(cfg, out_dir)
+    base_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(base_dir.parent / f".{base_dir.name}.lock"):
+        saved = base_dir / "result.json"
+        if saved.exists():
+            log.info("dense baseline: reusing %s (trained once per sweep)", saved)
+            return json.loads(saved.read_text())
+        log.info("dense baseline: training into %s", base_dir)
+        return _run_one(_dense_copy(cfg, base_dir), base_dir, use_oto=False)
+
+
+def _baseline_dir(cfg: DictConfig, out_dir: Path) -> Path:
+    """``<run>/baseline`` for a single run; in a multirun one folder per dense config under the sweep dir."""
+    sweep_dir = _multirun_sweep_dir()
+    if sweep_dir is None:
+        return out_dir / "baseline"
+    return sweep_dir / "baseline" / dense_fingerprint(cfg)
+
+
+def _multirun_sweep_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir)
+
+
+def dense_fingerprint(cfg: DictConfig) -> str:
+    """A short hash of everything that shapes the dense run: the config without ``oto``, ``baseline`` and
+    the output paths (unresolved, so per-job folders do not count); equal for jobs that only vary ``oto.*``."""
+    content = OmegaConf.to_container(cfg, resolve=False)
+    for key in ("oto", "baseline", "paths", "hydra"):
+        content.pop(key, None)
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive file lock (POSIX; elsewhere jobs of a parallel launcher may both train)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _dense_copy(cfg: DictConfig, out_dir: Path) -> DictConfig:
@@ -67,8 +131,9 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
-    dm, module = _data_and_module(cfg)
-    oto_cb, trainer = _trainer(cfg, out_dir, use_oto)
+    with _config_errors():
+        dm, module = _data_and_module(cfg)
+        oto_cb, trainer = _trainer(cfg, out_dir, use_oto)
     oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
     result: dict[str, Any] = {
         "experiment": cfg.get("experiment_name", "default"), "model": cfg.model.name, "data": cfg.data.name,
@@ -99,6 +164,24 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
     result["curves_png"] = result["files"].get("curves")
     _write_result(result, out_dir)
     return result
+
+
+@contextmanager
+def _config_errors() -> Iterator[None]:
+    """Errors raised while the run's objects are built from the config are bad settings: a ``ConfigError``
+    (carrying the original as its cause).  Errors after that (training, export) stay what they are."""
+    from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from .errors import ConfigError
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError, InstantiationException, MisconfigurationException) as e:
+        reason = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(reason.strip() or type(e).__name__) from e
 
 
 def _data_and_module(cfg: DictConfig) -> tuple[Any, Any]:
@@ -195,6 +278,10 @@ def _run_summary(result: dict[str, Any]) -> str:
     acc = f"test_acc {_pct(result.get('test_acc'))}, val_acc {_pct(result.get('val_acc'))}"
     if result.get("baseline_test_acc") is not None:
         acc += f" (dense baseline test_acc {_pct(result['baseline_test_acc'])})"
+    if result.get("degraded"):
+        guard = result.get("metric_guard") or {}
+        acc += (f"; DEGRADED: {guard.get('monitor')} fell by more than max_metric_drop="
+                f"{guard.get('max_metric_drop')} from the end of warm-up")
     return f"{head}: {size}; {acc}; {result['files']['result']}"
 
 
@@ -215,9 +302,23 @@ def _run_compofa(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return result
 
 
+def exit_on_config_error(error: Exception) -> None:
+    """A bad setting: print its reason alone and exit with status 2 (``HYDRA_FULL_ERROR=1``: re-raise, so
+    Hydra prints the full traceback)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"lightning_oto.train: invalid configuration: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    result = run(cfg)
+    from .errors import ConfigError
+
+    try:
+        result = run(cfg)
+    except ConfigError as e:
+        exit_on_config_error(e)
     acc = result.get("test_acc")
     return float(acc) if acc is not None else None
 

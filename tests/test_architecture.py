@@ -6,6 +6,7 @@ a cycle is still a cycle a reader has to untangle).
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,48 @@ def test_pipeline_stages_only_import_downwards(stage):
 def test_the_cycle_detector_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _symlinks(root: Path) -> list[Path]:
+    """Every symbolic link under ``root``, outside hidden folders (.git, .venv) and caches (never entered)."""
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        found += [Path(folder, name) for name in dirs + files if Path(folder, name).is_symlink()]
+    return found
+
+
+def test_every_symlink_in_the_repo_resolves():
+    """A link that points nowhere (configs/conf once did) breaks whoever follows it."""
+    repo = ROOT.parent
+    links = _symlinks(repo)
+    assert repo / "configs" / "conf" in links
+    broken = [str(p.relative_to(repo)) for p in links if not p.exists()]
+    assert not broken, f"broken links: {broken}"
+    assert (repo / "configs" / "conf" / "config.yaml").is_file()
+
+
+def test_optimizers_over_a_search_space_are_built_by_the_oto():
+    """OTO.build_optimizer is the one path that adds the OTO's caps and hierarchy check; only the mixin's
+    optimizer over no groups (a reloaded sub-network) may call the factory itself."""
+    import re
+
+    callers = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+               if re.search(r"factory import [^\n]*\bbuild_optimizer\b", p.read_text())}
+    assert callers == {"oto.py", "lightning/mixin.py"}
+    mixin = (ROOT / "lightning" / "mixin.py").read_text()
+    direct = re.findall(r"(?<![.\w])build_optimizer\(([^,]*),\s*([^,]*),\s*([^,]*),", mixin)
+    assert [groups for _, _, groups in direct] == ["[]"]  # the one direct call passes no groups
+
+
+def test_benchmark_only_dependencies_stay_out_of_the_package():
+    """Torch-Pruning is the quality benchmark's baseline (the ``bench`` extra), never a dependency of the package."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "torch_pruning"]
+    assert not offenders, offenders
+    bench = (ROOT.parent / "pyproject.toml").read_text()
+    assert "torch-pruning" in bench.split("[project.optional-dependencies]")[1].split("bench = ")[1].split("\n")[0]

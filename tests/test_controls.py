@@ -91,3 +91,47 @@ def test_summary_matches_the_subnetwork():
     assert "reaches the model output" in next(line for line in table.splitlines() if line.startswith("fc "))
     text = str(oto.groups[ids[0]])
     assert text.startswith(f"Group {ids[0]}") and "zeroes" in text and "removes" in text
+
+
+class _LongNames(nn.Module):
+    """Module paths longer than the summary's name column (48 characters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_extractor_with_a_long_name = nn.Sequential()
+        self.feature_extractor_with_a_long_name.add_module("first_convolution_of_the_stem", nn.Conv2d(3, 8, 3))
+        self.feature_extractor_with_a_long_name.add_module("act", nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feature_extractor_with_a_long_name(x))
+
+
+def test_summary_wraps_long_module_names_instead_of_cutting_them():
+    from lightning_oto.subnet.summary import NAME_WIDTH, WRAP_INDENT, wrap_name
+
+    oto = OTO(_LongNames(), torch.randn(1, 3, 8, 8))
+    ids = oto.random_set_zero_groups(0.5, seed=0)
+    table = oto.summary(ids).splitlines()
+    name = "feature_extractor_with_a_long_name.first_convolution_of_the_stem"
+    first = next(i for i, line in enumerate(table) if line.startswith("feature_extractor_with_a_long_name."))
+    wrapped = wrap_name(name, NAME_WIDTH)
+    assert len(wrapped) == 2 and table[first + 1] == wrapped[1]  # the rest of the name on the next line
+    assert table[first][:NAME_WIDTH].rstrip() + table[first + 1][len(WRAP_INDENT):] == name
+    assert "8 -> 4" in " ".join(table[first].split())
+    assert not any(line.lstrip().startswith(("…", "...")) for line in table)
+
+
+@pytest.mark.parametrize("name", ["a.b", "encoder.layer.11.attention.output.dense", "x" * 70, "blocks.0+blocks.1+blocks.2",
+                                  "some_module_name_that_is_long.w"])
+def test_wrap_name_keeps_every_character_within_the_width(name):
+    from lightning_oto.subnet.summary import WRAP_INDENT, wrap_name
+
+    lines = wrap_name(name, 16)
+    assert all(len(line) <= 16 for line in lines)
+    assert lines[0] + "".join(line[len(WRAP_INDENT):] for line in lines[1:]) == name
+    assert all(line.startswith(WRAP_INDENT) for line in lines[1:])
+    if "." in name and len(name) > 16 and len(name.split(".")[0]) < 16:
+        assert lines[0].endswith(".")  # broken after a dot where one fits
+    if len(name.split(".")[0]) > 16:
+        assert len(lines[0]) == 16  # a part longer than a line is cut, nothing lost

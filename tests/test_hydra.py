@@ -76,28 +76,50 @@ def test_experiment_runs_tiny(name, tmp_path):
     assert report["metrics"]["test"]["test_acc"] == pytest.approx(result["test_acc"])
 
 
-def test_multirun_sweep_and_aggregation(tmp_path):
+def test_multirun_sweep_trains_the_baseline_once_and_aggregates(tmp_path):
+    """3 targets with baseline=true: one dense training for the whole sweep, one baseline row in the table."""
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "lightning_oto.train", "-m", "experiment=demonet", *FAST, *TINY["demonet"],
-           "logger=none", "run_test=true", "oto.target_group_sparsity=0.2,0.5,0.8", f"hydra.sweep.dir={sweep_dir}"]
+           "logger=none", "run_test=true", "baseline=true", "oto.target_group_sparsity=0.2,0.5,0.8",
+           f"hydra.sweep.dir={sweep_dir}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(sweep_dir.rglob("result.json"))
+    log = proc.stdout + proc.stderr
+    assert log.count("dense baseline: training into") == 1 and log.count("dense baseline: reusing") == 2
+    dense = [p for p in sweep_dir.rglob("result.json") if json.loads(p.read_text())["baseline"]]
+    assert len(dense) == 1 and dense[0].parent.parent == sweep_dir / "baseline"
+    results = sorted(p for p in sweep_dir.rglob("result.json") if p not in dense)
     assert len(results) == 3
+    dense_acc = json.loads(dense[0].read_text())["test_acc"]
+    for p in results:
+        r = json.loads(p.read_text())
+        assert r["baseline_result"] == str(dense[0]) and r["baseline_test_acc"] == dense_acc
     out = subprocess.run([sys.executable, "-m", "lightning_oto.sweep", str(sweep_dir)], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = (sweep_dir / "sweep.csv").read_text().strip().splitlines()
-    assert len(rows) == 4  # header + 3 runs
+    assert len(rows) == 5  # header + the baseline + 3 runs
     sparsities = sorted(float(r.split(",")[0]) for r in rows[1:])
-    assert sparsities == [0.2, 0.5, 0.8]
-    assert (sweep_dir / "sweep.md").read_text().count("\n") == 5
+    assert sparsities == [0.0, 0.2, 0.5, 0.8]
+    table = (sweep_dir / "sweep.md").read_text()
+    assert table.count("\n") == 6 and table.count("dense baseline") == 1
     png = sweep_dir / "pareto.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     params = {float(json.loads(p.read_text())["target_group_sparsity"]): json.loads(p.read_text())["params_sub"]
               for p in results}
     assert params[0.8] <= params[0.2]
+
+
+def test_dense_fingerprint_ignores_oto_and_paths_only():
+    """Jobs that vary oto.* share one baseline; a different seed or model gets its own."""
+    from lightning_oto.train import dense_fingerprint
+
+    base = dense_fingerprint(_compose(["experiment=demonet"]))
+    assert dense_fingerprint(_compose(["experiment=demonet", "oto.target_group_sparsity=0.8"])) == base
+    assert dense_fingerprint(_compose(["experiment=demonet", "paths.output_dir=elsewhere"])) == base
+    assert dense_fingerprint(_compose(["experiment=demonet", "seed=1"])) != base
+    assert dense_fingerprint(_compose(["experiment=regnet"])) != base
 
 
 def test_compofa_experiment_runs_tiny(tmp_path, monkeypatch):
@@ -169,3 +191,53 @@ def test_one_epoch_demonet_compresses_or_says_it_did_not(tmp_path):
     else:
         assert result["params_sub"] < result["params_full"] and result["search_finished"]
     assert result["phase_reached"] in ("warmup", "projection", "hybrid")
+
+
+def test_a_bad_value_prints_its_reason_alone(tmp_path):
+    """No traceback before the one-line reason; exit status 2."""
+    cmd = [sys.executable, "-m", "lightning_oto.train", "data=synthetic", "oto.target_group_sparsity=1.5",
+           f"hydra.run.dir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "lightning_oto.train: invalid configuration: target_group_sparsity must be a number in [0, 1), got 1.5."]
+
+
+def test_config_errors_keep_their_cause_and_bugs_stay_bugs(tmp_path, monkeypatch):
+    """A bad setting is a ConfigError (HYDRA_FULL_ERROR=1 re-raises it for the traceback); an error once
+    training runs is not turned into one."""
+    import lightning as L
+
+    from lightning_oto.errors import ConfigError
+    from lightning_oto.train import exit_on_config_error, run
+
+    cfg = _compose(["experiment=demonet", *FAST, *TINY["demonet"], "model.name=nope"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    with pytest.raises(ConfigError, match="unknown model 'nope'") as info:
+        run(cfg)
+    assert isinstance(info.value.__cause__, KeyError)  # the original, for HYDRA_FULL_ERROR=1
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigError):
+        exit_on_config_error(info.value)
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    with pytest.raises(SystemExit, match="2"):
+        exit_on_config_error(info.value)
+
+    with open_dict(cfg):  # found only once the network is traced, at fit start
+        cfg.model.name = "demonet"
+        cfg.oto.ignored_layers = ["no_such_layer"]
+    with pytest.raises(ConfigError, match="ignored_layers: no module of the model is called 'no_such_layer'"):
+        run(cfg)
+
+    def broken_fit(*args, **kwargs):
+        raise ValueError("a bug inside training")
+
+    monkeypatch.setattr(L.Trainer, "fit", broken_fit)
+    with open_dict(cfg):
+        cfg.oto.ignored_layers = None
+    with pytest.raises(ValueError, match="a bug inside training") as bug:
+        run(cfg)
+    assert not isinstance(bug.value, ConfigError)

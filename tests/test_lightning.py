@@ -469,6 +469,40 @@ def _viz_loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
 
 
+def _stem_groups(oto) -> set[int]:
+    """Ids of the prunable groups that hold variables of the stem conv (its 8 output channels)."""
+    return {g.id for g in oto.prunable_groups if any(s.name.startswith("net.stem.0.") for s in g.slices)}
+
+
+def test_callback_caps_the_redundant_groups_per_module(tmp_path):
+    """max_group_sparsity reaches the callback's optimizer: at most half of the stem's groups are chosen
+    (without the cap, target 0.9 takes all of them)."""
+    torch.manual_seed(0)
+    cb = OTOCallback(mode="prune", target_group_sparsity=0.9, warmup_steps=2, projection_steps=2,
+                     max_group_sparsity={"net.stem.0": 0.5}, bn_recalibration_batches=0, export_formats=("torch",),
+                     export_dir=tmp_path / "export")
+    trainer(tmp_path, [cb], max_epochs=1).fit(LitTiny(), data())
+    stem = _stem_groups(cb.oto)
+    chosen = set(cb.optimizer.redundant_group_ids)
+    assert len(stem) == 8
+    assert len(chosen & stem) == 4  # floor(0.5 * 8): the cap, not the target, decides
+    others = {g.id for g in cb.oto.prunable_groups} - stem
+    assert cb.optimizer.num_redundant_target == 18 and chosen - stem == others  # the target wanted 18: 4 + the rest
+    assert cb.subnet.net.stem[0].out_channels == 4
+
+
+def test_mixin_caps_the_redundant_groups_per_module(tmp_path):
+    """OTOMixin reads max_group_sparsity from hparams and its optimizer obeys it."""
+    torch.manual_seed(0)
+    model = MixinNet(target_group_sparsity=0.9, warmup_steps=2, projection_steps=2)
+    model.hparams["max_group_sparsity"] = {"net.stem.0": 0.5}
+    trainer(tmp_path, [], max_epochs=1).fit(model, data())
+    chosen = set(model._oto_optimizer.redundant_group_ids)
+    stem = _stem_groups(model.oto)
+    assert len(stem) == 8 and len(chosen & stem) == 4
+    assert chosen - stem == {g.id for g in model.oto.prunable_groups} - stem  # every other group went
+
+
 def test_callback_controls_reach_the_search_space(tmp_path):
     """ignored_layers / max_group_sparsity / round_to on the callback shape the exported sub-network."""
     torch.manual_seed(0)

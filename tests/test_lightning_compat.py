@@ -73,6 +73,27 @@ def test_module_stores_are_the_live_registries():
     assert torch.equal(m[0].weight, torch.ones(2))  # writing the dict changes the module
 
 
+def test_fit_loop_builds_the_train_dataloader_on_request():
+    """At fit start (where OTOCallback plans its phases in steps) the train dataloader is not loaded yet."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    seen: list[tuple[bool, float]] = []
+
+    class Probe(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            before = trainer.train_dataloader is None
+            compat.load_train_dataloader(trainer)
+            seen.append((before, trainer.num_training_batches))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=3,
+                        limit_val_batches=0, callbacks=[Probe()])
+    trainer.fit(BoringModel())
+    assert seen == [(True, 3)], (
+        "Lightning's fit loop no longer loads the train dataloader with setup_data(): update compat.load_train_dataloader")
+
+
 def test_no_other_module_reads_these_private_attributes():
     """compat.py is the only reader of other libraries' private attributes."""
     import re
@@ -81,7 +102,7 @@ def test_no_other_module_reads_these_private_attributes():
     import lightning_oto
 
     private = re.compile(r"""[.'"](_start_method|_wrapped_by_lr_sched|_opt_called|_MockOptimizer|_schedulers|"""
-                         r"""_milestones)\b""")
+                         r"""_milestones|fit_loop)\b""")
     root = Path(lightning_oto.__file__).parent
     offenders = {str(p.relative_to(root)): private.findall(p.read_text()) for p in root.rglob("*.py")
                  if p.name != "compat.py"}

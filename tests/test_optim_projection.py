@@ -143,6 +143,53 @@ def test_hesso_keeps_its_shrink_schedule() -> None:
     assert set(opt.zero_steps.values()) == {13}
 
 
+# ---------------------------------------------------------------------------- size at the cut
+@pytest.mark.parametrize("variant,lr", [("sgd", 0.1), ("adam", 1e-2), ("adamw", 1e-2)])
+def test_redundant_groups_are_small_when_cut(variant, lr) -> None:
+    """Issue 18: under SGD, Adam and AdamW every redundant group has faded when it is cut.
+
+    The recorded ``|x_g| before the cut / |x_g| at selection`` has median <= 1e-2 and max <= 0.1
+    (before the geometric schedule the half-space test cut groups at about a quarter of their size,
+    and under AdamW the deadline forced most of them at full size), and the record resumes.
+    """
+    torch.manual_seed(0)
+    model = TinyCNN(6, 8)
+    kw = dict(lr=lr, variant=variant, weight_decay=1e-2 if variant == "adamw" else 0.0, warmup_steps=5,
+              projection_steps=40, target_group_sparsity=0.5)
+    opt = DHSPG(model.named_parameters(), cnn_groups(6, 8), **kw)
+    batches = conv_batches(50)
+    train_batches(model, opt, batches, 0, 50)
+    ratios = opt.cut_norm_ratios()
+    assert sorted(ratios) == opt.redundant_group_ids == opt.zero_group_ids() and len(ratios) == 7
+    values = sorted(ratios.values())
+    assert values[len(values) // 2] <= 1e-2 and values[-1] <= 0.1, values
+    summary = opt.cut_norm_summary()
+    assert summary["cut"] == 7 and summary["max"] == values[-1] and summary["above_0.1"] == 0
+    assert summary["zeroed_by_half_space"] + summary["forced_at_deadline"] == 7
+    twin = DHSPG(TinyCNN(6, 8).named_parameters(), cnn_groups(6, 8), **kw)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.cut_norm_ratios() == ratios
+
+
+def test_cut_ratio_records_what_was_cut() -> None:
+    """The record is the truth, not the goal: a push too weak to shrink anything is recorded as
+    groups forced at full size (ratio ~1), and HESSO's linear shrink over 10 steps as 1/10."""
+    torch.manual_seed(0)
+    model = TinyCNN(4, 6)
+    opt = DHSPG(model.named_parameters(), cnn_groups(4, 6), lr=1e-6, lambda_scale=1e-9, warmup_steps=3,
+                projection_steps=10, target_group_sparsity=0.5)
+    train_batches(model, opt, conv_batches(14), 0, 14)
+    assert opt.forced_at_deadline == 5 and opt.zeroed_by_half_space == 0
+    assert all(abs(r - 1.0) < 1e-3 for r in opt.cut_norm_ratios().values())
+    assert opt.cut_norm_summary()["above_0.1"] == 5
+    model = TinyCNN(4, 6)
+    opt = HESSO(model.named_parameters(), cnn_groups(4, 6), lr=1e-6, warmup_steps=3, projection_steps=10,
+                target_group_sparsity=0.5)
+    train_batches(model, opt, conv_batches(14), 0, 14)
+    assert len(opt.cut_norm_ratios()) == 5
+    assert all(abs(r - 0.1) < 1e-3 for r in opt.cut_norm_ratios().values()), opt.cut_norm_ratios()
+
+
 # ---------------------------------------------------------------------------- processed direction
 @pytest.mark.parametrize("variant,ref", [
     ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3)),
@@ -150,7 +197,8 @@ def test_hesso_keeps_its_shrink_schedule() -> None:
     ("adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=1e-3)),
 ])
 def test_redundant_groups_move_along_the_variants_direction(variant, ref) -> None:
-    """A redundant row moves exactly like the torch optimizer's step plus the push along -x/|x|."""
+    """A redundant row moves like the torch optimizer's step, damped by the row's norm relative to its
+    norm at selection, plus the push along -x/|x|."""
     torch.manual_seed(0)
     model = TinyCNN(4, 6)
     twin = copy.deepcopy(model)
@@ -162,8 +210,11 @@ def test_redundant_groups_move_along_the_variants_direction(variant, ref) -> Non
     def vec(m: nn.Module, i: int) -> torch.Tensor:  # the variables of group 4 + i (second conv, channel i)
         return torch.cat([m.c2.weight[i].flatten(), m.c2.bias[i:i + 1], m.b2.weight[i:i + 1], m.b2.bias[i:i + 1]]).detach()
 
+    selected = {}  # norm of each channel at the selection (after the third step)
     for step, (x, y) in enumerate(conv_batches(6)):
         before = [vec(model, i) for i in range(6)]
+        if step == 3:
+            selected = {i: float(before[i].norm()) for i in range(6)}
         for m, o in ((model, opt), (twin, ref_opt)):
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
@@ -173,7 +224,8 @@ def test_redundant_groups_move_along_the_variants_direction(variant, ref) -> Non
             d = (before[i] - vec(twin, i)) / lr  # the variant's processed step per unit lr
             want = before[i] - lr * d
             if i in red and step >= 3:  # adamw: d already holds the decoupled decay, as DHSPG's y does
-                want = want - lr * opt.lambdas[4 + i] * before[i] / before[i].norm()
+                damp = min(1.0, float(before[i].norm()) / selected[i])  # the step fades with the group
+                want = before[i] - lr * damp * d - lr * opt.lambdas[4 + i] * before[i] / before[i].norm()
             assert torch.allclose(vec(model, i), want, atol=1e-6), (variant, step, i)
         assert step < 3 or (red and (opt.lambdas[[4 + i for i in red]] > 0).all())
         twin.load_state_dict(model.state_dict())  # follow the projected iterate

@@ -129,3 +129,20 @@ def test_coincident_points_share_one_label(tmp_path):
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no result.json"):
         sweep.aggregate(tmp_path)
+
+
+def test_degraded_runs_say_so_and_are_plotted(tmp_path):
+    """Issue 18: a run whose accuracy guard fired is 'degraded', not 'valid', in the table and the plot."""
+    root = write_runs(tmp_path / "s", [
+        run(0.7, "dhspg", params=30_000, flops=1e6, acc=0.10, zero=9, degraded=True),
+        run(0.3, "dhspg", params=600_000, flops=150e6, acc=0.84, zero=3, degraded=False)])
+    rows = sweep.collect(root)
+    assert {r["target_group_sparsity"]: r["status"] for r in rows} == {0.7: "degraded", 0.3: "valid"}
+    paths = sweep.aggregate(root)
+    table = md_rows(Path(paths["markdown"]))
+    header = table.pop("header")
+    cells = {row["target sparsity"]: row["result"] for row in (dict(zip(header, c)) for c in table.values())}
+    assert cells == {"0.7": "**degraded**", "0.3": "valid"}
+    fig = sweep.pareto_figure(rows)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "degraded (accuracy guard)" in labels and "dhspg" in labels

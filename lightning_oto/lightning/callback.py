@@ -24,6 +24,8 @@ groups pushed to zero), 2 = hybrid (redundant groups stay zero, the rest trains)
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 import warnings
 from pathlib import Path
@@ -39,9 +41,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..errors import SubnetMismatchError
 from ..optim import HalfSpaceOptimizer
-from ..optim.factory import build_optimizer, hparams_from_torch_optimizer, trainable_named_params
+from ..optim.factory import hparams_from_torch_optimizer, trainable_named_params
 from ..oto import OTO
 from ..subnet.recalibrate import recalibrate_batchnorm
+from ..subnet.timing import measure_speedup, speed_vs_flops
 from ..subnet.report import count_flops, count_params, count_params_removed
 from ..subnet.verify import allowed_error
 from . import run_report
@@ -49,6 +52,7 @@ from .checkpointing import CHECKPOINT_KEY, apply_subnet_payload, space_hash, sub
 from .compat import real_optimizers, strategy_start_method
 from .network import install_subnet, resolve_example_inputs, resolve_network, to_device, training_loader
 from .optimizer_swap import replace_optimizer
+from .metric_guard import MetricGuard
 from .run_report import PHASE_CODES
 from .settings import OTOSettings, planned_steps, steps_per_epoch
 from .sharded import ShardedTrace, check_strategy, gather_full, is_model_parallel
@@ -113,6 +117,13 @@ class OTOCallback(Callback):
       per-module channel counts; ``progress_bar_metrics``: show ``oto/*`` on the progress bar (they
       always go to the logger); ``visualize`` (Graphviz drawings), ``plot_curves`` (PNG from a CSVLogger);
       ``destroy_process_group`` (DDP teardown).
+    * ``monitor`` (default: the first of ``val_acc`` / ``val_loss`` logged), ``max_metric_drop`` (default
+      0.05 absolute for ``*acc*`` metrics, 10% relative for losses), ``stop_on_metric_drop``: the
+      accuracy guard (:mod:`~lightning_oto.lightning.metric_guard`). The validation at the end of warm-up
+      is the dense reference; a drop beyond ``max_metric_drop`` is printed once (one line, rank 0), and
+      the report says ``degraded`` when the final validation is still beyond it.
+    * ``measure_speed`` (True): the report times the sub-network against the full model on the run's
+      device at batch 1 and at the training batch size (``report["speed"]``, next to the FLOP reduction).
 
     After ``fit``: ``oto``, ``optimizer``, ``subnet``, ``report`` (dict), ``export_paths``, ``full_network``.
     """
@@ -151,6 +162,8 @@ class OTOCallback(Callback):
         self._stats: tuple[float, int] | None = None
         self._val_before: dict[str, float] = {}
         self._passive = False
+        self._guard = MetricGuard(self.settings.monitor, self.settings.max_metric_drop)
+        self._guard_warned = False
 
     # ------------------------------------------------------------------ small helpers
     @property
@@ -227,6 +240,7 @@ class OTOCallback(Callback):
             self.oto, self.optimizer = None, None
             self._say(1, "the checkpoint holds a compressed sub-network; training it further without a new search.")
             return
+        self._restore_guard()
         net = resolve_network(pl_module, self.network_attr)
         self.network = net
         user_opt = self._user_optimizer(trainer)
@@ -300,8 +314,7 @@ class OTOCallback(Callback):
                    "projection_steps": phases.projection_steps}
         extra = [p for pg in user_opt.param_groups for p in pg["params"]] if user_opt is not None else []
         named = trainable_named_params(net, extra, warn_missing_from=user_opt)
-        opt = build_optimizer(s.optimizer, named, self.oto.groups, mode=self.mode,
-                              hierarchy_check=self.oto.hierarchy_check, erase_ablation=s.erase_ablation, **hparams)
+        opt = self.oto.build_optimizer(s.optimizer, named, erase_ablation=s.erase_ablation, **hparams)
         replace_optimizer(trainer, user_opt, opt, float(base["lr"]), s.lr is not None)
         self.optimizer_settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()
                                    if not callable(v)}
@@ -369,10 +382,19 @@ class OTOCallback(Callback):
             value = getattr(self.optimizer, name, None)  # counters of the half-space optimizers, where present
             if value is not None:
                 self._log(pl_module, name, float(value), False)
+        self._log_cut_ratios(pl_module)
         flops = self._current_flops()
         if flops is not None:
             self._log(pl_module, "flops", flops, False)
             self._log(pl_module, "flops_ratio", flops / max(1, self._flops_full or 1), False, bar=True)
+
+    def _log_cut_ratios(self, pl_module: "pl.LightningModule") -> None:
+        """``oto/cut_ratio_median`` / ``oto/cut_ratio_max``: how small the cut groups were (once some are cut)."""
+        summary = getattr(self.optimizer, "cut_norm_summary", None)
+        cut = summary() if callable(summary) else None
+        if cut and cut["cut"]:
+            self._log(pl_module, "cut_ratio_median", cut["median"], False)
+            self._log(pl_module, "cut_ratio_max", cut["max"], False)
 
     def _current_flops(self) -> int | None:
         assert self.oto is not None and self.optimizer is not None
@@ -569,6 +591,8 @@ class OTOCallback(Callback):
             "world_size": trainer.world_size, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
         }
         rep["phase"] = rep["phase_reached"]  # older name
+        rep.update(self._guard_report())
+        rep["speed"] = self._speed_report(trainer, sub, rep.get("flops_full"), rep.get("flops_sub"))
         if self._rank_redundant is not None and len(self._rank_redundant) > 1:
             rep["redundant_group_ids_per_rank"] = self._rank_redundant
         if oto.unsupported_ops:
@@ -603,6 +627,68 @@ class OTOCallback(Callback):
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.state.fn == "validate":
             self._record_metrics(trainer, "val")
+        elif trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._guard_validation(trainer)
+
+    # ------------------------------------------------------------------ measured speed
+    def _speed_report(self, trainer: "pl.Trainer", sub: nn.Module, flops_full: int | None,
+                      flops_sub: int | None) -> dict[str, Any] | None:
+        """Sub-network vs full model on the run's device at batch 1 and the training batch size (never fatal)."""
+        if not self.settings.measure_speed or self.oto is None:
+            return None
+        loader = trainer.train_dataloader
+        train_batch = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
+                                                                     "batch_size", None)
+        batches = (1,) if not isinstance(train_batch, int) else (1, train_batch)
+        try:
+            full = self.oto.model  # the report is built before any swap: the full network
+            inputs = to_device(self.oto.example_inputs, full)
+            speed = measure_speedup(full, sub, inputs, batches)
+        except Exception as e:  # noqa: BLE001 - a timing must not fail a finished training
+            self._say(1, f"speed measurement skipped: {e}")
+            return None
+        return speed_vs_flops(speed, flops_full, flops_sub)
+
+    # ------------------------------------------------------------------ the accuracy guard
+    def _guard_validation(self, trainer: "pl.Trainer") -> None:
+        """Compare this validation with the dense reference; say so once when the drop is too large."""
+        opt = self.optimizer
+        if opt is None or self._passive:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if isinstance(v, torch.Tensor) and v.numel() == 1}
+        name = self._guard.pick(metrics)
+        if name is None:
+            if self.settings.monitor is not None and not self._guard_warned:
+                self._guard_warned = True
+                rank_zero_warn(f"{self._who()}: monitor={self.settings.monitor!r} is not among the logged metrics "
+                               f"{sorted(metrics)}; the accuracy guard is off.")
+            return
+        dense = opt.num_steps <= opt.warmup_steps  # no projection step taken yet
+        msg = self._guard.observe(metrics[name], opt.phase, dense, trainer.current_epoch, trainer.global_step)
+        if msg is not None and trainer.is_global_zero:
+            print(msg, flush=True)
+        if self.settings.stop_on_metric_drop:  # every rank takes part in the decision
+            if trainer.strategy.reduce_boolean_decision(msg is not None, all=False):
+                trainer.should_stop = True
+                self._say(1, "stop_on_metric_drop: stopping the fit.")
+
+    def _guard_report(self) -> dict[str, Any]:
+        """The report's guard entries: ``metric_guard`` (the record) and ``degraded``."""
+        rec = self._guard.to_dict()
+        return {"metric_guard": rec, "degraded": rec["degraded"]}
+
+    def _guard_state(self) -> dict[str, Any]:
+        g = self._guard
+        return {"name": g.name, "reference": g.reference, "last": g.last, "phases": g.phases,
+                "first_drop": g.first_drop}
+
+    def _restore_guard(self) -> None:
+        """A resumed fit keeps its dense reference (the checkpoint's callback state)."""
+        saved = (self._loaded_state or {}).get("metric_guard")
+        if saved:
+            for key, value in saved.items():
+                setattr(self._guard, key, value)
 
     def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._record_metrics(trainer, "test")
@@ -708,7 +794,8 @@ class OTOCallback(Callback):
             "space_hash": self.space_id, "num_groups": len(self.oto.groups) if self.oto is not None else None,
             "phase": opt.phase, "phase_code": PHASE_CODES[opt.phase], "num_steps": int(opt.num_steps),
             "redundant": list(opt.redundant_group_ids), "target_group_sparsity": self.settings.target_group_sparsity,
-            "compressed": self.subnet_payload is not None, **self._sharded_search_state(),
+            "compressed": self.subnet_payload is not None, "metric_guard": self._guard_state(),
+            **self._sharded_search_state(),
         }
 
     def _sharded_search_state(self) -> dict[str, Any]:
@@ -728,3 +815,20 @@ class OTOCallback(Callback):
 
     # ------------------------------------------------------------------ kept for existing callers
     summary_table = staticmethod(run_report.summary_table)
+
+
+def _callback_signature() -> inspect.Signature:
+    """``OTOCallback(settings=None, **kwargs)`` as what it accepts: ``settings``, or each :class:`OTOSettings`
+    field by keyword.  help(), IDEs and ``inspect.signature`` then list every argument, and the table in
+    docs/callback.md is checked against this list."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("settings", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                annotation="OTOSettings | None")]
+    for f in dataclasses.fields(OTOSettings):
+        if f.init and f.name != "explicit":  # explicit: filled in by OTOSettings.from_kwargs
+            params.append(inspect.Parameter(f.name, kind, default=f.default, annotation=f.type))
+    return inspect.Signature(params, return_annotation="None")
+
+
+OTOCallback.__init__.__signature__ = _callback_signature()  # type: ignore[attr-defined]

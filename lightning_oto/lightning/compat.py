@@ -1,4 +1,4 @@
-"""The private attributes of Lightning, torch schedulers and ``nn.Module`` this package relies on.
+"""The private attributes and internals of Lightning, torch schedulers and ``nn.Module`` this package relies on.
 
 One small function per attribute, each with a test in ``tests/test_lightning_compat.py`` that fails
 loudly when a new Lightning or torch release renames it.  Nothing else in the package touches an
@@ -30,6 +30,12 @@ MODULE_STORES = ("_modules", "_parameters", "_buffers")
 def strategy_start_method(strategy: Any) -> str | None:
     """How a DDP strategy starts its workers ("popen", "spawn", "fork", "forkserver"); None if not DDP."""
     return getattr(strategy, "_start_method", None)
+
+
+def load_train_dataloader(trainer: Any) -> None:
+    """Have Lightning build the training dataloader now (before its own fit loop would), through the fit
+    loop's ``setup_data``: loop internals, not public Trainer API."""
+    trainer.fit_loop.setup_data()
 
 
 def real_optimizers(optimizers: Iterable[Any]) -> list[Any]:
@@ -75,6 +81,7 @@ __all__ = [
     "SCHEDULER_NON_GROUP_LISTS",
     "SCHEDULER_WRAPPED_ATTR",
     "child_schedulers",
+    "load_train_dataloader",
     "mark_step_as_scheduler_wrapped",
     "module_stores",
     "real_optimizers",

@@ -122,9 +122,9 @@ class OTOMixin:
         if phases.note:
             rank_zero_warn(f"OTOMixin: {phases.note}")
         named = trainable_named_params(oto.model, named_extra)
-        opt = build_optimizer(s.optimizer, named, oto.groups, mode=s.mode, hierarchy_check=oto.hierarchy_check,
-                              erase_ablation=s.erase_ablation, **s.base_hparams(), **s.search_hparams(),
-                              warmup_steps=phases.warmup_steps, projection_steps=phases.projection_steps)
+        opt = oto.build_optimizer(s.optimizer, named, erase_ablation=s.erase_ablation, **s.base_hparams(),
+                                  **s.search_hparams(), warmup_steps=phases.warmup_steps,
+                                  projection_steps=phases.projection_steps)
         self._oto_optimizer = opt
         return opt
 

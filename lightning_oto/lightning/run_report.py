@@ -30,6 +30,8 @@ def search_outcome(opt: Any) -> dict[str, Any]:
         # counts the half-space optimizers keep (None until the optimizer provides them)
         "zeroed_by_half_space": _int_or_none(getattr(opt, "zeroed_by_half_space", None)),
         "forced_at_deadline": _int_or_none(getattr(opt, "forced_at_deadline", None)),
+        # |x_g| just before the cut / |x_g| at selection, as a distribution (None where not recorded)
+        "cut_norm_ratio": opt.cut_norm_summary() if hasattr(opt, "cut_norm_summary") else None,
     }
 
 
@@ -93,6 +95,28 @@ def _metric_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _guard_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """How small the groups were when cut, and the accuracy guard's verdict."""
+    rows = []
+    cut = report.get("cut_norm_ratio") or {}
+    if cut.get("cut"):
+        rows.append(("size when cut", f"median {cut['median']:.2g}, max {cut['max']:.2g} of the norm at selection "
+                                      f"({cut['above_0.1']} of {cut['cut']} above 0.1)"))
+    speed = report.get("speed") or {}
+    for b, row in (speed.get("batches") or {}).items():
+        of = row.get("of_flop_reduction")
+        rows.append((f"speed-up, batch {b}", f"{row['speedup']:.2f}x on {speed['device']} ({row['full_ms']:.3g} -> "
+                                             f"{row['sub_ms']:.3g} ms)" + ("" if of is None else
+                                             f", {of:.2f} of the FLOP reduction {speed['flop_reduction']:.2f}x")))
+    guard = report.get("metric_guard") or {}
+    if guard.get("active") and guard.get("final"):
+        ref, fin = guard["reference"]["value"], guard["final"]["value"]
+        verdict = "DEGRADED" if guard["degraded"] else ("dropped, recovered" if guard["dropped"] else "kept")
+        rows.append(("accuracy guard", f"{verdict}: {guard['monitor']} {_fmt(ref)} (end of warm-up) -> {_fmt(fin)} "
+                                       f"(max drop {_fmt(guard['max_metric_drop'])}, {guard['drop_is']})"))
+    return rows
+
+
 def _names(removed: list[dict[str, Any]], shown: int = 6) -> str:
     """The first removed groups by name (whole names; the full list is in the JSON report)."""
     names = ", ".join(g["name"] for g in removed[:shown])
@@ -111,6 +135,7 @@ def summary_table(report: Mapping[str, Any]) -> str:
         ("FLOPs", _size_row(report, "flops", "")),
         ("search", _search_row(report)),
     ]
+    rows += _guard_rows(report)
     if report.get("removed_nothing"):
         rows.append(("RESULT", "nothing was removed: the sub-network is the full network. Train longer, or "
                                "shorten warm-up / projection, so the search finishes."))

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 from ..optim.factory import check_target_sparsity, resolve_optimizer
 from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from .compat import load_train_dataloader
+from .metric_guard import check_max_metric_drop
 
 #: fractions of the planned optimizer steps used when no warm-up / projection length is given
 DEFAULT_WARMUP_FRACTION = 0.2
@@ -94,6 +96,13 @@ class OTOSettings:
     progress_bar_metrics: bool = False
     visualize: bool = False
     plot_curves: bool = True
+    # the accuracy guard (lightning_oto.lightning.metric_guard): validation metric watched against the
+    # dense reference; None: the first of val_acc / val_loss found, and the metric's default drop
+    monitor: str | None = None
+    max_metric_drop: float | None = None
+    stop_on_metric_drop: bool = False
+    # the report times the sub-network against the full model (batch 1 and the training batch size)
+    measure_speed: bool = True
     #: keys the caller set explicitly (filled in by ``from_kwargs``; informational)
     explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -102,6 +111,7 @@ class OTOSettings:
         self.target_group_sparsity = check_target_sparsity(self.target_group_sparsity)
         self._check_lengths()
         self._check_numbers()
+        self._check_guard()
         self.export_formats = tuple(self.export_formats)
         bad = [f for f in self.export_formats if f not in EXPORT_FORMATS]
         if bad:
@@ -146,6 +156,15 @@ class OTOSettings:
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
                                           or self.round_to < 1):
             raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}.")
+
+    def _check_guard(self) -> None:
+        if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
+            raise ValueError(f"monitor must be the name of a logged validation metric, got {self.monitor!r}.")
+        self.max_metric_drop = check_max_metric_drop(self.max_metric_drop)
+        if not isinstance(self.measure_speed, bool):
+            raise ValueError(f"measure_speed must be True or False, got {self.measure_speed!r}.")
+        if not isinstance(self.stop_on_metric_drop, bool):
+            raise ValueError(f"stop_on_metric_drop must be True or False, got {self.stop_on_metric_drop!r}.")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "OTOSettings":
@@ -242,7 +261,7 @@ def steps_per_epoch(trainer: Any) -> float:
     if trainer.train_dataloader is None:
         _ = trainer.estimated_stepping_batches  # public API; loads the train dataloader if needed
     if trainer.train_dataloader is None:
-        trainer.fit_loop.setup_data()
+        load_train_dataloader(trainer)
     n = trainer.num_training_batches
     if not math.isfinite(n):
         return float("inf")

@@ -1,7 +1,10 @@
 """Optimizer construction: which half-space optimizer fits which mode, and building it.
 
-The one place that knows the optimizer names.  ``OTO.dhspg/h2spg/hesso``, :class:`OTOCallback` and
-:class:`OTOMixin` all call :func:`build_optimizer`.
+The one place that knows the optimizer names.  Over a search space, optimizers are built by
+:meth:`lightning_oto.OTO.build_optimizer` (``OTO.dhspg/h2spg/hesso``, :class:`OTOCallback` and
+:class:`OTOMixin` all go through it), which adds what the ``OTO`` knows (hierarchy check, per-module
+caps) and calls :func:`build_optimizer`; only an optimizer over no groups (a sub-network loaded from
+a checkpoint) calls it directly.
 
 Mode compatibility (one rule):
 

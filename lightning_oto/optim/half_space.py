@@ -16,12 +16,15 @@ Phases (``optimizer.phase``), counted in optimizer steps:
 ``"projection"``
     The next ``projection_steps`` steps.  Important groups and ungrouped variables take the base
     step ``x <- x - lr*d`` with the variant's processed direction ``d`` (momentum buffer, Adam
-    ``m_hat / (sqrt(v_hat) + eps)``).  Redundant groups take the same step plus an adaptive
-    group-sparsity push, and the half-space projection sets a group exactly to zero as soon as its
-    trial point leaves the half-space ``{z: <z, x_g> > epsilon |x_g|^2}``.  Zero groups stay
-    zero.  Groups still non-zero at the end of the window (the deadline) are forced to zero; the
-    counters :attr:`~HalfSpaceOptimizer.zeroed_by_half_space` and
-    :attr:`~HalfSpaceOptimizer.forced_at_deadline` say how many took which way.
+    ``m_hat / (sqrt(v_hat) + eps)``).  Redundant groups take the same step damped by
+    ``rho_g = |x_g| / |x_g at selection|`` plus an adaptive group-sparsity push that fades them
+    geometrically to ``fade_ratio`` of their selection norm by their schedule target; the
+    half-space projection sets a group exactly to zero once it is at most ``cut_ratio`` of its
+    selection norm and its trial point leaves the half-space ``{z: <z, x_g> > epsilon |x_g|^2}``.
+    Zero groups stay zero.  Groups still non-zero at the end of the window (the deadline) are
+    forced to zero; the counters :attr:`~HalfSpaceOptimizer.zeroed_by_half_space` and
+    :attr:`~HalfSpaceOptimizer.forced_at_deadline` say how many took which way, and
+    :meth:`~HalfSpaceOptimizer.cut_norm_ratios` how small each group was when it was cut.
 ``"hybrid"``
     Afterwards: the redundant groups stay exactly zero and every other variable trains with the
     base variant.
@@ -30,34 +33,41 @@ Redundant-group step of DHSPG / H2SPG (``d`` the processed direction per unit ``
 gradient of the objective, ``R_g`` the steps left until the group's schedule target, a fraction
 ``schedule_fraction`` into its window)::
 
+    rho_g   = |x_g| / |x_g at selection|
+    d_g    <- min(rho_g, 1) d_g                      # the step fades with the group
     lo_g    = max(0, -<d_g, x_g> / |x_g|)            # least lambda with which the step does not grow |x_g|
     s_g     = <g_g, x_g> / |x_g|                     # objective slope along x_g: the push costs if s_g < 0
     up_g    = (1 - descent_margin) <g_g, d_g> / -s_g # if s_g < 0: the push costs at most (1-m) of
                                                      # the decrease the base step buys
-    base_g  = lambda_scale * |x_g| / (lr * R_g)      # reaches zero by the target on its own
+    r_g     = 1 - (fade_ratio / rho_g)^(1 / R_g)     # per-step shrink reaching fade_ratio by the target
+    r_g     = max(r_g, 1 - epsilon) if rho_g <= cut_ratio
+    base_g  = lambda_scale * r_g |x_g| / lr
     lam_g   = clip(lambda_amplify * lo_g, base_g, lambda_max * base_g)
-    lam_g   = (lo_g + up_g) / 2   if lam_g > up_g    # DHSPG: back inside (lo, up)
+    lam_g   = max(base_g, (lo_g + up_g) / 2)  if lam_g > up_g   # DHSPG's bound, never below the schedule
     y_g     = x_g - lr * (d_g + lam_g x_g / |x_g|)
-    x_g    <- 0 if <y_g, x_g> <= epsilon |x_g|^2 else y_g
+    x_g    <- 0 if rho_g <= cut_ratio and <y_g, x_g> <= epsilon |x_g|^2 else y_g
 
 This is DHSPG's angle-based adaptive lambda (OTOv2; the official code clips ``amplify * lo`` to
-``[lambda, hat * lambda]`` and falls back to the midpoint of ``(lo, up)``), with two choices of
-ours.  The base lambda is scale free: it is set from each group's own magnitude and the learning
-rate, so one default works for SGD and Adam and for layers of any scale.  The descent bound
+``[lambda, hat * lambda]`` and falls back to the midpoint of ``(lo, up)``), with choices of ours so
+that a group is small when it is cut (issue 18).  The base lambda is scale free: it is set from
+each group's own magnitude, its magnitude at selection and the learning rate, so one default works
+for SGD and Adam and for layers of any scale; it shrinks the group geometrically, so the push per
+step stays a bounded fraction of the group instead of growing to all of it at the target (the
+linear schedule of before crossed the ``1 - epsilon`` threshold about 20 steps before the target,
+at about a quarter of the group's size).  The descent bound trims only the amplification: with it
+able to undercut the schedule, AdamW groups whose gradient resisted kept most of their size until
+the deadline.  The variant's step is damped by ``rho``: Adam's step has the same size whatever
+the weight's, so undamped it holds a fading group near ``lr / |w|`` of its size.  The descent bound
 ``up`` measures the objective's first-order change with its gradient ``g`` (for plain SGD
 ``d = g`` and it is the paper's bound); measured along the processed direction instead, Adam's
-redundant groups end up aligned with ``-d`` (what is left of a shrinking group is the sum of its
-recent Adam steps), the bound pins lambda to ``|d|`` and most groups reach the deadline
-non-zero.  With ``epsilon`` near 1 (the official tutorials use 0.9-0.95) a group is projected
-once one step would remove more than ``1 - epsilon`` of it, i.e. while the push still dominates
-the gradient noise.
+redundant groups end up aligned with ``-d`` and the bound pins lambda to ``|d|``.
 
 Cost (every phase within ~1.1x of a ``torch.optim.SGD`` momentum step on long windows, see
 ``benchmarks/bench_optim_step.py``): the update is one ``x <- A x - lr C d`` (:mod:`.variants`)
 whose per-row factors carry the projection (``C = 0`` on zero rows, so they stay zero at no
 cost).  Lambda and the half-space test are evaluated every ``k`` steps (``projection_interval``)
 on the parameters that hold active redundant rows only; the push of those ``k`` steps is applied
-at the evaluation (``A = 1 - k*lr*lam/|x|``, the only extra pass), while the test judges the
+at the evaluation (``A = (1 - lr*lam/|x|)^k``, the only extra pass), while the test judges the
 single-step trial point.  Saliency is sampled every few warm-up steps (``saliency_interval``).
 Both intervals default to 1 for short phases (the papers' per-step rule) and grow with the
 phase length.  Nothing in the step path waits for the device (no ``.item()``, no
@@ -84,7 +94,7 @@ from lightning_oto.optim.shards import LocalState, is_sharded, local_view
 from lightning_oto.optim.variants import Direction, UpdatePlan, apply_update, decoupled_decay, directions
 from lightning_oto.space.groups import Group
 
-__all__ = ["HalfSpaceOptimizer", "DHSPG", "H2SPG", "HESSO", "VARIANTS", "CandidateFilter"]
+__all__ = ["HalfSpaceOptimizer", "DHSPG", "H2SPG", "HESSO", "VARIANTS", "CandidateFilter", "cut_ratio_summary"]
 
 VARIANTS = ("sgd", "adam", "adamw")
 _STATE_VERSION = 2
@@ -104,6 +114,19 @@ def _all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t.div_(dist.get_world_size())
     return t
+
+
+def cut_ratio_summary(ratios: Sequence[float], by_half_space: int = 0,
+                      at_deadline: int = 0) -> dict[str, float | int | None]:
+    """Plain-data distribution of cut-norm ratios (shared by the optimizer, the report and the logs)."""
+    r = sorted(ratios)
+
+    def quantile(q: float) -> float | None:
+        return None if not r else r[min(len(r) - 1, int(math.floor(q * (len(r) - 1) + 0.5)))]
+
+    return {"cut": len(r), "median": quantile(0.5), "p90": quantile(0.9), "max": r[-1] if r else None,
+            "above_0.1": sum(x > 0.1 for x in r), "zeroed_by_half_space": by_half_space,
+            "forced_at_deadline": at_deadline}
 
 
 def _round_half_up(x: float) -> int:
@@ -160,6 +183,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             within the last ``N`` steps before each selection.
         candidate_filter: ``(accepted_ids, candidate_id) -> bool``; candidates it rejects are
             skipped (e.g. per-module caps).  ``None`` accepts every candidate.
+        fade_ratio: in ``(0, 1)``: the base lambda shrinks a redundant group geometrically to this
+            fraction of its norm at selection by its schedule target (default 1e-3).
+        cut_ratio: in ``[fade_ratio, 1)``: the half-space test may cut a group only once it is at most
+            this fraction of its norm at selection (default 1e-2), so nothing is cut at full size
+            before the deadline.
     """
 
     def __init__(
@@ -190,6 +218,8 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         projection_interval: int | None = None,
         saliency_interval: int | None = None,
         candidate_filter: CandidateFilter | None = None,
+        fade_ratio: float = 1e-3,
+        cut_ratio: float = 1e-2,
     ) -> None:
         named = self._check_named_params(named_params)
         base = dict(lr=lr, variant=variant, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
@@ -200,7 +230,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             schedule_fraction=schedule_fraction, lambda_scale=lambda_scale, lambda_amplify=lambda_amplify,
             lambda_max=lambda_max, descent_margin=descent_margin, projection_interval=projection_interval,
             saliency_ema=saliency_ema, saliency_interval=saliency_interval, saliency_steps=saliency_steps,
-            candidate_filter=candidate_filter,
+            candidate_filter=candidate_filter, fade_ratio=fade_ratio, cut_ratio=cut_ratio,
         )
         self._check_args(**base, **search)
         self._saliency_fn = get_saliency(saliency)
@@ -236,6 +266,11 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._push = torch.zeros(G, dtype=torch.float32, device=dev)
         self._zero_how = torch.zeros(G, dtype=torch.long, device=dev)
         self._zero_step = torch.full((G,), -1, dtype=torch.long, device=dev)
+        # norm at selection and just before the group was cut (-1: not yet): how small it was when cut
+        self._selected_norm = torch.full((G,), -1.0, dtype=torch.float32, device=dev)
+        self._cut_norm = torch.full((G,), -1.0, dtype=torch.float32, device=dev)
+        # factor of the variant's step on an active redundant group: its norm / its norm at selection
+        self._damp = torch.ones(G, dtype=torch.float32, device=dev)
         self._schedule = self._build_schedule()
         self._redundant_ids: list[int] = []
         self._next_deadline: float = math.inf  # host copy: finding the due step never syncs
@@ -316,6 +351,12 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             _check_int("saliency_interval", a["saliency_interval"], 1)
         if a["saliency_steps"] is not None:
             _check_int("saliency_steps", a["saliency_steps"], 1)
+        for k in ("fade_ratio", "cut_ratio"):
+            if not _finite(a[k]) or not 0.0 < a[k] < 1.0:
+                raise ValueError(f"{k} must be in (0, 1) (a fraction of the group's norm at selection), got {a[k]!r}")
+        if a["fade_ratio"] > a["cut_ratio"]:
+            raise ValueError(f"fade_ratio ({a['fade_ratio']}) must not exceed cut_ratio ({a['cut_ratio']}): "
+                             "the schedule must bring a group below the size at which it may be cut")
         if a["candidate_filter"] is not None and not callable(a["candidate_filter"]):
             raise ValueError("candidate_filter must be callable (accepted_ids: frozenset[int], candidate_id: int) -> bool")
 
@@ -373,6 +414,22 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
     def forced_at_deadline(self) -> int:
         """Redundant groups still non-zero at their deadline and therefore set to zero there."""
         return int((self._zero_how == _AT_DEADLINE).sum())
+
+    def cut_norm_ratios(self) -> dict[int, float]:
+        """``{group id: |x_g| just before its cut / |x_g| at its selection}`` for the cut redundant groups.
+
+        The measure of "nothing was destroyed": a group removed at full size (ratio near 1) takes
+        whatever it still contributed with it; one removed at 1e-3 of its size costs nothing.
+        """
+        cut = (self._cut_norm >= 0).tolist()
+        ratio = (self._cut_norm / self._selected_norm.clamp_min(torch.finfo(torch.float32).tiny)).tolist()
+        return {gid: r for gid, c, r in zip(self._index.group_ids, cut, ratio) if c}
+
+    def cut_norm_summary(self) -> dict[str, float | int | None]:
+        """Distribution of :meth:`cut_norm_ratios` (count, median, p90, max, how many above 0.1) and how
+        the groups were cut; ``None`` statistics while nothing is cut."""
+        return cut_ratio_summary(list(self.cut_norm_ratios().values()), self.zeroed_by_half_space,
+                                 self.forced_at_deadline)
 
     @property
     def zero_steps(self) -> dict[int, int]:
@@ -484,6 +541,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             if chosen:
                 idx = torch.tensor(chosen, dtype=torch.long, device=self._redundant.device)
                 self._redundant[idx] = True
+                self._selected_norm[idx] = self._index.norms()[idx]
                 self._deadline[idx] = deadline
                 span = max(deadline - at, 1)
                 self._target[idx] = at + max(1, math.ceil(self.schedule_fraction * span))
@@ -507,10 +565,16 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _freeze(self, mask: torch.Tensor) -> None:
+        self._record_cut(mask, self._index.norms())
         for e, r in zip(self._index.entries, self._index.rows_for(mask)):
             if r is not None:
                 e.view(e.x.data).index_fill_(e.dim, r[0], 0.0)
         self._mark_zero(mask, _AT_DEADLINE, self._num_steps)
+
+    def _record_cut(self, mask: torch.Tensor, norms: torch.Tensor) -> None:
+        """Keep the norm each group in ``mask`` had just before it was cut (first cut wins; device ops only)."""
+        first = mask & (self._cut_norm < 0)
+        self._cut_norm = torch.where(first, norms.to(self._cut_norm.dtype), self._cut_norm)
 
     def _mark_zero(self, mask: torch.Tensor, how: int, after_steps: int) -> None:
         """Record that the groups in ``mask`` are zero from step ``after_steps`` on (device ops only)."""
@@ -540,7 +604,8 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._active_entries = active
         self._rows_a = RowFactors(self._index, factored)
         self._rows_c = RowFactors(self._index, factored)
-        self._rows_c.fill((~self._frozen).to(torch.float32), 1.0)  # zero rows take no step
+        keep = (~self._frozen).to(torch.float32)  # zero rows take no step, fading ones a damped one
+        self._rows_c.fill(torch.where(self._redundant & ~self._frozen, self._damp, keep), 1.0)
         self._plan_key: tuple[int, ...] | None = None
         self._needs_refresh = False
 
@@ -594,24 +659,38 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         if wd:  # the objective is f + wd/2 |x|^2: its gradient is g + wd x
             gx, gd = gx + wd * xsq, gd + wd * dx
         active = self._redundant & ~self._frozen
-        lam, push, zero_now = self._half_space(xsq, dx, gx, gd, hp, active)
+        ratio = self._norm_ratio(xsq)
+        damp = torch.where(active, ratio.clamp(max=1.0), torch.ones_like(ratio))
+        dx, gd = dx * damp, gd * damp  # the step an active redundant group takes is damped (docstring)
+        lam, push, zero_now = self._half_space(xsq, dx, gx, gd, hp, active, ratio)
         self._lambdas = lam
         self._push = push
+        self._record_cut(zero_now, xsq.clamp_min(0).sqrt())
         self._mark_zero(zero_now, _BY_HALF_SPACE, self._num_steps + 1)
+        self._damp = damp
         decay = decoupled_decay(hp)
         plain = torch.full_like(push, 1.0 - decay)
-        shrink = (plain - (self.projection_interval * float(hp["lr"])) * push).clamp_min(0.0)
+        # the push of k steps at once, compounded as k single steps would
+        shrink = ((1.0 - float(hp["lr"]) * push).clamp_min(0.0) ** self.projection_interval - decay).clamp_min(0.0)
         a = torch.where(active, shrink, plain).masked_fill_(self._frozen, 0.0)
         self._rows_a.fill(a, 1.0 - decay)
-        self._rows_c.fill((~self._frozen).to(a.dtype), 1.0)
+        keep = (~self._frozen).to(a.dtype)
+        self._rows_c.fill(torch.where(self._redundant & ~self._frozen, damp, keep), 1.0)
         return True
 
+    def _norm_ratio(self, xsq: torch.Tensor) -> torch.Tensor:
+        """``|x_g| / |x_g at selection|`` per group (1 where the selection norm is zero or unknown)."""
+        sel = self._selected_norm
+        xn = xsq.clamp_min(0).sqrt()
+        return torch.where(sel > 0, xn / sel.clamp_min(torch.finfo(sel.dtype).tiny), torch.ones_like(xn))
+
     def _half_space(self, xsq: torch.Tensor, dx: torch.Tensor, gx: torch.Tensor, gd: torch.Tensor,
-                    hp: dict[str, Any], active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    hp: dict[str, Any], active: torch.Tensor,
+                    ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DHSPG's adaptive lambda and the half-space test (formulas in the module docstring).
 
         ``dx = <d, x>``, ``gx = <g, x>``, ``gd = <g, d>`` per group (``d`` the processed direction,
-        ``g`` the gradient of the objective).
+        ``g`` the gradient of the objective; ``ratio = |x| / |x at selection|``).
         """
         lr, decay = float(hp["lr"]), decoupled_decay(hp)
         tiny = torch.finfo(xsq.dtype).tiny
@@ -619,18 +698,23 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         inv = torch.where(xn > 0, 1.0 / xn.clamp_min(tiny), torch.zeros_like(xn))
         lo = (-dx * inv).clamp_min(0)  # least lambda with which the step does not grow |x|
         left = (self._target - self._num_steps).clamp_min(1).to(xsq.dtype)
-        base = self.lambda_scale * xn / (lr * left)
+        # geometric: the push alone takes |x| to fade_ratio of its selection norm in `left` steps
+        goal = (self.fade_ratio / ratio.clamp_min(tiny)).clamp(max=1.0)
+        rate = 1.0 - goal ** (1.0 / left)
+        faded = ratio <= self.cut_ratio  # may be cut now: keep pushing at least by the half-space margin
+        rate = torch.where(faded, rate.clamp_min(1.0 - self.epsilon), rate)
+        base = self.lambda_scale * rate * xn / lr
         lam = torch.minimum(torch.maximum(self.lambda_amplify * lo, base), self.lambda_max * base)
         rg = gx * inv  # the objective's slope along x/|x|: < 0 means the push costs objective
         up = torch.where(rg < 0, (1.0 - self.descent_margin) * gd.clamp_min(0) / (-rg).clamp_min(tiny),
                          torch.full_like(rg, math.inf))
         mid = torch.where(up > lo, 0.5 * (lo + up), up)
-        lam = torch.where(lam > up, mid, lam)
+        lam = torch.where(lam > up, torch.maximum(mid, base), lam)  # the bound never undercuts the schedule
         lam = torch.where(active, lam, torch.zeros_like(lam))
         push = lam * inv
         a = (1.0 - decay - lr * push).clamp_min(0.0)
         inner = a * xsq - lr * dx  # <y, x> with y = a x - lr d
-        zero_now = active & ((inner <= self.epsilon * xsq) | (xn == 0))
+        zero_now = active & (((inner <= self.epsilon * xsq) & faded) | (xn == 0))
         return lam, push, zero_now
 
     # ------------------------------------------------------------------ step
@@ -640,7 +724,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         dev = self._index.device
         if self._redundant.device != dev:
             for name in ("_redundant", "_frozen", "_deadline", "_target", "_lambdas", "_push", "_zero_how",
-                         "_zero_step", "_ema"):
+                         "_zero_step", "_ema", "_selected_norm", "_cut_norm", "_damp"):
                 t = getattr(self, name)
                 if t is not None:
                     setattr(self, name, t.to(dev))
@@ -718,7 +802,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         return loss
 
     # ------------------------------------------------------------------ checkpointing
-    _TENSORS = ("deadline", "target", "lambdas", "push", "zero_how", "zero_step")
+    _TENSORS = ("deadline", "target", "lambdas", "push", "zero_how", "zero_step", "selected_norm", "cut_norm", "damp")
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -882,6 +966,8 @@ class HESSO(HalfSpaceOptimizer):
         left = (self._deadline - self._num_steps).clamp_min(1).to(torch.float32)
         shrink = (left - 1.0) / left
         active = self._redundant & ~self._frozen
+        if self._num_steps + 1 == self._schedule[self._selections_done - 1][2]:  # the step that zeroes them
+            self._record_cut(active & (left <= 1), self._index.norms())
         keep = (~self._frozen).to(torch.float32)
         self._rows_a.fill(torch.where(active, (1.0 - decay) * shrink, keep * (1.0 - decay)), 1.0 - decay)
         self._rows_c.fill(torch.where(active, shrink, keep), 1.0)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
+from ..errors import ConfigError
 from .groups import Group, ParamSlice
 
 
@@ -35,7 +36,7 @@ def module_names(model: nn.Module, spec: Iterable[Any], what: str) -> list[str]:
             if not hits:
                 close = [n for n in names if item.split(".")[-1] in n][:5]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ValueError(f"{what}: no module of the model is called {item!r}{hint}.")
+                raise ConfigError(f"{what}: no module of the model is called {item!r}{hint}.")
             out += hits
         else:
             raise TypeError(f"{what} takes modules or module-name patterns, got {type(item).__name__}.")
@@ -69,7 +70,7 @@ def cap_filter(model: nn.Module, groups: Sequence[Group],
     limits: list[tuple[set[int], int]] = []
     for key, cap in caps.items():
         if not isinstance(cap, (int, float)) or not 0.0 <= float(cap) <= 1.0:
-            raise ValueError(f"max_group_sparsity[{key!r}] must be a number in [0, 1], got {cap!r}.")
+            raise ConfigError(f"max_group_sparsity[{key!r}] must be a number in [0, 1], got {cap!r}.")
         for name in module_names(model, [key], "max_group_sparsity"):
             members = {g.id for g in groups if g.prunable and _touches(g, name)}
             if members:
