@@ -19,6 +19,10 @@ Lifecycle (hooks in Lightning's order)::
     on_save_checkpoint  after a swap: what rebuilds the sub-network on load (lightning_oto.load_checkpoint)
     teardown(fit)       destroy the process group (DDP), so a later fit in the same process works
 
+FSDP2 (``ModelParallelStrategy``, see ``docs/distributed.md``): ``setup`` traces the full network before
+``configure_model`` shards it, ``on_fit_start`` maps the groups to the sharded parameters by name, and
+``on_fit_end`` gathers the full state once before constructing (:mod:`.sharded`).
+
 ``oto/phase`` is logged as a number: 0 = warm-up (saliency statistics), 1 = projection (redundant
 groups pushed to zero), 2 = hybrid (redundant groups stay zero, the rest trains).
 """
