@@ -49,7 +49,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result.update(baseline_test_acc=base.get("test_acc"), baseline_params=base.get("params_full"),
                       baseline_result=base["files"]["result"])
     _write_result(result, out_dir)
-    log.info(_run_summary(result))
+    if _is_rank_zero():
+        log.info(_run_summary(result))
     return result
 
 
@@ -263,7 +264,17 @@ def _plot_dense_curves(trainer: Any, out_dir: Path) -> str | None:
 
 
 def _write_result(result: dict[str, Any], out_dir: Path) -> None:
+    """Rank 0 writes (under DDP / FSDP2 with Lightning's subprocess launcher every rank runs this script, and only
+    rank 0 holds the OTO report)."""
+    if not _is_rank_zero():
+        return
     (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _pct(v: Any) -> str:

@@ -47,6 +47,10 @@ def test_launcher_and_trainer_configs_compose():
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.num_nodes == 4
     sim = _compose(["trainer=ddp_sim"])
     assert sim.trainer.strategy == "ddp_spawn" and sim.trainer.devices == 2 and sim.trainer.accelerator == "cpu"
+    for name, accelerator in (("fsdp_sim", "cpu"), ("fsdp", "gpu")):
+        fsdp = _compose([f"trainer={name}"]).trainer
+        assert fsdp.strategy._target_.endswith("ModelParallelStrategy") and fsdp.accelerator == accelerator
+        assert fsdp.strategy.tensor_parallel_size == 1 and fsdp.strategy.data_parallel_size == fsdp.devices
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

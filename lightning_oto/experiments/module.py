@@ -31,6 +31,23 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (``trainer=fsdp`` / ``fsdp_sim``): FSDP2, one unit per child of the network
+        that holds parameters, then the network itself, once; parameter names stay what OTOCallback traced."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded_for_fit", False):
+            # validate / test after fit: the network is sharded already, or OTOCallback swapped in the
+            # sub-network (a plain module, the same on every rank), which evaluates as it is
+            return
+        self._sharded_for_fit = True
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"]
+        for child in self.net.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child, mesh=dp)
+        fully_shard(self.net, mesh=dp)
+
     def _step(self, batch: Any, metric: MulticlassAccuracy, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)

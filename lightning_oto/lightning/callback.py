@@ -19,6 +19,10 @@ Lifecycle (hooks in Lightning's order)::
     on_save_checkpoint  after a swap: what rebuilds the sub-network on load (lightning_oto.load_checkpoint)
     teardown(fit)       destroy the process group (DDP), so a later fit in the same process works
 
+FSDP2 (``ModelParallelStrategy``, see ``docs/distributed.md``): ``setup`` traces the full network before
+``configure_model`` shards it, ``on_fit_start`` maps the groups to the sharded parameters by name, and
+``on_fit_end`` gathers the full state once before constructing (:mod:`.sharded`).
+
 ``oto/phase`` is logged as a number: 0 = warm-up (saliency statistics), 1 = projection (redundant
 groups pushed to zero), 2 = hybrid (redundant groups stay zero, the rest trains).
 """
@@ -56,6 +60,7 @@ from .optimizer_swap import replace_optimizer
 from .metric_guard import MetricGuard
 from .run_report import PHASE_CODES
 from .settings import OTOSettings, planned_steps, steps_per_epoch
+from .sharded import ShardedTrace, check_strategy, gather_full, is_model_parallel
 
 __all__ = ["OTOCallback", "PHASE_CODES"]
 
@@ -150,6 +155,7 @@ class OTOCallback(Callback):
         self.space_id: str | None = None
         self.subnet_payload: dict[str, Any] | None = None
         self._loaded_state: dict[str, Any] | None = None
+        self._sharded: ShardedTrace | None = None  # FSDP2: the trace taken in setup, before configure_model
         self._reset_run()
 
     def _reset_run(self) -> None:
@@ -197,6 +203,18 @@ class OTOCallback(Callback):
         if not any(p.requires_grad for p in net.parameters()):
             raise ValueError(f"{self._who()}: {type(net).__name__} has no trainable parameters: there is nothing "
                              "to compress.")
+        self._setup_sharded(trainer, pl_module, net)
+
+    def _setup_sharded(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", net: nn.Module) -> None:
+        """FSDP2 (ModelParallelStrategy): trace the full network now, before configure_model shards it."""
+        self._sharded = None
+        if not check_strategy(trainer.strategy, self._who()) or self.subnet_payload is not None:
+            return
+        x, _ = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer)
+        t0 = time.perf_counter()
+        oto = OTO(net, to_device(x, net), mode=self.mode, **self.settings.oto_kwargs())
+        self._sharded = ShardedTrace.of(oto, net)
+        self._say(2, f"FSDP2: traced the full network before configure_model ({time.perf_counter() - t0:.1f}s).")
 
     def _install_restore_hook(self, pl_module: "pl.LightningModule") -> None:
         """Lightning restores the weights (ckpt_path) before any callback hook sees the checkpoint, so the
@@ -240,6 +258,8 @@ class OTOCallback(Callback):
             self.oto = pl_module._oto  # type: ignore[attr-defined]
             if self.oto.mode != self.mode:
                 raise ValueError(f"{self._who()}: the LightningModule's OTOMixin uses mode {self.oto.mode!r}.")
+        elif self._sharded is not None:
+            self.oto = self._sharded.bind(net, self._who())
         else:
             x, source = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer, net)
             if source == "a training batch":
@@ -391,6 +411,8 @@ class OTOCallback(Callback):
 
     def _current_flops(self) -> int | None:
         assert self.oto is not None and self.optimizer is not None
+        if self._sharded is not None:  # a sharded network cannot be copied and sliced mid-run
+            return None
         inputs = to_device(self.oto.example_inputs, self.oto.model)
         if self._flops_full is None:
             self._flops_full = count_flops(self.oto.model, inputs)
@@ -438,10 +460,44 @@ class OTOCallback(Callback):
         self._val_before = self._stage_metrics(trainer, "val")
         recalibrated = self._recalibrate(trainer)
         swap = self.settings.swap_subnet and self._can_swap(trainer)
+        if self._sharded is not None:
+            self._fit_end_sharded(trainer, pl_module, swap, recalibrated)
+            return
         if not trainer.is_global_zero and not swap:
             return  # only rank 0 builds and writes the export
         t0 = time.perf_counter()
         sub, err = self._construct_verified()
+        self.subnet = sub
+        if trainer.is_global_zero:
+            self._export_and_report(trainer, sub, err, time.perf_counter() - t0, recalibrated)
+        if swap:
+            self._swap(pl_module, sub)
+
+    def _fit_end_sharded(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", swap: bool,
+                         recalibrated: int | None) -> None:
+        """FSDP2: gather the full state once (rank 0; every rank when swapping), then construct, verify, export
+        and swap as in a single-process run.  Every rank learns whether construction worked: if it failed
+        anywhere, every rank raises and nothing is swapped."""
+        assert self.oto is not None and self._sharded is not None
+        sharded_net = self.oto.model
+        full = gather_full(sharded_net, self._sharded.skeleton, to_all_ranks=swap)
+        t0 = time.perf_counter()
+        sub, err, failure = None, 0.0, None
+        if full is not None:
+            self._sharded.adopt(full)
+            try:
+                sub, err = self._construct_verified()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after every rank heard of it
+                failure = e
+        failures = [f for f in _gather(None if failure is None else f"{type(failure).__name__}: {failure}") if f]
+        if failures:
+            self.oto.model = sharded_net
+            if failure is not None:
+                raise failure
+            raise SubnetMismatchError(f"{self._who()}: constructing the sub-network failed on another rank, so no "
+                                      f"rank swaps or exports it: {failures[0]}")
+        if sub is None:  # not rank 0 and not swapping: nothing more to do here
+            return
         self.subnet = sub
         if trainer.is_global_zero:
             self._export_and_report(trainer, sub, err, time.perf_counter() - t0, recalibrated)
@@ -718,8 +774,11 @@ class OTOCallback(Callback):
         if stage != "fit":
             return
         self._loaded_state = None
+        self._sharded = None
+        # ModelParallelStrategy keeps its process group and device mesh for validate / test in the same
+        # processes (re-initialising one there hangs): it is Lightning's to destroy
         if self.settings.destroy_process_group and dist.is_available() and dist.is_initialized() \
-                and trainer.world_size > 1:
+                and trainer.world_size > 1 and not is_model_parallel(trainer.strategy):
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ checkpointing
@@ -751,13 +810,23 @@ class OTOCallback(Callback):
             "phase": opt.phase, "phase_code": PHASE_CODES[opt.phase], "num_steps": int(opt.num_steps),
             "redundant": list(opt.redundant_group_ids), "target_group_sparsity": self.settings.target_group_sparsity,
             "compressed": self.subnet_payload is not None, "metric_guard": self._guard_state(),
+            **self._sharded_search_state(),
         }
+
+    def _sharded_search_state(self) -> dict[str, Any]:
+        """FSDP2: the optimizer's search state rides in the callback state (torch's sharded optimizer state dict
+        drops it); it is the same on every rank."""
+        if self._sharded is None or self.optimizer is None:
+            return {}
+        return {"search_state": self.optimizer.search_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the saved state; it is checked against the rebuilt search space and restored optimizer."""
         if state_dict.get("mode") not in (None, self.mode):
             raise RuntimeError(f"{self._who()}: the checkpoint was written in {state_dict.get('mode')!r} mode.")
         self._loaded_state = dict(state_dict)
+        if self.optimizer is not None and "search_state" in state_dict:  # FSDP2: restored after on_fit_start
+            self.optimizer.expect_search_state(state_dict["search_state"])
 
     # ------------------------------------------------------------------ kept for existing callers
     summary_table = staticmethod(run_report.summary_table)

@@ -10,14 +10,20 @@ tensor ops per *parameter*, independent of the number of groups.
 
 Positions (``0..G-1``) follow the order of the ``groups`` list given to :class:`GroupIndex`;
 ``GroupIndex.group_ids[pos]`` is the matching :attr:`Group.id`.
+
+FSDP2 (``DTensor`` parameters sharded on dim 0): every entry works on this rank's local shard, its
+``owner`` covers the local rows only, and the per-group sums are this rank's partial sums, added over
+the ranks by one all-reduce per evaluation (:mod:`.shards`).  Zeroing, scaling and row factors touch
+the local shard only: nothing is gathered.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from lightning_oto.optim.shards import all_reduce_sum_, is_sharded, local_view, shard_layout, world_size
 from lightning_oto.space.groups import Group
 
 __all__ = ["GroupIndex", "GroupStats", "IndexEntry"]
@@ -34,6 +40,17 @@ class IndexEntry:
     reduce_dims: tuple[int, ...]
     bshape: tuple[int, ...]  # broadcast shape of a per-row vector against the parameter
     scalar: bool = False  # 0-d parameter (handled as a 1-element vector)
+    shards: int = 1  # FSDP2: ranks the parameter is split over (1: every rank holds it whole)
+    global_owner: torch.Tensor | None = None  # owner over the whole parameter (None: same as ``owner``)
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The parameter's values on this rank (a ``DTensor``'s local shard, read fresh: FSDP2 may re-point it)."""
+        return local_view(self.param)
+
+    @property
+    def all_owners(self) -> torch.Tensor:
+        return self.owner if self.global_owner is None else self.global_owner
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (param-shaped) as the tensor the index works on (0-d → 1-d view)."""
@@ -189,14 +206,20 @@ class GroupIndex:
             kept by reference (in-place methods modify them).
         groups: groups to index; their ``slices`` must be disjoint and all slices of one parameter
             must use the same ``dim``.  Raises ``ValueError`` otherwise.
+        replica_mean: under DDP, :meth:`stats` and :meth:`products` average over the ranks (the
+            optimizers' identical decision on every rank).  With ``DTensor`` parameters they always sum
+            the shards' partial sums (and average over replicas), whatever this says.
     """
 
     def __init__(
         self,
         named_params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
         groups: Sequence[Group],
+        replica_mean: bool = False,
     ) -> None:
         params = dict(named_params.items() if isinstance(named_params, Mapping) else named_params)
+        self.replica_mean = replica_mean
+        self.sharded = any(is_sharded(p) for p in params.values())
         self.groups = list(groups)
         self.group_ids: tuple[int, ...] = tuple(g.id for g in self.groups)
         if len(set(self.group_ids)) != len(self.group_ids):
@@ -207,25 +230,27 @@ class GroupIndex:
         owners, dims, order, numel = _claim(params, self.groups, self.group_ids)
         self.entries: list[IndexEntry] = []
         for name in order:
-            p = params[name]
-            scalar = p.dim() == 0
-            nd = 1 if scalar else p.dim()
-            d = dims[name]
-            bshape = [1] * nd
-            bshape[d] = len(owners[name])
-            self.entries.append(
-                IndexEntry(
-                    name=name,
-                    param=p,
-                    dim=d,
-                    owner=torch.tensor(owners[name], dtype=torch.long, device=p.device),
-                    reduce_dims=tuple(i for i in range(nd) if i != d),
-                    bshape=tuple(bshape),
-                    scalar=scalar,
-                )
-            )
-        dev = self.entries[0].param.device if self.entries else torch.device("cpu")
+            self.entries.append(self._entry(name, params[name], dims[name], owners[name]))
+        dev = self.entries[0].x.device if self.entries else torch.device("cpu")
         self.numel = torch.tensor(numel, dtype=torch.float32, device=dev)
+
+    @staticmethod
+    def _entry(name: str, p: torch.Tensor, d: int, owners: list[int]) -> IndexEntry:
+        """One entry; a dim-0 slice of an FSDP2 shard owns only the rows this rank holds."""
+        scalar = p.dim() == 0
+        nd = 1 if scalar else p.dim()
+        dev = local_view(p).device
+        owner = torch.tensor(owners, dtype=torch.long, device=dev)
+        global_owner, shards = None, 1
+        if is_sharded(p):
+            lay = shard_layout(name, p)
+            shards = round(lay.weight * world_size())
+            if d == 0:  # other dims: every column is here, the rows (reduced over) are a partial sum
+                global_owner, owner = owner, owner[lay.start: lay.start + lay.rows].clone()
+        bshape = [1] * nd
+        bshape[d] = owner.numel()
+        return IndexEntry(name=name, param=p, dim=d, owner=owner, reduce_dims=tuple(i for i in range(nd) if i != d),
+                          bshape=tuple(bshape), scalar=scalar, shards=shards, global_owner=global_owner)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -238,13 +263,14 @@ class GroupIndex:
         All parameters live on one device (the per-group sums need that), so checking the first
         one is enough: the check costs nothing on an ordinary step.
         """
-        if not self.entries or self.entries[0].param.device == self.numel.device:
+        if not self.entries or self.entries[0].x.device == self.numel.device:
             return
         for e in self.entries:
-            if e.owner.device != e.param.device:
-                e.owner = e.owner.to(e.param.device)
-        if self.entries and self.numel.device != self.entries[0].param.device:
-            self.numel = self.numel.to(self.entries[0].param.device)
+            if e.owner.device != e.x.device:
+                e.owner = e.owner.to(e.x.device)
+                e.global_owner = None if e.global_owner is None else e.global_owner.to(e.x.device)
+        if self.entries and self.numel.device != self.entries[0].x.device:
+            self.numel = self.numel.to(self.entries[0].x.device)
 
     def _ext(self, values: torch.Tensor, fill: float | bool) -> torch.Tensor:
         """``values`` ([G]) with the trash bucket appended (value ``fill``)."""
@@ -263,23 +289,31 @@ class GroupIndex:
         return sorted(self.group_ids[i] for i in mask.nonzero().flatten().tolist())
 
     # ------------------------------------------------------------------ reductions
+    def _reduces(self) -> bool:
+        """Do :meth:`stats` / :meth:`products` all-reduce (shards always; replicas when ``replica_mean``)?"""
+        return world_size() > 1 and (self.sharded or self.replica_mean)
+
     @torch.no_grad()
     def stats(self, grads: Sequence[torch.Tensor | None] | None = None) -> GroupStats:
         """Per-group ``|x|^2``, ``|grad|^2``, ``<grad, x>``, numel and the layer yardstick.
 
         ``grads`` is aligned with :attr:`entries` (default: each parameter's ``.grad``; a missing
-        gradient counts as zero).
+        gradient counts as zero).  Distributed: one all-reduce of one buffer (the three sums per group
+        and the squared norm per entry that the yardstick needs).
         """
         g = [e.param.grad for e in self.entries] if grads is None else list(grads)
+        g = [None if t is None else local_view(t) for t in g]
         acc, rows_xsq = self._products({"g": g}, (("x", "x"), ("g", "g"), ("g", "x")), None, keep_rows=True)
-        # yardstick: each row's parameter-mean squared row norm (4 vectorized ops in total)
-        owner_all = self._layout_of(None)[2]
-        row_entry, entry_rows = self._row_entry()
-        means = torch.zeros(entry_rows.numel(), dtype=acc.dtype, device=self.device).index_add_(0, row_entry, rows_xsq)
-        means.div_(entry_rows)
-        ref = torch.zeros(self.num_groups + 1, dtype=acc.dtype, device=self.device)
-        ref.index_add_(0, owner_all, means[row_entry])
-        G = self.num_groups
+        # yardstick: each row's parameter-mean squared row norm (a few vectorized ops in total)
+        row_entry, entry_rows, global_row_entry, global_owner = self._row_entry()
+        G, E = self.num_groups, entry_rows.numel()
+        entry_sq = torch.zeros(E, dtype=acc.dtype, device=self.device).index_add_(0, row_entry, rows_xsq)
+        if self._reduces():
+            flat = all_reduce_sum_(torch.cat([acc[:, :G].reshape(-1), entry_sq]))
+            acc, entry_sq = flat[: 3 * G].view(3, G), flat[3 * G:]
+        means = entry_sq / entry_rows
+        ref = torch.zeros(G + 1, dtype=acc.dtype, device=self.device)
+        ref.index_add_(0, global_owner, means[global_row_entry])
         return GroupStats(acc[0, :G], acc[1, :G], acc[2, :G], self.numel, self.group_ids, ref[:G])
 
     @torch.no_grad()
@@ -288,15 +322,17 @@ class GroupIndex:
         """``[len(pairs), G]``: per group ``<a, b>`` for every pair of names, over ``entry_ids`` only.
 
         ``"x"`` names the parameters; ``tensors[name][k]`` is the tensor of ``entry_ids[k]``
-        (``None``: zero).  The optimizer calls it on the few parameters that hold active redundant
-        rows, so an evaluation never reads the rest of the model.
+        (``None``: zero; a ``DTensor`` counts by its local shard).  The optimizer calls it on the few
+        parameters that hold active redundant rows, so an evaluation never reads the rest of the
+        model.  Distributed: one all-reduce (every rank must call it, with its own ``entry_ids``).
         """
         ids = tuple(entry_ids)
         full = {name: [None] * len(self.entries) for name in tensors}
         for name, ts in tensors.items():
             for i, t in zip(ids, ts):
-                full[name][i] = t
-        return self._products(full, tuple(pairs), ids)[0][:, : self.num_groups]
+                full[name][i] = None if t is None else local_view(t)
+        out = self._products(full, tuple(pairs), ids)[0][:, : self.num_groups].contiguous()
+        return all_reduce_sum_(out) if self._reduces() else out
 
     def _products(self, tensors: dict[str, list[torch.Tensor | None]], pairs: tuple[tuple[str, str], ...],
                   entry_ids: tuple[int, ...] | None, keep_rows: bool = False
@@ -306,7 +342,8 @@ class GroupIndex:
         Entries with a reduction (conv / linear rows): a norm (``<a, a>``) reads its tensor once, a
         dot product twice, with no temporaries; 1-d entries (biases, norm affine) are concatenated
         first.  ``tensors[name]`` is aligned with :attr:`entries`; ``keep_rows`` also returns the
-        row values of the first pair.
+        row values of the first pair.  When the sums will be all-reduced, each row is weighted by its
+        share (:mod:`.shards`), so the SUM over ranks is the sum over shards, averaged over replicas.
         """
         self._sync_device()
         big, small, owner_all = self._layout_of(entry_ids)
@@ -316,7 +353,7 @@ class GroupIndex:
         for i in big:
             e = self.entries[i]
             n = e.owner.numel()
-            views = {"x": e.view(e.param)}
+            views = {"x": e.view(e.x)}
             views.update({name: (None if ts[i] is None else e.view(ts[i])) for name, ts in tensors.items()})
             rows = {k: (e._rows2d(v) if v is not None and v.dtype == f32 else None) for k, v in views.items()}
             fast = all(rows[k] is not None or views[k] is None for k in views)
@@ -333,24 +370,43 @@ class GroupIndex:
                     torch.linalg.vecdot(rows[a], rows[b], out=out)
             off += n
         if small:
-            flat = {"x": torch.cat([self.entries[i].param.reshape(-1) for i in small]).to(f32)}
+            flat = {"x": torch.cat([self.entries[i].x.reshape(-1) for i in small]).to(f32)}
             for name, ts in tensors.items():
-                flat[name] = torch.cat([self.entries[i].param.new_zeros(self.entries[i].owner.numel())
+                flat[name] = torch.cat([self.entries[i].x.new_zeros(self.entries[i].owner.numel())
                                         if ts[i] is None else ts[i].reshape(-1) for i in small]).to(f32)
             for k, (a, b) in enumerate(pairs):
                 torch.mul(flat[a], flat[b], out=buf[k, off:])
+        weights = self._row_weights(entry_ids) if self._reduces() else None
+        if weights is not None:
+            buf.mul_(weights)
         acc = torch.zeros(len(pairs), self.num_groups + 1, dtype=f32, device=self.device)
         acc.index_add_(1, owner_all, buf)
         return acc, (buf[0] if keep_rows else None)
 
-    def _row_entry(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the :meth:`stats` layout: entry number of every row, and rows per entry."""
-        big, small, owner_all = self._layout_of(None)
+    def _row_weights(self, entry_ids: tuple[int, ...] | None) -> torch.Tensor | None:
+        """Per row of the :meth:`_products` layout: this rank's share ``shards / world`` (``None``: all 1)."""
+        big, small, owner_all = self._layout_of(entry_ids)
+        world = world_size()
+        shares = [self.entries[i].shards / world for i in big + small]
+        if all(w == 1.0 for w in shares):
+            return None
+        sizes = torch.tensor([self.entries[i].owner.numel() for i in big + small], dtype=torch.long)
+        return torch.repeat_interleave(torch.tensor(shares, dtype=torch.float32), sizes).to(self.device)
+
+    def _row_entry(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the :meth:`stats` layout: entry number of every local row, rows per entry (whole parameter),
+        and over the whole parameters the entry number and owner of every row (the yardstick's sum)."""
+        big, small, _ = self._layout_of(None)
         re = getattr(self, "_row_entry_cache", None)
         if re is None or re[0].device != self.device:
-            sizes = [self.entries[i].owner.numel() for i in big + small]
-            row_entry = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
-            re = (row_entry.to(self.device), torch.tensor(sizes, dtype=torch.float32, device=self.device))
+            order = [self.entries[i] for i in big + small]
+            local = torch.tensor([e.owner.numel() for e in order], dtype=torch.long)
+            whole = torch.tensor([e.all_owners.numel() for e in order], dtype=torch.long)
+            arange = torch.arange(len(order))
+            owners = [e.all_owners for e in order]
+            global_owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+            re = (torch.repeat_interleave(arange, local).to(self.device), whole.to(torch.float32).to(self.device),
+                  torch.repeat_interleave(arange, whole).to(self.device), global_owner.to(self.device))
             self._row_entry_cache = re
         return re
 
@@ -370,26 +426,33 @@ class GroupIndex:
             cache[entry_ids] = lay
         return lay
 
+    def _per_group(self, rows_of: Callable[[IndexEntry, torch.Tensor], torch.Tensor],
+                   tensors: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> torch.Tensor:
+        """``[G]``: per group, the sum of ``rows_of(entry, values)`` over its rows.  With ``DTensor``
+        parameters the ranks' partial sums are added (one all-reduce; every rank must call it)."""
+        self._sync_device()
+        sharded = self.sharded and world_size() > 1
+        acc = torch.zeros(self.num_groups + 1, dtype=torch.float64 if sharded else dtype, device=self.device)
+        for i, e in enumerate(self.entries):
+            t = e.view(local_view(e.param if tensors is None else tensors[i]).detach())
+            rows = rows_of(e, t).to(acc.dtype)
+            if sharded and e.shards != world_size():
+                rows = rows * (e.shards / world_size())
+            acc.index_add_(0, e.owner, rows)
+        if sharded:
+            all_reduce_sum_(acc)
+            acc = acc.round() if dtype == torch.long else acc
+        return acc[: self.num_groups].to(dtype)
+
     @torch.no_grad()
     def group_sums(self, tensors: Sequence[torch.Tensor] | None = None, *, square: bool = True) -> torch.Tensor:
         """Per-group sum of squares (or sum) of ``tensors`` aligned with :attr:`entries`."""
-        self._sync_device()
-        acc = torch.zeros(self.num_groups + 1, dtype=torch.float32, device=self.device)
-        for i, e in enumerate(self.entries):
-            t = e.view((e.param if tensors is None else tensors[i]).detach())
-            rows = e.row_sq(t) if square else e.row_reduce(t)
-            acc.index_add_(0, e.owner, rows.to(acc.dtype))
-        return acc[: self.num_groups]
+        return self._per_group(lambda e, t: e.row_sq(t) if square else e.row_reduce(t), tensors, torch.float32)
 
     @torch.no_grad()
     def nonzero_counts(self, tensors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Exact number of non-zero entries per group (no floating-point underflow)."""
-        self._sync_device()
-        acc = torch.zeros(self.num_groups + 1, dtype=torch.long, device=self.device)
-        for i, e in enumerate(self.entries):
-            t = e.view((e.param if tensors is None else tensors[i]).detach())
-            acc.index_add_(0, e.owner, e.row_reduce((t != 0).long()))
-        return acc[: self.num_groups]
+        return self._per_group(lambda e, t: e.row_reduce((t != 0).long()), tensors, torch.long)
 
     def is_zero(self, tensors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Boolean ``[G]``: every variable of the group is exactly zero."""
@@ -424,7 +487,7 @@ class GroupIndex:
             t = e.param if tensors is None else tensors[i]
             if t is None:
                 continue
-            e.view(t).mul_(ext[e.owner].view(e.bshape).to(t.dtype))
+            e.view(local_view(t)).mul_(ext[e.owner].view(e.bshape).to(t.dtype))
 
     @torch.no_grad()
     def zero_(self, mask: torch.Tensor, tensors: Sequence[torch.Tensor | None] | None = None) -> None:
@@ -435,7 +498,7 @@ class GroupIndex:
             e = self.entries[i]
             t = e.param if tensors is None else tensors[i]
             if t is not None:
-                e.view(t).index_fill_(e.dim, r[0], 0.0)
+                e.view(local_view(t)).index_fill_(e.dim, r[0], 0.0)
 
 
 class RowFactors:

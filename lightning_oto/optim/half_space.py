@@ -90,6 +90,7 @@ import torch.distributed as dist
 
 from lightning_oto.optim.group_index import GroupIndex, GroupStats, RowFactors
 from lightning_oto.optim.saliency import SaliencyFn, get_saliency
+from lightning_oto.optim.shards import LocalState, is_sharded, local_view
 from lightning_oto.optim.variants import Direction, UpdatePlan, apply_update, decoupled_decay, directions
 from lightning_oto.space.costs import BUDGET_TOLERANCE, CostModel, check_budget
 from lightning_oto.space.groups import Group
@@ -259,7 +260,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._init_done = False
         super().__init__(params, dict(base, betas=tuple(betas)))
         self._init_done = True
-        self._index = GroupIndex(named, candidates)
+        self._index = GroupIndex(named, candidates, replica_mean=True)
         # the search settings are plain attributes (validated above); the two intervals are properties
         # that fill in their defaults, so their arguments are kept under private names
         self._projection_interval = search.pop("projection_interval")
@@ -710,7 +711,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._record_cut(mask, self._index.norms())
         for e, r in zip(self._index.entries, self._index.rows_for(mask)):
             if r is not None:
-                e.view(e.param.data).index_fill_(e.dim, r[0], 0.0)
+                e.view(e.x.data).index_fill_(e.dim, r[0], 0.0)
         self._mark_zero(mask, _AT_DEADLINE, self._num_steps)
 
     def _record_cut(self, mask: torch.Tensor, norms: torch.Tensor) -> None:
@@ -751,6 +752,13 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         self._plan_key: tuple[int, ...] | None = None
         self._needs_refresh = False
 
+    @staticmethod
+    def _release_local_grads(keys: list[torch.Tensor], params: list[torch.Tensor]) -> None:
+        """Drop the gradients attached to local shards in :meth:`_live` (the DTensor keeps its own)."""
+        for k, p in zip(keys, params):
+            if p is not k:
+                p.grad = None
+
     def _plan_for(self, params: list[torch.Tensor]) -> UpdatePlan:
         """The update plan for this list of live parameters (rebuilt only when the list changes)."""
         key = tuple(id(p) for p in params)
@@ -787,8 +795,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         ds = [None if k is None else dirs[k].materialize() for k in slots]
         gs = [None if k is None else params[k].grad for k in slots]
         pairs = (("x", "x"), ("d", "x"), ("g", "x"), ("g", "d"))
-        sums = self._index.products({"d": ds, "g": gs}, pairs, self._active_entries)
-        sums = _all_reduce_mean_(sums.contiguous())
+        sums = self._index.products({"d": ds, "g": gs}, pairs, self._active_entries)  # all-reduced: one collective
         scale = dirs[0].scale if dirs else 1.0
         xsq, dx, gx, gd = sums[0], sums[1] * scale, sums[2], sums[3] * scale
         wd = float(hp["weight_decay"]) if hp["variant"] != "adamw" else 0.0
@@ -866,23 +873,29 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
                     setattr(self, name, t.to(dev))
             self._needs_refresh = True
 
-    def _live(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-        params, states = [], []
+    def _live(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Any]]:
+        """The parameters with a gradient: as keys, as the tensors this rank updates (an FSDP2 parameter's
+        local shard, its gradient attached), and their optimizer states (local views of ``DTensor`` states)."""
+        keys, params, states = [], [], []
         for p in self.param_groups[0]["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            params.append(p)
-            states.append(self.state[p])
-        return params, states
+            keys.append(p)
+            if is_sharded(p):
+                local = local_view(p)
+                local.grad = local_view(p.grad)
+                params.append(local)
+                states.append(LocalState(self.state[p], p))
+            else:
+                params.append(p)
+                states.append(self.state[p])
+        return keys, params, states
 
     def _stats(self) -> GroupStats:
-        st = self._index.stats()
-        if _distributed():  # one all-reduce; the yardstick is always there, so no NaN check (no sync)
-            packed = _all_reduce_mean_(st.packed().contiguous())
-            st = GroupStats(packed[:, 0], packed[:, 1], packed[:, 2], st.numel, st.group_ids, packed[:, 3])
-        return st
+        """Per-group statistics; distributed, one all-reduce (shards summed, replicas averaged)."""
+        return self._index.stats()
 
     @property
     def projection_interval(self) -> int:
@@ -907,17 +920,23 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hp = self.param_groups[0]
+        if self.__dict__.get("_awaiting_search_state"):
+            raise ValueError(
+                f"{type(self).__name__}: this sharded optimizer state was loaded without its search state (step, "
+                "saliency, redundant and zero sets): resume through OTOCallback, which carries it in its own state, "
+                "or call expect_search_state(saved['oto']) before stepping.")
         self._follow_device()
         if self._score_due():
             self._update_ema(self._stats())
         self._maybe_select()  # warmup_steps == 0: select before the first update
         if self._needs_refresh:
             self._refresh()
-        params, states = self._live()
-        plan = self._plan_for(params)
+        keys, params, states = self._live()
+        plan = self._plan_for(keys)
         dirs = directions(params, states, hp, self._num_steps + 1)
         rows_a = self._projection_due() and self._project(hp, params, dirs)
         apply_update(params, dirs, plan, float(hp["lr"]), 1.0 - decoupled_decay(hp), rows_a)
+        self._release_local_grads(keys, params)
         self._num_steps += 1
         self._maybe_select()
         self._finalize_due()
@@ -930,6 +949,15 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
+        sd["oto"] = self.search_state()
+        return sd
+
+    def search_state(self) -> dict[str, Any]:
+        """The search's own state (the ``"oto"`` entry of :meth:`state_dict`): the same on every rank.
+
+        FSDP2 checkpoints (torch's ``get_optimizer_state_dict``) keep only ``state`` and ``param_groups``, so
+        the Lightning callback carries this part itself and hands it back through :meth:`expect_search_state`.
+        """
         oto = {
             "version": _STATE_VERSION,
             "class": type(self).__name__,
@@ -953,12 +981,27 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         }
         for name in self._TENSORS:
             oto[name] = getattr(self, f"_{name}").detach().clone()
-        sd["oto"] = oto
-        return sd
+        return oto
+
+    def expect_search_state(self, oto: dict[str, Any]) -> None:
+        """Restore this search state now if a sharded load is waiting for it, else at the next
+        :meth:`load_state_dict` without an ``"oto"`` entry."""
+        if self.__dict__.pop("_awaiting_search_state", False):
+            self._load_search_state(oto)
+        else:
+            self._pending_search_state = oto
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         oto = state_dict.pop("oto", None)
+        if oto is None:
+            oto = self.__dict__.pop("_pending_search_state", None)
+        if oto is None and state_dict.get("state") and self._index.sharded:
+            # FSDP2: torch's sharded optimizer state dict has no room for it; the callback restores it next
+            # (expect_search_state), and a step before that raises
+            super().load_state_dict(state_dict)
+            self._awaiting_search_state = True
+            return
         if oto is None and state_dict.get("state"):
             raise ValueError(
                 f"this optimizer state was not saved by a {type(self).__name__} (no 'oto' entry): it probably comes "
