@@ -105,57 +105,16 @@ def measure(model: nn.Module, dense: dict[str, float], data: Data) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------ lightning_oto
-def flops_kept_at(oto: OTO, sparsity: float, init: dict[str, torch.Tensor], x1: torch.Tensor, full: int,
-                  seeds: tuple[int, ...] = (0, 1)) -> float:
-    """FLOPs fraction of the sub-network after zeroing a random ``sparsity`` of the groups (mean over seeds)."""
-    kept = []
-    for s in seeds:
-        oto.model.load_state_dict(init)
-        oto.random_set_zero_groups(sparsity, seed=s)
-        kept.append(count_flops(oto.construct_subnet(verify=False), x1) / full)
-    oto.model.load_state_dict(init)
-    return statistics.mean(kept)
-
-
-def calibrate_sparsity(oto: OTO, keep: float, x1: torch.Tensor, init: dict[str, torch.Tensor] | None = None,
-                       iters: int = 6) -> float:
-    """The ``target_group_sparsity`` whose random groups leave about ``keep`` of the FLOPs (bisection).
-
-    Stands in for ``budget={"flops": keep}`` until that exists; the selection the optimizer makes is
-    saliency-ordered, not random, so the FLOPs it reaches are measured and reported separately.
-    ``init``: weights without zero groups to start every trial from (default: the model's own, which
-    must then have none); the model is left holding them.
-    """
-    if init is None:
-        init = {k: v.clone() for k, v in oto.model.state_dict().items()}
-    if oto.zero_group_ids():
-        oto.model.load_state_dict(init)
-        if oto.zero_group_ids():
-            raise ValueError("calibrate_sparsity: the model already has zero groups; pass init= without them.")
-    full = count_flops(oto.model, x1)
-    lo, hi = 0.0, 0.99
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if flops_kept_at(oto, mid, init, x1, full) > keep:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def selection(oto: OTO, keep: float, x1: torch.Tensor, cache: dict, init: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """How the optimizer is asked for ``keep`` of the FLOPs (switch to the budget API here)."""
-    # return {"budget": {"flops": keep}}   # <- the one line once budgets are on main
-    key = (type(oto.model).__name__, oto.mode, keep)
-    if key not in cache:
-        cache[key] = calibrate_sparsity(oto, keep, x1, init)
-    return {"target_group_sparsity": cache[key]}
+def selection(keep: float) -> dict[str, Any]:
+    """How the optimizer is asked for ``keep`` of the FLOPs: the budget API (per image, on the constructed
+    sub-network)."""
+    return {"budget": {"flops": keep}}
 
 
 def run_oto(oto: OTO, init: dict[str, torch.Tensor], task: Task, data: Data, seed: int, keep: float,
-            dense: dict[str, float], cache: dict) -> dict[str, Any]:
+            dense: dict[str, float]) -> dict[str, Any]:
     """Train ``oto.model`` from ``init`` with DHSPG (prune) / H2SPG (erase), construct, measure."""
-    ask = selection(oto, keep, data[0][:1], cache, init)
+    ask = selection(keep)
     oto.model.load_state_dict(init)
     spe = steps_per_epoch(task, data)
     hp = dict(lr=task.lr, variant=task.optimizer, weight_decay=task.weight_decay,
@@ -167,7 +126,7 @@ def run_oto(oto: OTO, init: dict[str, torch.Tensor], task: Task, data: Data, see
     train(oto.model, opt, data, task, seed, range(task.epochs), task.epochs * spe)
     sub = oto.construct_subnet()
     out = measure(sub, dense, data)
-    out.update(ask={"flops": keep}, target_group_sparsity=ask.get("target_group_sparsity"),
+    out.update(ask={"flops": keep}, cut_norm_ratio=opt.cut_norm_summary(),
                zero_groups=len(oto.zero_group_ids()), prunable_groups=len(oto.prunable_groups),
                forced_at_deadline=int(getattr(opt, "forced_at_deadline", 0)),
                zeroed_by_half_space=int(getattr(opt, "zeroed_by_half_space", 0)))
@@ -283,7 +242,7 @@ def clock() -> tuple[float, float]:
     return time.time(), time.process_time()
 
 
-def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...], cache: dict,
+def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...],
              log: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
     """Every method on one task and seed; each row is also handed to ``log`` as soon as it exists."""
     rows: list[dict[str, Any]] = []
@@ -310,7 +269,7 @@ def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...], cach
         for mode, oto in otos.items():
             if oto.prunable_groups:
                 t0 = clock()
-                add(f"lightning_oto {mode}", keep, t0, **run_oto(oto, init, task, data, seed, keep, dense, cache))
+                add(f"lightning_oto {mode}", keep, t0, **run_oto(oto, init, task, data, seed, keep, dense))
         reached = next((r["flops_kept"] for r in rows if r["method"] == "lightning_oto prune" and r["keep"] == keep),
                        keep)
         for importance, scope in TP_VARIANTS:
@@ -486,15 +445,21 @@ def task_setup(task: str, agg: dict, rows: list[dict[str, Any]]) -> str:
             f"{secs / 60:.1f} min wall, {cpu / 60:.1f} min CPU (one thread; the machine was shared).")
 
 
+def cut_cell(r: dict[str, Any]) -> str:
+    c = r.get("cut_norm_ratio") or {}
+    return "–" if not c.get("count") else f"{c['median']:.1e}, {c['max']:.1e}"
+
+
 def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| task | mode | seed | budget asked (FLOPs) | reached FLOPs | params kept | target_group_sparsity used | "
-             "groups zeroed by half-space / forced at deadline |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | mode | seed | budget asked (FLOPs) | reached FLOPs | params kept | "
+             "groups zeroed by half-space / forced at deadline | cut norm / norm at selection: median, max |",
+             "|---|---|---|---|---|---|---|---|"]
     order = list(TASKS)
     oto_rows = [r for r in rows if r["method"].startswith("lightning_oto") and "acc" in r]
     for r in sorted(oto_rows, key=lambda r: (order.index(r["task"]), -r["keep"], r["method"], r["seed"])):
         lines.append(f"| {r['task']} | {r['method'].split()[1]} | {r['seed']} | {r['keep']:.0%} | "
-                     f"{r['flops_kept']:.1%} | {r['params_kept']:.1%} | {r['target_group_sparsity']:.3f} | "
-                     f"{r['zeroed_by_half_space']} / {r['forced_at_deadline']} |")
+                     f"{r['flops_kept']:.1%} | {r['params_kept']:.1%} | "
+                     f"{r['zeroed_by_half_space']} / {r['forced_at_deadline']} | {cut_cell(r)} |")
     return lines
 
 
@@ -517,10 +482,9 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
              "`torch.utils.flop_counter` totals for one image (one sequence for text), measured on the constructed "
              "sub-network / the pruned model, as a fraction of the dense model. Accuracy is on a held-out test split "
              "(digits: 449 images, so one image is 0.22 points; MNIST-5k: 1,250; planted word: 600).", "",
-             "How the budget is asked: lightning_oto has no `budget=` argument yet, so each FLOPs budget is turned "
-             "into a `target_group_sparsity` by bisection on the FLOPs of sub-networks with random zero groups "
-             "(`OTO.random_set_zero_groups` + `construct_subnet`). The optimizer then picks groups by saliency, "
-             "not at random, so the FLOPs it reaches differ from the budget; the table below says by how much. "
+             "How the budget is asked: `oto.dhspg(..., budget={\"flops\": f})` / `oto.h2spg(...)` with the task's "
+             "optimizer as `variant` (layer floors at their default, `min_width=0.1`); the FLOPs reached are "
+             "measured on the constructed sub-network and listed per run below. "
              "Torch-Pruning (1.6, `MetaPruner`, one pruning step, `max_pruning_ratio` "
              f"{TP_GLOBAL_MAX_RATIO} for global ranking, the classifier ignored, BERT heads pruned whole) is "
              "pruned to the FLOPs lightning_oto's prune mode *reached* at that budget (bisection on "
@@ -593,7 +557,6 @@ def main() -> None:
 def run_tasks(args: argparse.Namespace, budgets: tuple[float, ...], results: Path) -> None:
     warnings.simplefilter("ignore")
     logging.getLogger("lightning_oto").setLevel(logging.ERROR)
-    cache: dict = {}
     for name in args.tasks:
         task = quick_task(TASKS[name]) if args.quick else TASKS[name]
         data = task.load_data(600 if args.quick else None)
@@ -601,7 +564,7 @@ def run_tasks(args: argparse.Namespace, budgets: tuple[float, ...], results: Pat
             tag = "" if args.budgets is None else "_budgets" + "_".join(f"{b:g}" for b in args.budgets)
             path = results / f"{name}_seed{seed}{tag}.jsonl"
             path.write_text("")
-            run_task(task, data, seed, budgets, cache, lambda row, path=path: save_row(row, path))
+            run_task(task, data, seed, budgets, lambda row, path=path: save_row(row, path))
 
 
 def save_row(row: dict[str, Any], path: Path) -> None:

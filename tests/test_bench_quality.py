@@ -31,9 +31,9 @@ from quality_tasks import BasicBlock, Task, conv_bn, digits_data  # noqa: E402  
 class TinyResNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem = conv_bn(1, 8)
-        self.blocks = nn.Sequential(BasicBlock(8, 12, 8), BasicBlock(8, 16, 12, stride=2))
-        self.fc = nn.Linear(12, 10)
+        self.stem = conv_bn(1, 16)  # wide enough that Torch-Pruning's ratio can land within 2 points
+        self.blocks = nn.Sequential(BasicBlock(16, 24, 16), BasicBlock(16, 32, 24, stride=2))
+        self.fc = nn.Linear(24, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.blocks(torch.relu(self.stem(x))).mean(dim=(2, 3)))
@@ -51,7 +51,7 @@ def tiny_run():
     init = copy.deepcopy(model.state_dict())
     dense, pretrained = bq.run_dense(model, TINY, data, seed=0)
     oto = bq.OTO(copy.deepcopy(model), data[0][:2], mode="prune")
-    oto_res = bq.run_oto(oto, init, TINY, data, 0, 0.5, dense, cache={})
+    oto_res = bq.run_oto(oto, init, TINY, data, 0, 0.5, dense)
     tp_res = bq.run_tp(pretrained, TINY, data, 0, "magnitude", "uniform", oto_res["flops_kept"], dense)
     return dense, oto_res, tp_res
 
@@ -65,25 +65,6 @@ def test_torch_pruning_matches_the_flops_lightning_oto_reached(tiny_run):
     # FLOPs are measured on the physically smaller models, not estimated from zero groups
     assert oto_res["flops"] < dense["flops"] and tp_res["flops"] < dense["flops"]
     assert 0.0 <= oto_res["acc"] <= 1.0 and oto_res["zero_groups"] > 0
-
-
-def test_calibration_leaves_about_the_asked_flops_on_random_groups():
-    torch.manual_seed(0)
-    model = TinyResNet()
-    x = torch.randn(2, 1, 8, 8)
-    oto = bq.OTO(model, x, mode="prune")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    sparsity = bq.calibrate_sparsity(oto, 0.5, x[:1], iters=5)
-    full = bq.count_flops(model, x[:1])
-    assert abs(bq.flops_kept_at(oto, sparsity, before, x[:1], full) - 0.5) < 0.08
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "calibration changed the model"
-    # a model left with zero groups by an earlier run: calibrating on it would count those groups as free
-    oto.random_set_zero_groups(0.5, seed=3)
-    with pytest.raises(ValueError, match="zero groups"):
-        bq.calibrate_sparsity(oto, 0.5, x[:1], iters=1)
-    oto.random_set_zero_groups(0.5, seed=3)
-    assert bq.calibrate_sparsity(oto, 0.5, x[:1], init=before, iters=5) == pytest.approx(sparsity)
-    assert not oto.zero_group_ids()
 
 
 def test_findings_say_plainly_where_lightning_oto_is_below():
