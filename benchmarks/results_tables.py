@@ -175,11 +175,16 @@ def regnet_section(runs: Path, docs: Path) -> list[str]:
     if not any(root.rglob("result.json")):
         return ["## RegNet-800M: not run (`python benchmarks/results_tables.py run --only regnet`)", ""]
     paths = sweep.aggregate(root)
+    rows = sweep.collect(root)
+    batches = sorted({int(r.get("example_batch_size") or OLD_EXAMPLE_BATCH) for r in rows})
     for key, name in (("markdown", "regnet_sweep.md"), ("csv", "regnet_sweep.csv")):  # paths relative to the repo
         text = Path(paths[key]).read_text().replace(f"{REPO}/", "")
+        if key == "markdown":  # the sweep table counts FLOPs as result.json does: over the example batch
+            text = (f"FLOPs: one forward pass over the runs' example input, a batch of "
+                    f"{' / '.join(map(str, batches))} images (`example_batch_size`).\n\n") + text
         (docs / name).write_text(text)
     shutil.copy(paths["plot"], docs / "regnet_pareto.png")
-    by = _regnet_runs(sweep.collect(root))
+    by = _regnet_runs(rows)
     some = next(iter(by.values()), {})
     lines = ["## RegNet-800M (appendix D, Table 4): validity by target sparsity, H2SPG vs DHSPG", "",
              f"`python -m lightning_oto.train -m {' '.join(REGNET_SWEEP)}`",
