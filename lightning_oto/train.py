@@ -41,9 +41,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         base = _run_one(_dense_copy(cfg, out_dir / "baseline"), out_dir / "baseline", use_oto=False)
         result.update(baseline_test_acc=base.get("test_acc"), baseline_params=base.get("params_full"),
                       baseline_result=base["files"]["result"])
-    _write_result(result, out_dir)
-    log.info(_run_summary(result))
+    if _is_rank_zero():  # DDP (strategy=ddp): every rank runs this function; rank 0 speaks for the run
+        _write_result(result, out_dir)
+        log.info(_run_summary(result))
     return result
+
+
+def _is_rank_zero() -> bool:
+    """True in the launching process (DDP rank 0, or no DDP); False in the workers Lightning started for ranks > 0."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0)) == 0
 
 
 def _dense_copy(cfg: DictConfig, out_dir: Path) -> DictConfig:
@@ -75,6 +83,8 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
         "optimizer": oto_cfg.get("optimizer") if use_oto else "sgd",
         "target_group_sparsity": oto_cfg.get("target_group_sparsity") if use_oto else 0.0,
         "valid": True, "error": None, "files": {"result": str(out_dir / "result.json")},
+        # FLOPs in this file count one forward pass over the example input: this many images
+        "example_batch_size": int(module.example_input_array.shape[0]),
     }
     t0 = time.time()
     try:
@@ -83,8 +93,11 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
         result.update(valid=False, error=str(e).splitlines()[0])
         log.warning("invalid sub-network: %s", e)
     result["fit_seconds"] = round(time.time() - t0, 1)
+    if oto_cb is not None and result["valid"]:
+        _report_in_launcher(oto_cb, trainer, result, since=t0)
     if oto_cb is not None and oto_cb.report is not None:
         result.update({k: oto_cb.report.get(k) for k in REPORT_FIELDS})
+        result.setdefault("tested_network", "sub-network" if oto_cb.full_network is not None else "full network")
     elif not use_oto:
         result.update(_dense_size(module))
     if cfg.get("run_test", True) and result["valid"]:
@@ -96,8 +109,34 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
     elif cfg.get("plot_curves", True) and trainer.logger is not None:
         result["files"]["curves"] = _plot_dense_curves(trainer, out_dir)
     result["curves_png"] = result["files"].get("curves")
-    _write_result(result, out_dir)
+    if _is_rank_zero():
+        _write_result(result, out_dir)
     return result
+
+
+def _report_in_launcher(oto_cb: Any, trainer: Any, result: dict[str, Any], since: float) -> None:
+    """Make sure the compression report reached this process, or say that the run has none.
+
+    With ``strategy=ddp`` (the configs' choice) this process is rank 0 and holds the report.  With
+    ``ddp_spawn`` the workers trained and rank 0 wrote ``oto_report.json``, but nothing of the callback comes
+    back: read that file, and record that the test runs the full model (its zero groups make it compute what
+    the sub-network computes, within ``verification_max_abs_error``).
+    """
+    from .lightning.compat import strategy_start_method
+    from .lightning.run_report import REPORT_FILE
+
+    if oto_cb.report is not None or not _is_rank_zero():
+        return
+    path = Path(oto_cb.settings.export_dir) / REPORT_FILE
+    if path.is_file() and path.stat().st_mtime >= since:
+        oto_cb.report = json.loads(path.read_text())
+        if strategy_start_method(trainer.strategy) in ("spawn", "fork", "forkserver"):
+            result["tested_network"] = ("full network with its zero groups (ddp_spawn returns the weights, not the "
+                                        "sub-network; use trainer=ddp to test the sub-network itself)")
+        return
+    result.update(valid=False, error="no compression report reached the launching process (fit ended without "
+                                     f"writing {path})")
+    log.warning("no compression report: %s", result["error"])
 
 
 def _data_and_module(cfg: DictConfig) -> tuple[Any, Any]:
