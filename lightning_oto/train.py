@@ -149,6 +149,8 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
         if use_oto else 0.0,
         "budget": asked_budget(oto_cfg) if use_oto else None, "budget_reached": None,
         "valid": True, "error": None, "files": {"result": str(out_dir / "result.json")},
+        # FLOPs in this file count one forward pass over the example input: this many images
+        "example_batch_size": int(module.example_input_array.shape[0]),
     }
     t0 = time.time()
     try:
@@ -157,10 +159,13 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
         result.update(valid=False, error=str(e).splitlines()[0])
         log.warning("invalid sub-network: %s", e)
     result["fit_seconds"] = round(time.time() - t0, 1)
+    if oto_cb is not None and result["valid"]:
+        _report_in_launcher(oto_cb, trainer, result, since=t0)
     if oto_cb is not None and oto_cb.report is not None:
         result.update({k: oto_cb.report.get(k) for k in REPORT_FIELDS})
         reached = oto_cb.report.get("budget") or {}
         result["budget_reached"] = {k: v["reached"] for k, v in reached.items()} or None
+        result.setdefault("tested_network", "sub-network" if oto_cb.full_network is not None else "full network")
     elif not use_oto:
         result.update(_dense_size(module))
     if cfg.get("run_test", True) and result["valid"]:
@@ -172,7 +177,7 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
     elif cfg.get("plot_curves", True) and trainer.logger is not None:
         result["files"]["curves"] = _plot_dense_curves(trainer, out_dir)
     result["curves_png"] = result["files"].get("curves")
-    _write_result(result, out_dir)
+    _write_result(result, out_dir)  # rank 0 only
     return result
 
 
@@ -192,6 +197,31 @@ def _config_errors() -> Iterator[None]:
     except (ValueError, TypeError, KeyError, InstantiationException, MisconfigurationException) as e:
         reason = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(reason.strip() or type(e).__name__) from e
+
+
+def _report_in_launcher(oto_cb: Any, trainer: Any, result: dict[str, Any], since: float) -> None:
+    """Make sure the compression report reached this process, or say that the run has none.
+
+    With ``strategy=ddp`` (the configs' choice) this process is rank 0 and holds the report.  With
+    ``ddp_spawn`` the workers trained and rank 0 wrote ``oto_report.json``, but nothing of the callback comes
+    back: read that file, and record that the test runs the full model (its zero groups make it compute what
+    the sub-network computes, within ``verification_max_abs_error``).
+    """
+    from .lightning.compat import strategy_start_method
+    from .lightning.run_report import REPORT_FILE
+
+    if oto_cb.report is not None or not _is_rank_zero():
+        return
+    path = Path(oto_cb.settings.export_dir) / REPORT_FILE
+    if path.is_file() and path.stat().st_mtime >= since:
+        oto_cb.report = json.loads(path.read_text())
+        if strategy_start_method(trainer.strategy) in ("spawn", "fork", "forkserver"):
+            result["tested_network"] = ("full network with its zero groups (ddp_spawn returns the weights, not the "
+                                        "sub-network; use trainer=ddp to test the sub-network itself)")
+        return
+    result.update(valid=False, error="no compression report reached the launching process (fit ended without "
+                                     f"writing {path})")
+    log.warning("no compression report: %s", result["error"])
 
 
 def _data_and_module(cfg: DictConfig) -> tuple[Any, Any]:

@@ -46,7 +46,7 @@ def test_launcher_and_trainer_configs_compose():
     assert cfg.hydra.launcher.gpus_per_node == 1
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.num_nodes == 4
     sim = _compose(["trainer=ddp_sim"])
-    assert sim.trainer.strategy == "ddp_spawn" and sim.trainer.devices == 2 and sim.trainer.accelerator == "cpu"
+    assert sim.trainer.strategy == "ddp" and sim.trainer.devices == 2 and sim.trainer.accelerator == "cpu"
     for name, accelerator in (("fsdp_sim", "cpu"), ("fsdp", "gpu")):
         fsdp = _compose([f"trainer={name}"]).trainer
         assert fsdp.strategy._target_.endswith("ModelParallelStrategy") and fsdp.accelerator == accelerator

@@ -1,8 +1,15 @@
-"""OTOCallback under DDP on CPU: 2 spawned processes (gloo), identical search space and redundant set on every
-rank, only rank 0 writes the export, the process group is destroyed so a second fit in the same process works."""
+"""OTOCallback under DDP on CPU with 2 processes (gloo).
+
+ddp_spawn: identical search space and redundant set on every rank, only rank 0 writes the export, the workers'
+process groups are gone so a second fit in the same process works.  ddp (subprocess launcher, what the Hydra
+configs use): the launching process is rank 0 and holds the real report, and ``trainer.test`` after fit runs the
+swapped-in sub-network (``tests/ddp_script.py``, run as a script because Lightning starts rank 1 by re-running it)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -122,3 +129,32 @@ def test_ddp_spawn_same_redundant_set_rank0_exports(tmp_path):
                    default_root_dir=str(tmp_path))
     tr.fit(LitDDP(), _data())
     assert cb.report is not None and cb.report["world_size"] == 1
+
+
+def test_ddp_launching_process_holds_report_and_tests_subnet(tmp_path):
+    script = Path(__file__).with_name("ddp_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(var, None)  # a fresh launch, whatever ran before in this process
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "launcher.json").read_text())
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    # every rank decided the same; the launching process (rank 0) holds the report with the real counts
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["space_hash"] == ranks[1]["space_hash"] and ranks[0]["saliency"] == ranks[1]["saliency"]
+    assert ranks[0]["zero"] == ranks[1]["zero"] and len(ranks[0]["zero"]) > 0
+    rep = got["report"]
+    assert rep["world_size"] == 2 and rep["removed_nothing"] is False
+    assert rep["params_full"] == 732 and 0 < rep["params_sub"] < rep["params_full"]
+    assert got["removed_ids"] == ranks[0]["zero"] and rep["redundant_group_ids_per_rank"] == [ranks[0]["redundant"]] * 2
+    assert rep["verification_max_abs_error"] <= 1e-4
+
+    # trainer.test after fit ran the swapped-in sub-network, and its metrics went into the report
+    assert got["tested_params"] == [rep["params_sub"]] == [got["net_params_now"]]
+    assert got["test_metrics"] and "test_loss" in got["test_metrics"]
+    assert got["group_kept_after_fit"] is True  # destroyed, the test stage would hang re-creating it
+    # a second fit in the same processes works and reports its own run
+    assert got["second_world_size"] == 2 and got["second_report_params"] is not None

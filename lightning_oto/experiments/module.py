@@ -53,7 +53,10 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
         metric(logits, y)
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", on_step=stage == "train", on_epoch=True)
+        # DDP: the epoch loss is averaged over ranks (sync_dist; a no-op in one process); the accuracy metric
+        # object syncs its own counts, so every rank logs the same epoch values
+        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", on_step=stage == "train", on_epoch=True,
+                 sync_dist=True)
         self.log(f"{stage}_acc", metric, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 

@@ -17,7 +17,7 @@ Lifecycle (hooks in Lightning's order)::
                         JSON report and summary, optionally swap it into the LightningModule
     on_validation_end / on_test_end (trainer.validate / test after fit): the metrics go into the report
     on_save_checkpoint  after a swap: what rebuilds the sub-network on load (lightning_oto.load_checkpoint)
-    teardown(fit)       destroy the process group (DDP), so a later fit in the same process works
+    teardown(fit)       ddp_spawn / fork workers: destroy the process group (strategy="ddp" keeps it for test)
 
 FSDP2 (``ModelParallelStrategy``, see ``docs/distributed.md``): ``setup`` traces the full network before
 ``configure_model`` shards it, ``on_fit_start`` maps the groups to the sharded parameters by name, and
@@ -79,6 +79,11 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+def _spawned_workers(trainer: "pl.Trainer") -> bool:
+    """DDP whose ranks are processes the launcher started and discards (ddp_spawn / fork), not the launcher itself."""
+    return strategy_start_method(trainer.strategy) in ("spawn", "fork", "forkserver") and trainer.world_size > 1
+
+
 def _average_bn_statistics(model: nn.Module) -> None:
     """DDP: every rank recalibrated on its own shard; pool the statistics so all ranks hold the same ones."""
     for m in model.modules():
@@ -124,7 +129,7 @@ class OTOCallback(Callback):
     * ``verbose``: 0 warnings only, 1 a start line and the summary table, 2 also drawings, timings and
       per-module channel counts; ``progress_bar_metrics``: show ``oto/*`` on the progress bar (they
       always go to the logger); ``visualize`` (Graphviz drawings), ``plot_curves`` (PNG from a CSVLogger);
-      ``destroy_process_group`` (DDP teardown).
+      ``destroy_process_group`` (ddp_spawn / fork workers destroy their process group at teardown).
     * ``monitor`` (default: the first of ``val_acc`` / ``val_loss`` logged), ``max_metric_drop`` (default
       0.05 absolute for ``*acc*`` metrics, 10% relative for losses), ``stop_on_metric_drop``: the
       accuracy guard (:mod:`~lightning_oto.lightning.metric_guard`). The validation at the end of warm-up
@@ -251,6 +256,7 @@ class OTOCallback(Callback):
         self._restore_guard()
         net = resolve_network(pl_module, self.network_attr)
         self.network = net
+        self._warn_spawned(trainer)
         user_opt = self._user_optimizer(trainer)
         reuse = isinstance(user_opt, HalfSpaceOptimizer) and isinstance(getattr(pl_module, "_oto", None), OTO)
         t0 = time.perf_counter()
@@ -285,6 +291,13 @@ class OTOCallback(Callback):
         if self.settings.budget:
             return "budget " + ", ".join(f"{k} {v:g}" for k, v in self.settings.budget.items())
         return f"target sparsity {self.settings.target_group_sparsity} -> {self.optimizer.num_redundant_target} groups"
+
+    def _warn_spawned(self, trainer: "pl.Trainer") -> None:
+        """ddp_spawn / fork: this callback works in copies of itself; the launching process gets nothing back."""
+        if _spawned_workers(trainer):
+            rank_zero_warn("OTO: with ddp_spawn/fork the launching process gets neither the report nor the "
+                           "sub-network back (cb.report stays None there; rank 0 writes them to the export "
+                           "directory, oto_report.json). strategy='ddp' keeps them in the launching process.")
 
     def _user_optimizer(self, trainer: "pl.Trainer") -> torch.optim.Optimizer | None:
         user_opts = real_optimizers(trainer.strategy.optimizers)
@@ -588,7 +601,7 @@ class OTOCallback(Callback):
             "num_groups": len(oto.groups), "num_prunable_groups": len(oto.prunable_groups),
             "num_redundant_target": opt.num_redundant_target, "num_zero_groups": len(zero),
             "removed_nothing": not zero,
-            "removed_groups": [{"id": g, "name": oto.groups[g].name} for g in zero],
+            "removed_groups": run_report.removed_groups(oto.groups, zero),
             "redundant_group_ids": list(opt.redundant_group_ids),
             **run_report.search_outcome(opt),
             **run_report.size_fields(oto.compression_report(sub)),
@@ -750,9 +763,10 @@ class OTOCallback(Callback):
 
     # ------------------------------------------------------------------ swap
     def _can_swap(self, trainer: "pl.Trainer") -> bool:
-        if strategy_start_method(trainer.strategy) in ("spawn", "fork", "forkserver") and trainer.world_size > 1:
+        if _spawned_workers(trainer):
             rank_zero_warn("OTO: swap_subnet is ignored with ddp_spawn/fork: the main process only gets the full "
-                           "model's weights back. Load the export with lightning_oto.load(export_dir).")
+                           "model's weights back. Use strategy='ddp', or load the export with "
+                           "lightning_oto.load(export_dir).")
             return False
         return True
 
@@ -769,16 +783,19 @@ class OTOCallback(Callback):
             mark(self.subnet_payload)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """Destroy the DDP process group we trained in (clean exit; a later fit re-initializes it)."""
+        """Destroy the process group of spawned DDP workers (ddp_spawn / fork: a clean exit of processes that end
+        here).  With the subprocess launcher (strategy="ddp") the ranks live on: ``trainer.test`` and a later fit
+        reuse the group (re-creating it in the same processes hangs in gloo's rendezvous) and Lightning destroys
+        it at exit."""
         self._remove_restore_hook(pl_module)
         if stage != "fit":
             return
         self._loaded_state = None
         self._sharded = None
-        # ModelParallelStrategy keeps its process group and device mesh for validate / test in the same
-        # processes (re-initialising one there hangs): it is Lightning's to destroy
-        if self.settings.destroy_process_group and dist.is_available() and dist.is_initialized() \
-                and trainer.world_size > 1 and not is_model_parallel(trainer.strategy):
+        # only spawned / forked DDP workers destroy their group: with strategy="ddp" and ModelParallelStrategy the
+        # processes go on to validate / test with it (re-initialising one there hangs), and Lightning destroys it
+        if self.settings.destroy_process_group and _spawned_workers(trainer) and not is_model_parallel(trainer.strategy) \
+                and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ checkpointing

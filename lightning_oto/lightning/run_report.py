@@ -35,6 +35,18 @@ def search_outcome(opt: Any) -> dict[str, Any]:
     }
 
 
+def removed_groups(groups: Any, zero_ids: list[int]) -> list[dict[str, Any]]:
+    """Each removed group by id and name, with the tensors construction sliced because of it (``dependents``:
+    a consumer's input columns are ``dim 1`` of its weight), so a reader can say what went with it."""
+    out = []
+    for gid in zero_ids:
+        g = groups[gid]
+        deps = [{"param": d.name, "dim": d.dim, "count": None if d.indices is None else len(d.indices)}
+                for d in g.dependents]
+        out.append({"id": gid, "name": g.name, "dependents": deps})
+    return out
+
+
 def _int_or_none(v: Any) -> int | None:
     return None if v is None else int(v)
 
@@ -174,5 +186,5 @@ def _box(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["PHASE_CODES", "REPORT_FILE", "SUMMARY_FILE", "search_outcome", "size_fields", "summary_table",
-           "write_report"]
+__all__ = ["PHASE_CODES", "REPORT_FILE", "SUMMARY_FILE", "removed_groups", "search_outcome", "size_fields",
+           "summary_table", "write_report"]
