@@ -269,7 +269,11 @@ def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...],
         for mode, oto in otos.items():
             if oto.prunable_groups:
                 t0 = clock()
-                add(f"lightning_oto {mode}", keep, t0, **run_oto(oto, init, task, data, seed, keep, dense))
+                try:
+                    res = run_oto(oto, init, task, data, seed, keep, dense)
+                except ValueError as e:  # a budget the search space cannot reach is refused before training
+                    res = {"note": f"refused: {str(e).split(';')[0]}"}
+                add(f"lightning_oto {mode}", keep, t0, **res)
         reached = next((r["flops_kept"] for r in rows if r["method"] == "lightning_oto prune" and r["keep"] == keep),
                        keep)
         for importance, scope in TP_VARIANTS:
@@ -318,6 +322,8 @@ def findings(agg: dict, tasks: list[str], budgets: tuple[float, ...]) -> list[st
             tp = best_tp(agg, task, keep)
             for mode in ("prune", "erase"):
                 cell = agg.get((task, f"lightning_oto {mode}", keep))
+                if cell and str(cell.get("note", "")).startswith("refused"):
+                    lines.append(f"**{task}, {mode}, FLOPs budget {keep:.0%}**: {cell['note']} (not trained).")
                 if not cell or "acc" not in cell:
                     continue
                 where = f"**{task}, {mode}, FLOPs budget {keep:.0%}** (reached {cell['flops_kept']:.1%})"
