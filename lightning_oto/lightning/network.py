@@ -9,7 +9,7 @@ from torch import nn
 
 from ..graph.inputs import ModelInputs, as_model_inputs, map_tensors
 from ..subnet.recalibrate import batch_inputs
-from .compat import module_stores
+from .compat import load_train_dataloader, module_stores
 
 #: samples of a training batch used as the example input when none is given (2: export keeps the batch dynamic)
 EXAMPLE_BATCH = 2
@@ -56,7 +56,7 @@ def training_loader(trainer: Any) -> Any:
     if trainer.train_dataloader is None:
         _ = trainer.estimated_stepping_batches  # loads the train dataloader ...
     if trainer.train_dataloader is None:  # ... except for a max_steps-only run, which returns before loading
-        trainer.fit_loop.setup_data()
+        load_train_dataloader(trainer)
     loader = trainer.train_dataloader
     if isinstance(loader, dict):
         loader = next(iter(loader.values()), None)
