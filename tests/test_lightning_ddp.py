@@ -19,26 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_oto import OTOCallback
-from lightning_oto import load
+from lightning_oto import OTOCallback, load
+from ddp_script import Net  # the one tiny conv net of the DDP tests (the script runs it under strategy='ddp')
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                               nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.adaptive_avg_pool2d(self.f(x), 1).flatten(1))
 
 
 class LitDDP(L.LightningModule):
