@@ -322,3 +322,23 @@ def test_mixin_reads_budget_and_floors_from_hparams():
     assert all(f.keep >= math.ceil(0.2 * f.width) for f in lit.oto.floors) and lit.oto.floors
     with pytest.raises(ValueError, match="not both"):
         Lit({"params": 0.5}).oto_optimizer(target_group_sparsity=0.3, warmup_steps=1, projection_steps=2)
+
+
+def test_budget_on_a_forward_taking_one_dict():
+    """The cost pass calls the model as the trace does: ``(batch,)`` is one positional dict, not keywords."""
+
+    class DictNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            return self.b(torch.relu(self.a(batch["x"])))
+
+    torch.manual_seed(0)
+    oto = OTO(DictNet(), ({"x": torch.randn(3, 8)},), mode="prune")
+    costs = oto.cost_model()
+    tracker = costs.tracker()
+    for g in oto.prunable_groups[: len(oto.prunable_groups) // 2]:
+        tracker.add(g.id)
+    assert 0.0 < tracker.fractions()["flops"] < 1.0  # half of a's rows (and b's columns) go

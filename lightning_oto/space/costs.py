@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # the documented hom
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
+from ..graph.inputs import args_and_kwargs, as_model_inputs
 from .groups import Group
 
 BUDGET_KEYS = ("flops", "params", "latency")
@@ -300,10 +301,9 @@ def _train(model: nn.Module, training: bool) -> None:
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if inputs and isinstance(inputs[-1], dict):
-        return inputs[:-1], dict(inputs[-1])
-    return inputs, {}
+    """(args, kwargs) by the one convention of :mod:`lightning_oto.graph.inputs`: a dict is keyword inputs,
+    a dict inside a tuple is one positional argument (``forward(self, batch)``)."""
+    return args_and_kwargs(as_model_inputs(example_inputs))
 
 
 def _cost_model(named: Mapping[str, torch.Tensor], runs: Sequence[_Attribution], groups: Sequence[Group],
@@ -346,7 +346,7 @@ def time_forward(model: nn.Module, example_inputs: Any, repeats: int = 20) -> fl
     args, kwargs = _split_inputs(example_inputs)
     was = model.training
     _train(model, False)
-    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    cuda = any(t.is_cuda for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
     times = []
     try:
         for i in range(repeats + 2):
