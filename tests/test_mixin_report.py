@@ -147,3 +147,17 @@ def test_bad_guard_settings_are_refused_from_hparams():
                              ({"measure_speed": 1}, "measure_speed")):
         with pytest.raises(ValueError, match=message):
             ScriptedMixin([0.9], **hparams).oto_optimizer()
+
+
+def test_the_docs_list_the_settings_the_mixin_reads():
+    from pathlib import Path
+
+    from lightning_oto.lightning.mixin import HPARAM_SETTINGS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "callback.md").read_text()
+    section = doc.split("## `OTOMixin`", 1)[1].split("\n## ", 1)[0]
+    listed = section.split("It reads exactly these", 1)[1].split("\n\n", 2)[1]
+    names = [n.strip().strip("`.") for n in listed.replace("\n", " ").split(",")]
+    assert names == list(HPARAM_SETTINGS)
+    for key in ("metric_guard", "degraded", "speed"):
+        assert f"| `{key}` |" in section
