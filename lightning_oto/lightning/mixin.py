@@ -21,11 +21,12 @@ search is read from hparams (an ``oto_`` prefixed name wins over the plain one):
 
 What the callback reports, the mixin reports too, from the same settings: the accuracy guard
 (``monitor``, ``max_metric_drop``, ``stop_on_metric_drop``; :mod:`~lightning_oto.lightning.metric_guard`)
-watches every validation of a fit from ``on_validation_end`` (it calls ``super()``, so a hook of the
-user's own runs too), prints a drop beyond the allowance once and can stop the fit; its state rides in
-checkpoints.  ``compression_report`` holds ``metric_guard``, ``degraded`` and, with ``measure_speed``
-(default True), ``speed``: the sub-network timed against the full model at batch 1 and the training
-batch size, next to the FLOP reduction.
+watches every validation of a fit from ``on_validation_end`` (it calls ``super()``, so a base class's
+hook runs too; a subclass that overrides it calls ``super().on_validation_end()``), prints a drop beyond
+the allowance once and can stop the fit; its state rides in checkpoints.  ``compression_report`` holds
+``metric_guard``, ``degraded`` and, with ``measure_speed`` (default True), ``speed``: the sub-network
+timed against the full model at batch 1 and the training batch size, next to the FLOP reduction.
+
 Add :class:`OTOCallback` as well to get progress logging and the export at fit end; it reuses this
 module's OTO and optimizer.  After :meth:`swap_in_compressed` (or the callback's ``swap_subnet``),
 checkpoints reload with ``load_from_checkpoint`` and ``Trainer(ckpt_path=...)``: the module then trains
