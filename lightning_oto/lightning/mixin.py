@@ -216,11 +216,11 @@ class OTOMixin:
         return self._oto_guard
 
     def _oto_callback(self) -> Any:
-        """The OTOCallback of this module's trainer, if any (it then watches and reports the search)."""
-        from .callback import OTOCallback
-
+        """The OTOCallback of this module's trainer, if any: it then watches and reports the search.  Found by
+        the guard it carries (the callback imports this module, so this module does not import it)."""
         trainer = self._oto_trainer()
-        return next((cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, OTOCallback)), None)
+        callbacks = getattr(trainer, "callbacks", None) or []
+        return next((cb for cb in callbacks if isinstance(getattr(cb, "_guard", None), MetricGuard)), None)
 
     def on_validation_end(self) -> None:
         """Watch each validation of a fit as :class:`OTOCallback` does (the user's hook still runs)."""
