@@ -91,7 +91,8 @@ def run_case(name: str, mode: str, budget: dict[str, float], device: str) -> dic
 
 
 def table(rows: list[dict[str, object]], device: str) -> str:
-    lines = [f"Budget asked vs kept by the constructed sub-network ({device}, {platform.processor() or 'cpu'}; "
+    lines = [f"Budget asked vs kept by the constructed sub-network ({device}, {platform.processor() or 'cpu'}, "
+             f"torch threads {torch.get_num_threads()}; "
              "FLOPs/params per forward at batch 8, fractions batch-independent; latency = median of 31 interleaved eval "
              "forwards of sub / full at batch 8, re-measured after construction; `benchmarks/bench_budget.py`). The last "
              "column is what the selection counted for the budgeted key: FLOPs/params from the cost model, latency as "
@@ -113,8 +114,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="docs/budgets_table.md")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -65,11 +65,25 @@ redundant groups end up aligned with ``-d`` and the bound pins lambda to ``|d|``
 Cost relative to a ``torch.optim.SGD(momentum=0.9)`` step depends on the projection window.  Lambda and the
 half-space test run every ``projection_interval`` steps, by default ``window // 25`` clipped to 1..16
 (``window`` = projection steps per pruning period), so short windows pay more per step.
-``benchmarks/bench_optim_step.py`` times every phase and interval against SGD in the same rounds (6.6M
-parameters, 3,520 channel groups, every parameter holding redundant rows).  Measured before with 2 threads
-(the run reported in issue 19; not re-measured with this text, the machine was too loaded): about 1.4x for
-windows under 200 steps and 2.9x when evaluating every step (windows under 50 steps); long windows come
-closer to SGD.  Run the benchmark on your machine before quoting a figure.
+``benchmarks/bench_optim_step.py`` times every phase and interval against SGD in the same rounds.
+Measured 2026-12-03 (CPU, 2 torch threads, 6.6M parameters, 3,520 channel groups, every parameter
+holding redundant rows, 20 rounds x 80 interleaved steps; median of the per-round ratios to
+``SGD(momentum=0.9)``; other jobs shared the 2 cores for part of the run):
+
+=================================  ==========================  =========
+phase (projection interval)        default at windows (steps) x SGD
+=================================  ==========================  =========
+warm-up                            any                         1.09
+projection, interval 16 (default)  400 and more                1.12
+projection, interval 8             200 - 224                   1.26
+projection, interval 4             100 - 124                   1.52
+projection, interval 2             50 - 74                     2.08
+projection, interval 1             under 50                    3.22
+hybrid                             after projection            0.92
+H2SPG projection (interval 16)     400 and more                1.06
+=================================  ==========================  =========
+
+Run the benchmark on your machine before quoting a figure.
 
 How: the update is one ``x <- A x - lr C d`` (:mod:`.variants`)
 whose per-row factors carry the projection (``C = 0`` on zero rows, so they stay zero at no
