@@ -71,10 +71,10 @@ holding redundant rows, 20 rounds x 80 interleaved steps; median of the per-roun
 ``SGD(momentum=0.9)``; other jobs shared the 2 cores for part of the run):
 
 =================================  ==========================  =========
-phase (projection interval)        default at windows (steps) x SGD
+phase (projection interval)        default at windows (steps)  x SGD
 =================================  ==========================  =========
 warm-up                            any                         1.09
-projection, interval 16 (default)  400 and more                1.12
+projection, interval 16            400 and more                1.12
 projection, interval 8             200 - 224                   1.26
 projection, interval 4             100 - 124                   1.52
 projection, interval 2             50 - 74                     2.08
