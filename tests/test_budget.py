@@ -76,9 +76,11 @@ def test_prune_budget_is_met_by_the_constructed_subnet(net, opt_name, budget):
     opt = _search(oto, x, opt_name, budget=budget)
     rep = oto.compression_report(oto.construct_subnet())
     reached = {"flops": rep["flop_ratio"], "params": rep["param_ratio"]}
-    for key, asked in budget.items():
-        assert asked - TOL <= reached[key] <= asked + TOL, (key, reached[key])
+    for key, asked in budget.items():  # each key is a cap the sub-network may keep ...
+        assert reached[key] <= asked + TOL, (key, reached[key])
         assert math.isclose(opt.budget_reached[key], reached[key], rel_tol=1e-6)  # the accounting is exact
+    # ... and the binding one is reached within the tolerance (with two keys the other may end lower)
+    assert any(reached[k] >= asked - TOL for k, asked in budget.items()), reached
     assert all(after >= floor for after, floor in _layer_widths(oto).values())
 
 

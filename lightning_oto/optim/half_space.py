@@ -224,8 +224,10 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             tensor, built by ``OTO``): what removing each group saves.
         cost_weight: in ``[0, 1]``: a budget ranks candidates by ``saliency / saving**cost_weight``;
             1 is the knapsack ratio (cheapest saliency per unit cost: it strips the costliest layers to
-            their floors first), 0 ranks by saliency alone (the cost only says when to stop).  The
-            default 0.5 lets a 10x cheaper saving outweigh a ~3x lower saliency.
+            their floors first), 0 (the default) ranks by saliency alone and the cost only says when to
+            stop.  Measured at equal FLOPs on three CNN tasks (``benchmarks/bench_cost_weight.py``),
+            weighing by cost lost accuracy: it strips the high-resolution layers whose channels cost
+            the most, which the networks need (``docs/quality.md``).
     """
 
     def __init__(
@@ -260,7 +262,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         cut_ratio: float = 1e-2,
         budget: Mapping[str, float] | None = None,
         cost_model: CostModel | None = None,
-        cost_weight: float = 0.5,
+        cost_weight: float = 0.0,
     ) -> None:
         named = self._check_named_params(named_params)
         self._set_budget(budget, cost_model, cost_weight)
