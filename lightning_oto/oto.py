@@ -29,6 +29,17 @@ log = logging.getLogger("lightning_oto")
 MODES = ("prune", "erase")
 
 
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank of the default process group (``obj`` itself when there is none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _mean_over_ranks(value: float) -> float:
     """``value`` averaged over the default process group (itself when there is none)."""
     import torch.distributed as dist
@@ -234,7 +245,8 @@ class OTO:
         model's device at the example input's batch size).  Measured once and cached."""
         if latency not in self._costs:
             costs = measure_costs(self.model, self.example_inputs, self.groups, latency=latency)
-            if latency:
+            if latency:  # per-operator times differ by rank: under DDP every rank selects on rank 0's
+                costs = _from_rank0(costs)
                 costs.measure_latency = self.measured_latency_fraction
                 self._calibrate_latency(costs)
             self._costs[latency] = costs

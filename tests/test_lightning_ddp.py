@@ -146,3 +146,5 @@ def test_ddp_launching_process_holds_report_and_tests_subnet(tmp_path):
     assert got["group_kept_after_fit"] is True  # destroyed, the test stage would hang re-creating it
     # a second fit in the same processes works and reports its own run
     assert got["second_world_size"] == 2 and got["second_report_params"] is not None
+    second = [json.loads((tmp_path / "second" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert second[0]["redundant"] == second[1]["redundant"] and second[0]["redundant"]  # latency budget: one choice
