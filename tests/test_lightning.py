@@ -283,6 +283,68 @@ def test_resume_rejects_a_different_search_space(tmp_path):
                                                    ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
 
+class LitShuffled(LitTiny):
+    """A shuffled run that resumes exactly: the torch RNG state rides in its checkpoint (Lightning keeps none), and
+    without ``example_input_array`` the callback takes its example input from a training batch."""
+
+    def __init__(self, opt: str) -> None:
+        super().__init__(opt=opt, example=False)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        if self.opt == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=3e-3, betas=(0.8, 0.99), weight_decay=1e-2)
+        return super().configure_optimizers()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
+def shuffled_data() -> DataLoader:
+    return DataLoader(data().dataset, batch_size=BATCH, shuffle=True)
+
+
+def _fit_shuffled(root: Path, opt: str, extra: list, ckpt_path: Path | None = None) -> tuple[OTOCallback, LitShuffled]:
+    cb = OTOCallback(mode="prune", target_group_sparsity=0.5, warmup_steps=6, projection_steps=4, export_formats=(),
+                     export_dir=root / "export", measure_speed=False)
+    lit = LitShuffled(opt)
+    trainer(root, [cb, *extra], max_epochs=4).fit(lit, shuffled_data(), ckpt_path=ckpt_path)
+    return cb, lit
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_resume_from_an_end_of_epoch_checkpoint_reproduces_the_run(tmp_path, opt):
+    """ModelCheckpoint(every_n_epochs=1) at step 8 (mid-projection), shuffled data: the resumed run takes the same
+    batches, losses, redundant and zero groups and sub-network as the uninterrupted run.  Before the fix the callback's
+    example batch (taken at fit start) drew from the global RNG after the checkpoint's state was restored, so the
+    resumed epochs were shuffled differently."""
+    torch.manual_seed(0)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    full_cb, full = _fit_shuffled(tmp_path / "full", opt, [ck])
+    torch.manual_seed(123)  # a different init and RNG: everything must come from the checkpoint
+    resumed_cb, resumed = _fit_shuffled(tmp_path / "resumed", opt, [], tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
+
+    assert len(full.losses) == 16 and len(resumed.losses) == 8
+    assert resumed.losses == pytest.approx(full.losses[8:], abs=1e-6, rel=0)
+    opt_a, opt_b = full_cb.optimizer, resumed_cb.optimizer
+    assert opt_b.num_steps == opt_a.num_steps == 16
+    assert opt_b.redundant_group_ids == opt_a.redundant_group_ids
+    assert opt_b.zero_group_ids() == opt_a.zero_group_ids() and opt_a.zero_group_ids()
+    sa, sb = full_cb.subnet.state_dict(), resumed_cb.subnet.state_dict()
+    assert sa.keys() == sb.keys() and sa["net.fc.weight"].shape[1] < 12  # the sub-network lost channels
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0, msg=k)
+
+
 # ---------------------------------------------------------------------------------------------- mixin
 class MixinNet(OTOMixin, L.LightningModule):
     def __init__(self, lr: float = 0.05, target_group_sparsity: float = 0.5, oto_mode: str = "prune",

@@ -215,11 +215,26 @@ class OTOCallback(Callback):
         self._sharded = None
         if not check_strategy(trainer.strategy, self._who()) or self.subnet_payload is not None:
             return
-        x, _ = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer)
+        x, _ = self._example_inputs(trainer, pl_module, None)
         t0 = time.perf_counter()
         oto = OTO(net, to_device(x, net), mode=self.mode, **self.settings.oto_kwargs())
         self._sharded = ShardedTrace.of(oto, net)
         self._say(2, f"FSDP2: traced the full network before configure_model ({time.perf_counter() - t0:.1f}s).")
+
+    def _example_inputs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                        network: nn.Module | None) -> tuple[Any, str]:
+        """The trace's example inputs; a training batch is read without touching torch's global RNG.
+
+        Each DataLoader iterator draws its seed from the global RNG (a shuffled sampler its order too), so this extra
+        read would reshuffle the user's epochs, and a run that restores its RNG state from a checkpoint would no
+        longer resume exactly (the checkpoint's state is restored before ``on_fit_start``).  Lightning's own loading
+        of the dataloader (and its draw) happens outside the fork, as it would without this callback.
+        """
+        from_batch = self.settings.example_inputs is None and getattr(pl_module, "example_input_array", None) is None
+        if from_batch:
+            training_loader(trainer)
+        with torch.random.fork_rng(devices=[]):
+            return resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer, network)
 
     def _install_restore_hook(self, pl_module: "pl.LightningModule") -> None:
         """Lightning restores the weights (ckpt_path) before any callback hook sees the checkpoint, so the
@@ -267,7 +282,7 @@ class OTOCallback(Callback):
         elif self._sharded is not None:
             self.oto = self._sharded.bind(net, self._who())
         else:
-            x, source = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer, net)
+            x, source = self._example_inputs(trainer, pl_module, net)
             if source == "a training batch":
                 self._say(1, f"no example_input_array: tracing with {source}, input shape(s) {describe(x)}.")
             self.oto = OTO(net, to_device(x, net), mode=self.mode, **self.settings.oto_kwargs())
@@ -524,7 +539,9 @@ class OTOCallback(Callback):
         if n == 0:
             return 0
         try:
-            used = recalibrate_batchnorm(self.oto.model, training_loader(trainer), num_batches=n)
+            loader = training_loader(trainer)
+            with torch.random.fork_rng(devices=[]):  # reading batches draws from the user's RNG (see _example_inputs)
+                used = recalibrate_batchnorm(self.oto.model, loader, num_batches=n)
         except (TypeError, ValueError) as e:
             rank_zero_warn(f"OTO: BatchNorm recalibration skipped ({e}); set bn_recalibration_batches=0 to silence.")
             return None
