@@ -283,9 +283,9 @@ def test_resume_rejects_a_different_search_space(tmp_path):
                                                    ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
 
-class LitShuffled(LitTiny):
-    """A shuffled run that resumes exactly: the torch RNG state rides in its checkpoint (Lightning keeps none), and
-    without ``example_input_array`` the callback takes its example input from a training batch."""
+class LitResumable(LitTiny):
+    """Records its losses; the torch RNG state rides in its checkpoint (Lightning keeps none: with shuffled data this
+    is how a run resumes exactly); without ``example_input_array`` the callback takes a training batch to trace."""
 
     def __init__(self, opt: str) -> None:
         super().__init__(opt=opt, example=False)
@@ -312,12 +312,25 @@ def shuffled_data() -> DataLoader:
     return DataLoader(data().dataset, batch_size=BATCH, shuffle=True)
 
 
-def _fit_shuffled(root: Path, opt: str, extra: list, ckpt_path: Path | None = None) -> tuple[OTOCallback, LitShuffled]:
+def _fit_resumable(root: Path, opt: str, loader: DataLoader, extra: list, ckpt_path: Path | None = None,
+                   bn_batches: int = 20, **stop) -> tuple[OTOCallback, LitResumable]:
+    """Selection at step 6, projection until step 10; ``stop`` defaults to 4 epochs (16 steps)."""
     cb = OTOCallback(mode="prune", target_group_sparsity=0.5, warmup_steps=6, projection_steps=4, export_formats=(),
-                     export_dir=root / "export", measure_speed=False)
-    lit = LitShuffled(opt)
-    trainer(root, [cb, *extra], max_epochs=4).fit(lit, shuffled_data(), ckpt_path=ckpt_path)
+                     export_dir=root / "export", measure_speed=False, bn_recalibration_batches=bn_batches)
+    lit = LitResumable(opt)
+    trainer(root, [cb, *extra], **(stop or {"max_epochs": 4})).fit(lit, loader, ckpt_path=ckpt_path)
     return cb, lit
+
+
+def _same_search(a: OTOCallback, b: OTOCallback) -> None:
+    """Same step count, redundant and zero groups, and sub-network weights."""
+    assert b.optimizer.num_steps == a.optimizer.num_steps == 16
+    assert b.optimizer.redundant_group_ids == a.optimizer.redundant_group_ids
+    assert b.optimizer.zero_group_ids() == a.optimizer.zero_group_ids() and a.optimizer.zero_group_ids()
+    sa, sb = a.subnet.state_dict(), b.subnet.state_dict()
+    assert sa.keys() == sb.keys() and sa["net.fc.weight"].shape[1] < 12  # the sub-network lost channels
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0, msg=k)
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
@@ -329,20 +342,84 @@ def test_resume_from_an_end_of_epoch_checkpoint_reproduces_the_run(tmp_path, opt
     resumed epochs were shuffled differently."""
     torch.manual_seed(0)
     ck = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
-    full_cb, full = _fit_shuffled(tmp_path / "full", opt, [ck])
+    full_cb, full = _fit_resumable(tmp_path / "full", opt, shuffled_data(), [ck])
     torch.manual_seed(123)  # a different init and RNG: everything must come from the checkpoint
-    resumed_cb, resumed = _fit_shuffled(tmp_path / "resumed", opt, [], tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
-
+    resumed_cb, resumed = _fit_resumable(tmp_path / "resumed", opt, shuffled_data(), [],
+                                         tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
     assert len(full.losses) == 16 and len(resumed.losses) == 8
     assert resumed.losses == pytest.approx(full.losses[8:], abs=1e-6, rel=0)
-    opt_a, opt_b = full_cb.optimizer, resumed_cb.optimizer
-    assert opt_b.num_steps == opt_a.num_steps == 16
-    assert opt_b.redundant_group_ids == opt_a.redundant_group_ids
-    assert opt_b.zero_group_ids() == opt_a.zero_group_ids() and opt_a.zero_group_ids()
-    sa, sb = full_cb.subnet.state_dict(), resumed_cb.subnet.state_dict()
-    assert sa.keys() == sb.keys() and sa["net.fc.weight"].shape[1] < 12  # the sub-network lost channels
-    for k in sa:
-        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0, msg=k)
+    _same_search(full_cb, resumed_cb)
+
+
+class LitBatchIds(L.LightningModule):
+    """Plain AdamW, no OTO: records which batch of ``batch_id_data`` each step took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+        self.seen: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        self.seen.append(int(x[0, 0]) // BATCH)
+        return self.lin(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def batch_id_data() -> DataLoader:
+    return DataLoader(TensorDataset(torch.arange(N, dtype=torch.float32)[:, None]), batch_size=BATCH)
+
+
+# with max_steps, the batches a run resumed at step 8 (end of epoch 1) takes: the first one twice
+MAX_STEPS_REPLAY = [0, 0, 1, 2, 3, 0, 1, 2]
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.parametrize("stop, resumed_batches", [({"max_epochs": 4}, [0, 1, 2, 3, 0, 1, 2, 3]),
+                                                    ({"max_steps": 16, "max_epochs": -1}, MAX_STEPS_REPLAY)],
+                         ids=["max_epochs", "max_steps"])
+def test_lightning_replays_a_batch_when_max_steps_resumes_from_an_epoch_end(tmp_path, stop, resumed_batches):
+    """Lightning itself (2.6), without OTO: with ``max_steps`` set (``FitLoop._iteration_based_training``) an
+    end-of-epoch checkpoint restarts the finished epoch for one more batch from a fresh (non-resumable) iterator,
+    so the resumed run takes the first batch twice and every later one a step late; with ``max_epochs`` it
+    continues exactly.  docs/distributed.md says so: if Lightning changes, this fails and the docs need updating."""
+    full = LitBatchIds()
+    ck = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    trainer(tmp_path / "a", [ck], **stop).fit(full, batch_id_data())
+    resumed = LitBatchIds()
+    trainer(tmp_path / "b", [], **stop).fit(resumed, batch_id_data(), ckpt_path=tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
+    assert full.seen == [0, 1, 2, 3] * 4
+    assert resumed.seen == resumed_batches
+
+
+def _batches_in_order(order: list[int]) -> DataLoader:
+    """``data()``'s batches in this order, as one epoch."""
+    x, y = data().dataset.tensors
+    idx = torch.cat([torch.arange(b * BATCH, (b + 1) * BATCH) for b in order])
+    return DataLoader(TensorDataset(x[idx], y[idx]), batch_size=BATCH, shuffle=False)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_resume_under_max_steps_is_the_search_over_the_batches_lightning_feeds(tmp_path):
+    """The library adds nothing to Lightning's replay (the test above): under ``max_steps`` the run resumed at step 8
+    (mid-projection, AdamW) equals an uninterrupted search over the batches it was fed, and differs from the
+    uninterrupted run from its second step on (the drift docs/distributed.md describes)."""
+    stop = {"max_steps": 16, "max_epochs": -1}
+    torch.manual_seed(0)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    full_cb, full = _fit_resumable(tmp_path / "full", "adamw", data(), [ck], bn_batches=0, **stop)
+    torch.manual_seed(0)
+    fed = _batches_in_order([0, 1, 2, 3] * 2 + MAX_STEPS_REPLAY)
+    ref_cb, ref = _fit_resumable(tmp_path / "ref", "adamw", fed, [], bn_batches=0, **stop)
+    torch.manual_seed(123)
+    resumed_cb, resumed = _fit_resumable(tmp_path / "resumed", "adamw", data(), [],
+                                         tmp_path / "ckpt" / "epoch=1-step=8.ckpt", bn_batches=0, **stop)
+    assert ref.losses[:9] == full.losses[:9]  # the same first 9 batches
+    assert resumed.losses == pytest.approx(ref.losses[8:], abs=1e-6, rel=0)
+    assert abs(resumed.losses[1] - full.losses[9]) > 1e-3
+    _same_search(ref_cb, resumed_cb)
 
 
 # ---------------------------------------------------------------------------------------------- mixin

@@ -230,9 +230,11 @@ class OTOCallback(Callback):
         longer resume exactly (the checkpoint's state is restored before ``on_fit_start``).  Lightning's own loading
         of the dataloader (and its draw) happens outside the fork, as it would without this callback.
         """
-        from_batch = self.settings.example_inputs is None and getattr(pl_module, "example_input_array", None) is None
-        if from_batch:
-            training_loader(trainer)
+        if self.settings.example_inputs is None and getattr(pl_module, "example_input_array", None) is None:
+            try:
+                training_loader(trainer)
+            except (TypeError, ValueError):
+                pass  # resolve_example_inputs says what is missing
         with torch.random.fork_rng(devices=[]):
             return resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer, network)
 
