@@ -14,17 +14,32 @@ from torch import nn
 
 from .errors import InvalidSubnetError, SubnetMismatchError  # noqa: F401 - re-exported
 from .graph import dynamic
+from .graph.inputs import map_tensors
 from .graph.trace import OpGraph, normalize_inputs, trace
 from .modes import make_mode
 from .optim.factory import DEFAULT_TARGET_SPARSITY
 from .space import controls
-from .space.costs import BUDGET_TOLERANCE, CostModel, check_budget, measure_costs, time_forward
+from .space.costs import BUDGET_TOLERANCE, CostModel, check_budget, measure_costs
 from .space.groups import Group, group_is_zero, zero_group
+from .subnet.timing import interleaved_times
 from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_difference
 
 log = logging.getLogger("lightning_oto")
 
 MODES = ("prune", "erase")
+
+
+def _mean_over_ranks(value: float) -> float:
+    """``value`` averaged over the default process group (itself when there is none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 class OTO:
@@ -220,6 +235,7 @@ class OTO:
         if latency not in self._costs:
             costs = measure_costs(self.model, self.example_inputs, self.groups, latency=latency)
             if latency:
+                costs.measure_latency = self.measured_latency_fraction
                 self._calibrate_latency(costs)
             self._costs[latency] = costs
         return self._costs[latency]
@@ -234,22 +250,35 @@ class OTO:
                 tracker.add(gid)
         return tracker
 
-    @torch.no_grad()
     def _calibrate_latency(self, costs: CostModel) -> None:
-        """Fit ``measured = a + b * modelled`` through the full model and the smallest sub-network, built on a
-        copy (the model is not touched) and timed on its device at the example input's batch size."""
+        """Fit ``measured = a + b * modelled`` through the full model and the smallest sub-network (the
+        selection's first guess; it then closes the loop on :meth:`measured_latency_fraction`)."""
         smallest = self._smallest(["latency"], costs)
         raw = smallest.raw_fractions()["latency"]
         if not smallest.ids or raw >= 0.999:
             return
-        copy_ = copy.deepcopy(self.model)
-        params = dict(copy_.named_parameters())
-        for gid in smallest.ids:
-            zero_group(self.groups[gid], params)
-        sub = self._mode.construct(copy_, [self.groups[i] for i in sorted(smallest.ids)])
-        measured = time_forward(sub, self.example_inputs) / time_forward(self.model, self.example_inputs)
+        measured = self.measured_latency_fraction(smallest.ids)
         b = max((1.0 - measured) / (1.0 - raw), 1e-3)  # a smallest network that is not faster: nothing to gain
         costs.calibration["latency"] = (1.0 - b, b)
+
+    @torch.no_grad()
+    def measured_latency_fraction(self, removed: Iterable[int], runs: int = 15) -> float:
+        """Measured time of the sub-network without the groups ``removed`` over the full model's: built on
+        a copy (the model is not touched), both timed in turn on the model's device at the example input's
+        batch size (median of ``runs``).  Under DDP every rank measures and the mean is returned, so
+        every rank makes the same selection."""
+        ids = sorted(set(removed))
+        if not ids:
+            return 1.0
+        copy_ = copy.deepcopy(self.model)
+        params = dict(copy_.named_parameters())
+        for gid in ids:
+            zero_group(self.groups[gid], params)
+        sub = self._mode.construct(copy_, [self.groups[i] for i in ids])
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        inputs = map_tensors(lambda t: t.to(device), self.example_inputs)
+        t = interleaved_times({"full": self.model, "sub": sub}, inputs, runs=runs)
+        return _mean_over_ranks(t["sub"] / max(t["full"], 1e-12))
 
     def _check_reachable(self, budget: dict[str, float], costs: CostModel) -> None:
         """Refuse a budget that the floors (or caps, kept groups, the hierarchy check) make unreachable.
@@ -282,7 +311,8 @@ class OTO:
         rep = self.compression_report(sub)
         reached = {"flops": rep["flop_ratio"], "params": rep["param_ratio"]}
         if "latency" in budget:
-            reached["latency"] = time_forward(sub, self.example_inputs) / time_forward(self.model, self.example_inputs)
+            t = interleaved_times({"full": self.model, "sub": sub}, self.example_inputs, runs=15)
+            reached["latency"] = t["sub"] / max(t["full"], 1e-12)
         return {k: {"asked": b, "reached": float(reached[k])} for k, b in budget.items()}
 
     def recalibrate_batchnorm(self, batches: Iterable[Any], num_batches: int = 20,

@@ -76,9 +76,11 @@ def test_prune_budget_is_met_by_the_constructed_subnet(net, opt_name, budget):
     opt = _search(oto, x, opt_name, budget=budget)
     rep = oto.compression_report(oto.construct_subnet())
     reached = {"flops": rep["flop_ratio"], "params": rep["param_ratio"]}
-    for key, asked in budget.items():
-        assert asked - TOL <= reached[key] <= asked + TOL, (key, reached[key])
+    for key, asked in budget.items():  # each key is a cap the sub-network may keep ...
+        assert reached[key] <= asked + TOL, (key, reached[key])
         assert math.isclose(opt.budget_reached[key], reached[key], rel_tol=1e-6)  # the accounting is exact
+    # ... and the binding one is reached within the tolerance (with two keys the other may end lower)
+    assert any(reached[k] >= asked - TOL for k, asked in budget.items()), reached
     assert all(after >= floor for after, floor in _layer_widths(oto).values())
 
 
@@ -252,27 +254,58 @@ def test_latency_budget_on_a_model_that_cannot_run_on_its_device_is_refused():
     assert _unchanged(model, before)
 
 
-def test_latency_budget_is_met_by_the_measured_per_operator_model(monkeypatch):
-    """Latency is an approximation (per-operator times scaled linearly with width, calibrated on two measured
-    networks): the selection meets the modelled fraction.  The two whole-network timings of the calibration
-    are replaced by a clock proportional to FLOPs, so a loaded machine cannot decide the test (timings are
-    benchmarks' business: benchmarks/bench_budget.py)."""
+def _clock_sublinear_in_flops(monkeypatch) -> list[float]:
+    """Replace the whole-network timing with a clock of ``FLOPs ** 0.6`` (small networks run slower per FLOP, as
+    on real devices), so a loaded machine cannot decide the test (timings are benchmarks' business:
+    benchmarks/bench_budget.py).  Returns the list of measured fractions, one per timed sub-network."""
     from lightning_oto.subnet.report import count_flops
 
-    monkeypatch.setattr(lightning_oto.oto, "time_forward", lambda m, x, repeats=20: float(count_flops(m, x)))
+    seen: list[float] = []
+
+    def clock(models, inputs, runs=15, warmup=2):
+        t = {k: float(count_flops(m, inputs)) ** 0.6 for k, m in models.items()}
+        seen.append(t["sub"] / t["full"])
+        return t
+
+    monkeypatch.setattr(lightning_oto.oto, "interleaved_times", clock)
+    return seen
+
+
+def _latency_net() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
-                          nn.Conv2d(48, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
-                          nn.Conv2d(96, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
-    x = torch.randn(4, 3, 32, 32)
-    oto = OTO(model, x, mode="prune")
+    return nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
+                         nn.Conv2d(48, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
+                         nn.Conv2d(96, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
+
+
+def test_latency_budget_is_met_as_measured_not_as_modelled(monkeypatch):
+    """The per-operator model is an estimate (linear in width, calibrated on two networks); the selection times the
+    sub-networks it would build and corrects its modelled target until the measured fraction is within 5% of the
+    asked one.  With a clock sublinear in FLOPs the modelled first choice misses; the measured one does not."""
+    seen = _clock_sublinear_in_flops(monkeypatch)
+    x = torch.randn(2, 3, 16, 16)
+    oto = OTO(_latency_net(), x, mode="prune")
     opt = _search(oto, x, "dhspg", budget={"latency": 0.5})
-    assert 0.5 - TOL <= opt.budget_reached["latency"] <= 0.5 + TOL
-    a, b = oto.cost_model(latency=True).calibration["latency"]  # fitted through full and smallest measured
+    calibration, first_choice, *loop = seen
+    assert abs(first_choice - 0.5) > 0.025 and loop  # modelled alone misses: the loop had work to do
+    assert abs(opt.budget_reached["latency"] - 0.5) <= 0.05 * 0.5
+    a, b = oto.cost_model(latency=True).calibration["latency"]  # first guess: fitted through full and smallest
     assert 0 < b and math.isclose(a + b, 1.0)
-    rep = oto.budget_report(oto.construct_subnet(), {"latency": 0.5})
-    assert rep["latency"]["asked"] == 0.5 and rep["latency"]["reached"] < 1.0  # here: the FLOP ratio
+    rep = oto.budget_report(oto.construct_subnet(), {"latency": 0.5})  # the constructed sub-network, same clock
+    assert rep["latency"]["asked"] == 0.5
+    assert rep["latency"]["reached"] == pytest.approx(opt.budget_reached["latency"], abs=1e-6)
+
+
+def test_latency_budget_without_measurement_meets_the_modelled_fraction(monkeypatch):
+    """A cost model without ``measure_latency`` (plain data) keeps the modelled selection: nothing is timed after
+    the calibration."""
+    seen = _clock_sublinear_in_flops(monkeypatch)
+    x = torch.randn(2, 3, 16, 16)
+    oto = OTO(_latency_net(), x, mode="prune")
+    oto.cost_model(latency=True).measure_latency = None
+    opt = _search(oto, x, "dhspg", budget={"latency": 0.5})
+    assert abs(opt.budget_reached["latency"] - 0.5) <= TOL and len(seen) == 1
 
 
 def test_check_budget_drops_unset_keys():

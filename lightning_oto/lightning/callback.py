@@ -50,7 +50,7 @@ from ..optim import HalfSpaceOptimizer
 from ..optim.factory import hparams_from_torch_optimizer, trainable_named_params
 from ..oto import OTO
 from ..subnet.recalibrate import recalibrate_batchnorm
-from ..subnet.timing import measure_speedup, speed_vs_flops
+from ..subnet.timing import loader_batch_size, run_speed_report
 from ..subnet.report import count_flops, count_params, count_params_removed
 from ..subnet.verify import allowed_error
 from . import run_report
@@ -58,7 +58,7 @@ from .checkpointing import CHECKPOINT_KEY, apply_subnet_payload, space_hash, sub
 from .compat import real_optimizers, strategy_start_method
 from .network import install_subnet, resolve_example_inputs, resolve_network, to_device, training_loader
 from .optimizer_swap import replace_optimizer
-from .metric_guard import MetricGuard
+from .metric_guard import MetricGuard, guard_validation
 from .run_report import PHASE_CODES
 from .settings import OTOSettings, planned_steps, steps_per_epoch
 from .sharded import ShardedTrace, check_strategy, gather_full, is_model_parallel
@@ -177,7 +177,6 @@ class OTOCallback(Callback):
         self._val_before: dict[str, float] = {}
         self._passive = False
         self._guard = MetricGuard(self.settings.monitor, self.settings.max_metric_drop)
-        self._guard_warned = False
         self._phases_pending = False  # on_train_start plans the phase lengths (fresh runs of our own optimizer)
         self._build_seconds = 0.0
 
@@ -715,59 +714,32 @@ class OTOCallback(Callback):
         """Sub-network vs full model on the run's device at batch 1 and the training batch size (never fatal)."""
         if not self.settings.measure_speed or self.oto is None:
             return None
-        loader = trainer.train_dataloader
-        train_batch = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
-                                                                     "batch_size", None)
-        batches = (1,) if not isinstance(train_batch, int) else (1, train_batch)
         try:
             full = self.oto.model  # the report is built before any swap: the full network
-            inputs = to_device(self.oto.example_inputs, full)
-            speed = measure_speedup(full, sub, inputs, batches)
+            return run_speed_report(full, sub, to_device(self.oto.example_inputs, full),
+                                    loader_batch_size(trainer.train_dataloader), flops_full, flops_sub)
         except Exception as e:  # noqa: BLE001 - a timing must not fail a finished training
             self._say(1, f"speed measurement skipped: {e}")
             return None
-        return speed_vs_flops(speed, flops_full, flops_sub)
 
     # ------------------------------------------------------------------ the accuracy guard
     def _guard_validation(self, trainer: "pl.Trainer") -> None:
         """Compare this validation with the dense reference; say so once when the drop is too large."""
-        opt = self.optimizer
-        if opt is None or self._passive:
+        if self.optimizer is None or self._passive:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if isinstance(v, torch.Tensor) and v.numel() == 1}
-        name = self._guard.pick(metrics)
-        if name is None:
-            if self.settings.monitor is not None and not self._guard_warned:
-                self._guard_warned = True
-                rank_zero_warn(f"{self._who()}: monitor={self.settings.monitor!r} is not among the logged metrics "
-                               f"{sorted(metrics)}; the accuracy guard is off.")
-            return
-        dense = opt.num_steps <= opt.warmup_steps  # no projection step taken yet
-        msg = self._guard.observe(metrics[name], opt.phase, dense, trainer.current_epoch, trainer.global_step)
-        if msg is not None and trainer.is_global_zero:
-            print(msg, flush=True)
-        if self.settings.stop_on_metric_drop:  # every rank takes part in the decision
-            if trainer.strategy.reduce_boolean_decision(msg is not None, all=False):
-                trainer.should_stop = True
-                self._say(1, "stop_on_metric_drop: stopping the fit.")
+        if guard_validation(self._guard, trainer, self.optimizer, self.settings.stop_on_metric_drop, self._who()):
+            self._say(1, "stop_on_metric_drop: stopping the fit.")
 
     def _guard_report(self) -> dict[str, Any]:
         """The report's guard entries: ``metric_guard`` (the record) and ``degraded``."""
-        rec = self._guard.to_dict()
-        return {"metric_guard": rec, "degraded": rec["degraded"]}
+        return self._guard.report()
 
     def _guard_state(self) -> dict[str, Any]:
-        g = self._guard
-        return {"name": g.name, "reference": g.reference, "last": g.last, "phases": g.phases,
-                "first_drop": g.first_drop}
+        return self._guard.state()
 
     def _restore_guard(self) -> None:
         """A resumed fit keeps its dense reference (the checkpoint's callback state)."""
-        saved = (self._loaded_state or {}).get("metric_guard")
-        if saved:
-            for key, value in saved.items():
-                setattr(self._guard, key, value)
+        self._guard.restore((self._loaded_state or {}).get("metric_guard"))
 
     def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._record_metrics(trainer, "test")

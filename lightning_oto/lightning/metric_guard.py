@@ -16,6 +16,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
 #: the metrics tried, in order, when ``monitor`` is not given
 DEFAULT_MONITORS = ("val_acc", "val_accuracy", "val/acc", "val/accuracy", "val_loss", "val/loss")
 DEFAULT_ACC_DROP = 0.05
@@ -50,6 +53,7 @@ class MetricGuard:
     last: dict[str, Any] | None = None
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     first_drop: dict[str, Any] | None = None
+    missing_said: bool = False  # a ``monitor`` that is not logged is said once
 
     def pick(self, metrics: Mapping[str, float]) -> str | None:
         """The monitored metric's name in ``metrics`` (``monitor``, else the first default found)."""
@@ -116,5 +120,50 @@ class MetricGuard:
             "degraded": self.degraded,
         }
 
+    def report(self) -> dict[str, Any]:
+        """The report's guard entries: ``metric_guard`` (the record) and ``degraded``."""
+        rec = self.to_dict()
+        return {"metric_guard": rec, "degraded": rec["degraded"]}
 
-__all__ = ["DEFAULT_MONITORS", "MetricGuard", "check_max_metric_drop", "metric_kind"]
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint carries so a resumed fit keeps its dense reference."""
+        return {"name": self.name, "reference": self.reference, "last": self.last, "phases": self.phases,
+                "first_drop": self.first_drop}
+
+    def restore(self, saved: Mapping[str, Any] | None) -> None:
+        """Take back a :meth:`state` (nothing when ``saved`` is empty)."""
+        for key, value in (saved or {}).items():
+            setattr(self, key, value)
+
+
+def scalar_metrics(logged: Mapping[str, Any]) -> dict[str, float]:
+    """The one-number entries of Lightning's ``callback_metrics`` (tensors of one element), as floats."""
+    return {k: float(v) for k, v in logged.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+
+
+def guard_validation(guard: MetricGuard, trainer: Any, optimizer: Any, stop_on_drop: bool, who: str) -> bool:
+    """One validation of a fit, as :class:`OTOCallback` and :class:`OTOMixin` both watch it: compare the
+    monitored metric with the dense reference, print the first drop beyond the allowance (one line, rank 0)
+    and, with ``stop_on_drop``, ask the trainer to stop (every rank takes part in that decision).
+    ``optimizer``: the half-space optimizer (its phase and step count place the validation).
+    Returns whether the fit was asked to stop."""
+    metrics = scalar_metrics(trainer.callback_metrics)
+    name = guard.pick(metrics)
+    if name is None:
+        if guard.monitor is not None and not guard.missing_said:
+            guard.missing_said = True
+            rank_zero_warn(f"{who}: monitor={guard.monitor!r} is not among the logged metrics "
+                           f"{sorted(metrics)}; the accuracy guard is off.")
+        return False
+    dense = optimizer.num_steps <= optimizer.warmup_steps  # no projection step taken yet
+    msg = guard.observe(metrics[name], optimizer.phase, dense, trainer.current_epoch, trainer.global_step)
+    if msg is not None and trainer.is_global_zero:
+        print(msg, flush=True)
+    if stop_on_drop and trainer.strategy.reduce_boolean_decision(msg is not None, all=False):
+        trainer.should_stop = True
+        return True
+    return False
+
+
+__all__ = ["DEFAULT_MONITORS", "MetricGuard", "check_max_metric_drop", "guard_validation", "metric_kind",
+           "scalar_metrics"]

@@ -18,6 +18,15 @@ search is read from hparams (an ``oto_`` prefixed name wins over the plain one):
 ``pruning_periods``, ``saliency``, ``saliency_ema``, ``epsilon``, ``lambda_scale``, ``descent_margin``,
 ``erase_ablation``, ``network_attr``, ``ignored_layers``, ``max_group_sparsity``, ``round_to``,
 ``dynamic_shapes``, ``budget`` (instead of ``target_group_sparsity``), ``min_width``, ``cost_weight``.  Unset base-optimizer values take the half-space optimizer's defaults.
+
+What the callback reports, the mixin reports too, from the same settings: the accuracy guard
+(``monitor``, ``max_metric_drop``, ``stop_on_metric_drop``; :mod:`~lightning_oto.lightning.metric_guard`)
+watches every validation of a fit from ``on_validation_end`` (it calls ``super()``, so a base class's
+hook runs too; a subclass that overrides it calls ``super().on_validation_end()``), prints a drop beyond
+the allowance once and can stop the fit; its state rides in checkpoints.  ``compression_report`` holds
+``metric_guard``, ``degraded`` and, with ``measure_speed`` (default True), ``speed``: the sub-network
+timed against the full model at batch 1 and the training batch size, next to the FLOP reduction.
+
 Add :class:`OTOCallback` as well to get progress logging and the export at fit end; it reuses this
 module's OTO and optimizer.  After :meth:`swap_in_compressed` (or the callback's ``swap_subnet``),
 checkpoints reload with ``load_from_checkpoint`` and ``Trainer(ckpt_path=...)``: the module then trains
@@ -34,12 +43,14 @@ from torch import nn
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..graph.inputs import describe
+from ..graph.inputs import describe, input_tensors
 from ..optim import HalfSpaceOptimizer
 from ..optim.factory import build_optimizer, trainable_named_params
 from ..oto import OTO
+from ..subnet.timing import loader_batch_size, run_speed_report
 from ..subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL
 from .checkpointing import CHECKPOINT_KEY, apply_subnet_payload, subnet_payload
+from .metric_guard import MetricGuard, guard_validation
 from .network import install_subnet, resolve_example_inputs, resolve_network, to_device
 from .settings import OTOSettings, planned_steps, steps_per_epoch
 
@@ -51,7 +62,10 @@ HPARAM_SETTINGS = (
     "weight_decay", "warmup_steps", "warmup_epochs", "projection_steps", "projection_epochs", "pruning_periods",
     "saliency", "saliency_ema", "epsilon", "lambda_scale", "descent_margin", "erase_ablation", "network_attr",
     "ignored_layers", "max_group_sparsity", "round_to", "dynamic_shapes", "budget", "min_width", "cost_weight",
+    "monitor", "max_metric_drop", "stop_on_metric_drop", "measure_speed",
 )
+#: the checkpoint entry that carries the accuracy guard's state (dense reference, phases, first drop)
+GUARD_CHECKPOINT_KEY = "lightning_oto_metric_guard"
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OTOSettings)}
 
 
@@ -61,6 +75,8 @@ class OTOMixin:
     _oto: OTO | None = None
     _oto_optimizer: HalfSpaceOptimizer | None = None
     _oto_subnet_payload: dict[str, Any] | None = None
+    _oto_guard: MetricGuard | None = None
+    _oto_guard_resumed = False  # restored from a checkpoint: the next search keeps its dense reference
 
     # ------------------------------------------------------------------ settings
     def oto_hparam(self, name: str) -> Any:
@@ -122,6 +138,9 @@ class OTOMixin:
         phases = s.phase_lengths(spe, planned_steps(trainer))
         if phases.note:
             rank_zero_warn(f"OTOMixin: {phases.note}")
+        if not self._oto_guard_resumed:
+            self._oto_guard = None  # a new search: a new dense reference
+        self._oto_guard_resumed = False
         named = trainable_named_params(oto.model, named_extra)
         opt = oto.build_optimizer(s.optimizer, named, erase_ablation=s.erase_ablation, **s.base_hparams(),
                                   **s.search_hparams(), target_group_sparsity=s.target_group_sparsity,
@@ -145,14 +164,79 @@ class OTOMixin:
 
     @property
     def compression_report(self) -> dict[str, Any]:
-        """Params / FLOPs of the full network vs the sub-network it compresses to right now."""
+        """Params / FLOPs of the full network vs the sub-network it compresses to right now, the accuracy
+        guard's record and (``measure_speed`` setting) the measured speed: :meth:`oto_compression_report`."""
+        return self.oto_compression_report()
+
+    def oto_compression_report(self, speed: bool | None = None) -> dict[str, Any]:
+        """The compression report; ``speed``: time the sub-network against the full model (None: the
+        ``measure_speed`` setting, True by default as for :class:`OTOCallback`)."""
+        if speed is not None and not isinstance(speed, bool):
+            raise ValueError(f"speed must be True, False or None (the measure_speed setting), got {speed!r}.")
+        measure = self.oto_settings().measure_speed if speed is None else speed
         oto = self.oto
         sub = self.construct_compressed()
         rep = dict(oto.compression_report(sub))
         rep["verification_max_abs_error"] = getattr(sub, "oto_verification_error", None)
         rep["removed_groups"] = [{"id": g, "name": oto.groups[g].name} for g in oto.zero_group_ids()]
         rep["mode"] = oto.mode
+        rep.update(self.oto_guard.report())
+        rep["speed"] = self._oto_speed(sub, rep.get("flops_full"), rep.get("flops_sub")) if measure else None
         return rep
+
+    def _oto_speed(self, sub: nn.Module, flops_full: int | None, flops_sub: int | None) -> dict[str, Any] | None:
+        """Sub-network vs full model at batch 1 and the training batch size (the example input's when no
+        training loader is known); a failed timing is said and leaves ``None``."""
+        oto = self.oto
+        trainer = self._oto_trainer()
+        train_batch = loader_batch_size(getattr(trainer, "train_dataloader", None)) if trainer is not None else None
+        if train_batch is None:
+            first = next((t for t in input_tensors(oto.example_inputs) if t.dim() > 0), None)
+            train_batch = None if first is None else int(first.shape[0])
+        try:
+            full = oto.model
+            return run_speed_report(full, sub, to_device(oto.example_inputs, full), train_batch, flops_full,
+                                    flops_sub)
+        except Exception as e:  # noqa: BLE001 - a timing must not cost the user the rest of the report
+            rank_zero_warn(f"OTOMixin: speed measurement skipped: {e}")
+            return None
+
+    # ------------------------------------------------------------------ the accuracy guard
+    @property
+    def oto_guard(self) -> MetricGuard:
+        """The accuracy guard of the current search (settings ``monitor`` and ``max_metric_drop``); when an
+        :class:`OTOCallback` drives the fit, the callback's guard (one record, one announcement)."""
+        cb = self._oto_callback()
+        return cb._guard if cb is not None else self._oto_own_guard()
+
+    def _oto_own_guard(self) -> MetricGuard:
+        if self._oto_guard is None:
+            s = self.oto_settings()
+            self._oto_guard = MetricGuard(s.monitor, s.max_metric_drop)
+        return self._oto_guard
+
+    def _oto_callback(self) -> Any:
+        """The OTOCallback of this module's trainer, if any: it then watches and reports the search.  Found by
+        the guard it carries (the callback imports this module, so this module does not import it)."""
+        trainer = self._oto_trainer()
+        callbacks = getattr(trainer, "callbacks", None) or []
+        return next((cb for cb in callbacks if isinstance(getattr(cb, "_guard", None), MetricGuard)), None)
+
+    def on_validation_end(self) -> None:
+        """Watch each validation of a fit as :class:`OTOCallback` does (the user's hook still runs)."""
+        self._oto_guard_validation()
+        super().on_validation_end()  # type: ignore[misc]
+
+    def _oto_guard_validation(self) -> None:
+        trainer = self._oto_trainer()
+        opt = self._oto_optimizer
+        if trainer is None or opt is None or self._oto_subnet_payload is not None:
+            return  # no search running (or a compressed sub-network training on)
+        if trainer.state.fn != "fit" or trainer.sanity_checking or self._oto_callback() is not None:
+            return  # with an OTOCallback, the callback watches the same search
+        who = f"{type(self).__name__} (OTOMixin)"
+        if guard_validation(self._oto_own_guard(), trainer, opt, self.oto_settings().stop_on_metric_drop, who):
+            rank_zero_info(f"[lightning_oto] {who}: stop_on_metric_drop: stopping the fit.")
 
     def export_compressed(self, out_dir: str | Path, formats: Iterable[str] = ("torch", "onnx")) -> dict[str, str]:
         """Construct, verify and export the sub-network (torch.export program and/or ONNX)."""
@@ -181,11 +265,14 @@ class OTOMixin:
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """After the swap: store what rebuilds the sub-network; the search optimizer's state (over the full
-        network's tensors) is dropped until an optimizer over the sub-network exists."""
+        network's tensors) is dropped until an optimizer over the sub-network exists.  The accuracy guard's
+        state is stored always (a resumed fit keeps its dense reference)."""
         if self._oto_subnet_payload is not None:
             checkpoint[CHECKPOINT_KEY] = self._oto_subnet_payload
             if self._oto_optimizer is None and "optimizer_states" in checkpoint:
                 checkpoint["optimizer_states"] = []
+        if self._oto_guard is not None:
+            checkpoint[GUARD_CHECKPOINT_KEY] = self._oto_guard.state()
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -194,6 +281,10 @@ class OTOMixin:
         if payload is not None:
             apply_subnet_payload(self, payload, checkpoint.get("state_dict"))  # type: ignore[arg-type]
             self.oto_mark_compressed(payload)
+        if checkpoint.get(GUARD_CHECKPOINT_KEY):
+            self._oto_guard = None
+            self._oto_own_guard().restore(checkpoint[GUARD_CHECKPOINT_KEY])
+            self._oto_guard_resumed = True
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:

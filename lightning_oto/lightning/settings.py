@@ -79,7 +79,7 @@ class OTOSettings:
     epsilon: float | None = None
     lambda_scale: float | None = None
     descent_margin: float | None = None
-    cost_weight: float | None = None  # a budget's ranking: saliency / saving**cost_weight (optimizer default 0.5)
+    cost_weight: float | None = None  # a budget's ranking: saliency / saving**cost_weight (optimizer default 0: saliency alone)
     erase_ablation: bool = False
     # search space, forwarded to OTO(...)
     ignored_layers: Sequence[Any] | None = None

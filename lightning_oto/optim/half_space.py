@@ -65,11 +65,25 @@ redundant groups end up aligned with ``-d`` and the bound pins lambda to ``|d|``
 Cost relative to a ``torch.optim.SGD(momentum=0.9)`` step depends on the projection window.  Lambda and the
 half-space test run every ``projection_interval`` steps, by default ``window // 25`` clipped to 1..16
 (``window`` = projection steps per pruning period), so short windows pay more per step.
-``benchmarks/bench_optim_step.py`` times every phase and interval against SGD in the same rounds (6.6M
-parameters, 3,520 channel groups, every parameter holding redundant rows).  Measured before with 2 threads
-(the run reported in issue 19; not re-measured with this text, the machine was too loaded): about 1.4x for
-windows under 200 steps and 2.9x when evaluating every step (windows under 50 steps); long windows come
-closer to SGD.  Run the benchmark on your machine before quoting a figure.
+``benchmarks/bench_optim_step.py`` times every phase and interval against SGD in the same rounds.
+Measured 2026-12-03 (CPU, 2 torch threads, 6.6M parameters, 3,520 channel groups, every parameter
+holding redundant rows, 20 rounds x 80 interleaved steps; median of the per-round ratios to
+``SGD(momentum=0.9)``; other jobs shared the 2 cores for part of the run):
+
+=================================  ==========================  =========
+phase (projection interval)        default at windows (steps)  x SGD
+=================================  ==========================  =========
+warm-up                            any                         1.09
+projection, interval 16            400 and more                1.12
+projection, interval 8             200 - 224                   1.26
+projection, interval 4             100 - 124                   1.52
+projection, interval 2             50 - 74                     2.08
+projection, interval 1             under 50                    3.22
+hybrid                             after projection            0.92
+H2SPG projection (interval 16)     400 and more                1.06
+=================================  ==========================  =========
+
+Run the benchmark on your machine before quoting a figure.
 
 How: the update is one ``x <- A x - lr C d`` (:mod:`.variants`)
 whose per-row factors carry the projection (``C = 0`` on zero rows, so they stay zero at no
@@ -100,11 +114,12 @@ from lightning_oto.optim.group_index import GroupIndex, GroupStats, RowFactors
 from lightning_oto.optim.saliency import SaliencyFn, get_saliency
 from lightning_oto.optim.shards import LocalState, is_sharded, local_view
 from lightning_oto.optim.variants import Direction, UpdatePlan, apply_update, decoupled_decay, directions
-from lightning_oto.space.costs import BUDGET_TOLERANCE, CostModel, check_budget
+from lightning_oto.space.costs import BUDGET_TOLERANCE, LATENCY_TOLERANCE, CostModel, check_budget
 from lightning_oto.space.groups import Group
 
 #: a budget selection may undershoot its target by at most this much (half the reported tolerance)
 BUDGET_SLACK = BUDGET_TOLERANCE / 2
+_LATENCY_ROUNDS = 6  # sub-networks built and timed per selection to meet a latency budget as measured
 #: at most this many groups are tried for giving back after an overshoot (each try recounts the set)
 _MAX_GIVE_BACK = 128
 
@@ -217,8 +232,10 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             tensor, built by ``OTO``): what removing each group saves.
         cost_weight: in ``[0, 1]``: a budget ranks candidates by ``saliency / saving**cost_weight``;
             1 is the knapsack ratio (cheapest saliency per unit cost: it strips the costliest layers to
-            their floors first), 0 ranks by saliency alone (the cost only says when to stop).  The
-            default 0.5 lets a 10x cheaper saving outweigh a ~3x lower saliency.
+            their floors first), 0 (the default) ranks by saliency alone and the cost only says when to
+            stop.  Measured at equal FLOPs on three CNN tasks (``benchmarks/bench_cost_weight.py``),
+            weighing by cost lost accuracy: it strips the high-resolution layers whose channels cost
+            the most, which the networks need (``docs/quality.md``).
     """
 
     def __init__(
@@ -253,7 +270,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         cut_ratio: float = 1e-2,
         budget: Mapping[str, float] | None = None,
         cost_model: CostModel | None = None,
-        cost_weight: float = 0.5,
+        cost_weight: float = 0.0,
     ) -> None:
         named = self._check_named_params(named_params)
         self._set_budget(budget, cost_model, cost_weight)
@@ -566,7 +583,50 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         return {k: 1.0 - (1.0 - b) * (period + 1) / n for k, b in self.budget.items()}
 
     def _choose_budget(self, scores: torch.Tensor, targets: dict[str, float]) -> list[int]:
-        """Positions of the new redundant groups that bring every budgeted cost down to ``targets``.
+        """Positions of the new redundant groups that bring every budgeted cost down to ``targets``
+        (:meth:`_choose_to_modelled_costs`); a latency target is then met as measured
+        (:meth:`_meet_measured_latency`)."""
+        chosen = self._choose_to_modelled_costs(scores, targets)
+        measured: dict[str, float] = {}
+        if "latency" in targets and self.cost_model.measure_latency is not None:
+            chosen, measured["latency"] = self._meet_measured_latency(scores, targets, chosen)
+        ids = self._index.group_ids
+        tracker = self.cost_model.tracker(set(self._redundant_ids) | {ids[p] for p in chosen})
+        self.budget_reached = {**tracker.fractions(), **measured}
+        self.num_redundant_target = len(self._redundant_ids) + len(chosen)
+        self._warn_if_off(targets)
+        return chosen
+
+    def _meet_measured_latency(self, scores: torch.Tensor, targets: dict[str, float],
+                               chosen: list[int]) -> tuple[list[int], float]:
+        """Close the loop on measured time, as Torch-Pruning loops until a speed-up is met: the sub-network
+        of ``chosen`` is built and timed (``cost_model.measure_latency``); while it misses the asked
+        fraction by more than ``LATENCY_TOLERANCE`` of it, the modelled latency target moves along the
+        secant of the last two tries (by the miss after the first) and the selection is redone.  At most
+        ``_LATENCY_ROUNDS`` sub-networks are timed; the best try is kept (one within budget first)."""
+        asked, ids, base = targets["latency"], self._index.group_ids, set(self._redundant_ids)
+        tries: list[tuple[float, float, list[int]]] = []  # (modelled target, measured, chosen)
+        target = asked
+        for _ in range(_LATENCY_ROUNDS):
+            measured = self.cost_model.measure_latency(frozenset(base | {ids[p] for p in chosen}))
+            tries.append((target, measured, chosen))
+            if abs(measured - asked) <= LATENCY_TOLERANCE * asked:
+                break
+            (t1, m1, _), slope = tries[-1], 1.0
+            if len(tries) > 1 and abs(m1 - tries[-2][1]) > 1e-6:
+                slope = (t1 - tries[-2][0]) / (m1 - tries[-2][1])
+            target = min(max(t1 + (asked - m1) * min(max(slope, 0.2), 5.0), 0.0), 1.0)
+            again = self._choose_to_modelled_costs(scores, {**targets, "latency": target})
+            if again == chosen:
+                break
+            chosen = again
+        within = [t for t in tries if t[1] <= asked * (1 + LATENCY_TOLERANCE)]
+        best = min(within or tries, key=lambda t: abs(t[1] - asked))
+        return best[2], best[1]
+
+    def _choose_to_modelled_costs(self, scores: torch.Tensor, targets: dict[str, float]) -> list[int]:
+        """Positions of the new redundant groups that bring every budgeted cost, as the cost model counts
+        it, down to ``targets`` (no state changes).
 
         Knapsack-style greedy: candidates are ranked by saliency per unit of cost saved, the saving
         raised to ``cost_weight`` (saliency shifted to start just above zero, so the ratio is meaningful
@@ -609,10 +669,6 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         closing = self._close_the_gap(tracker, targets, skipped, accepted, rules)
         if closing:  # a large group closed the gap: the small ones before it may be surplus now
             chosen = self._drop_surplus(chosen + closing, targets)
-        tracker = self.cost_model.tracker(set(self._redundant_ids) | {ids[p] for p in chosen})
-        self.budget_reached = tracker.fractions()
-        self.num_redundant_target = len(self._redundant_ids) + len(chosen)
-        self._warn_if_off(targets)
         return chosen
 
     def _close_the_gap(self, tracker: Any, targets: dict[str, float], skipped: list[int], accepted: set[int],
@@ -654,8 +710,10 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
 
     def _warn_if_off(self, targets: dict[str, float]) -> None:
         fr = self.budget_reached
-        short = {k: round(fr[k], 4) for k, t in targets.items() if fr[k] > t + BUDGET_TOLERANCE}
-        over = {k: round(fr[k], 4) for k, t in targets.items() if fr[k] < t - BUDGET_TOLERANCE}
+        tol = {k: LATENCY_TOLERANCE * t if k == "latency" and self.cost_model.measure_latency else BUDGET_TOLERANCE
+               for k, t in targets.items()}
+        short = {k: round(fr[k], 4) for k, t in targets.items() if fr[k] > t + tol[k]}
+        over = {k: round(fr[k], 4) for k, t in targets.items() if fr[k] < t - tol[k]}
         if (short or over) and not self._warned_short:
             self._warned_short = True
             why = (f"cannot be met by groups that pass {self._rules_name()}; the sub-network keeps {short}" if short

@@ -15,14 +15,15 @@ mode that sees every ATen operator):
   channels) are removed.  An operator without a parameter (attention's ``q @ k^T``, SDPA) charges
   the *rows* of the weight that produced its first input (it scales with the kept output width of
   that producer: attention heads).  What no parameter explains stays.
-* **latency** (an approximation, documented as such): each operator is timed (median of a few
+* **latency** (an estimate, the selection's first guess): each operator is timed (median of a few
   runs) on the model's device at the example input's batch size; the time is charged the same
   way, and operators without a parameter (relu, pooling, add) charge the rows of the parameter
   that produced their input (a BatchNorm's affine or a conv's weight), so they shrink with the kept
   width.  Time is not linear in width (fixed per-call overheads, kernels that do not shrink), so
   ``OTO`` calibrates the modelled fraction with two measured points - the full model and the
-  smallest sub-network the search space allows, built and timed once - as ``a + b * modelled``
-  (:attr:`CostModel.calibration`).  Between those points the fraction is still interpolated.
+  smallest sub-network the search space allows - as ``a + b * modelled``
+  (:attr:`CostModel.calibration`), and gives :attr:`CostModel.measure_latency`, which builds and times
+  a sub-network: the selection closes its loop on that, not on the estimate.
 
 Removing a set of groups keeps, per tensor, ``prod_d (size_d - removed_d)`` entries (rows of one
 group, columns of another: the overlap is counted once) and ``(size_r - removed_r) / size_r`` of its
@@ -35,7 +36,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +50,8 @@ from .groups import Group
 BUDGET_KEYS = ("flops", "params", "latency")
 #: the constructed sub-network meets a flops/params budget within this many points of the fraction
 BUDGET_TOLERANCE = 0.02
+#: a measured latency fraction counts as reached within this share of the asked one (5%: 0.5 -> 0.475..0.525)
+LATENCY_TOLERANCE = 0.05
 
 
 def check_budget(budget: Any) -> dict[str, float]:
@@ -107,6 +110,10 @@ class CostModel:
     #: key -> (a, b): the reported fraction is ``a + b * modelled`` (latency: fitted to two measured
     #: points, the full model and the smallest sub-network, so fixed per-operator overheads count)
     calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: removed group ids -> the measured latency fraction of that sub-network (built and timed on the
+    #: model's device; identical on every rank). Set by ``OTO`` for a latency budget: the selection
+    #: closes its loop on it, since the modelled fraction above is only an estimate.
+    measure_latency: Callable[[frozenset[int]], float] | None = field(default=None, repr=False, compare=False)
 
     def calibrated(self, key: str, raw: float) -> float:
         a, b = self.calibration.get(key, (0.0, 1.0))
@@ -339,27 +346,5 @@ def _cost_model(named: Mapping[str, torch.Tensor], runs: Sequence[_Attribution],
 
 
 
-@torch.no_grad()
-def time_forward(model: nn.Module, example_inputs: Any, repeats: int = 20) -> float:
-    """Seconds of one eval-mode forward on the inputs' device: the fastest of ``repeats`` runs after two
-    warm-up passes (the minimum, not the median: other processes on a shared machine only add time)."""
-    args, kwargs = _split_inputs(example_inputs)
-    was = model.training
-    _train(model, False)
-    cuda = any(t.is_cuda for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
-    times = []
-    try:
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            model(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    finally:
-        _train(model, was)
-    return min(times)
-
-
-__all__ = ["BUDGET_KEYS", "BUDGET_TOLERANCE", "CostModel", "KeptTracker", "TensorCost", "check_budget",
-           "measure_costs", "time_forward"]
+__all__ = ["BUDGET_KEYS", "BUDGET_TOLERANCE", "LATENCY_TOLERANCE", "CostModel", "KeptTracker", "TensorCost", "check_budget",
+           "measure_costs"]

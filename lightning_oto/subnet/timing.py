@@ -94,4 +94,19 @@ def speed_vs_flops(speed: dict[str, Any], flops_full: int | None, flops_sub: int
     return speed
 
 
-__all__ = ["batch_of", "interleaved_times", "measure_speedup", "speed_vs_flops"]
+def loader_batch_size(loader: Any) -> int | None:
+    """The batch size a DataLoader yields (its ``batch_size``, else its batch sampler's); None when it does not say."""
+    size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
+
+
+def run_speed_report(full: nn.Module, sub: nn.Module, inputs: Any, train_batch: int | None,
+                     flops_full: int | None, flops_sub: int | None) -> dict[str, Any]:
+    """The report's ``speed`` entry, the same for OTOCallback and OTOMixin: ``sub`` timed against ``full`` at
+    batch 1 and at the training batch size (when known), next to the FLOP reduction."""
+    batches = (1,) if train_batch is None else (1, train_batch)
+    return speed_vs_flops(measure_speedup(full, sub, inputs, batches), flops_full, flops_sub)
+
+
+__all__ = ["batch_of", "interleaved_times", "loader_batch_size", "measure_speedup", "run_speed_report",
+           "speed_vs_flops"]
