@@ -9,7 +9,8 @@ Lifecycle (hooks in Lightning's order)::
                         the same parameters (hyper-parameters carried over), rebind LR schedulers
     (Lightning restores optimizer + scheduler state into the half-space optimizer: a resumed run
      continues mid-search)
-    on_train_start      check the restored state against this callback's saved state
+    on_train_start      fresh run: plan the phase lengths from the planned steps (not earlier: see _plan_phases);
+                        resumed run: check the restored state against this callback's saved state
     on_train_batch_end  log oto/phase, oto/redundant_groups, oto/group_sparsity, oto/params(_ratio)
     on_train_epoch_end  log oto/flops(_ratio), oto/zeroed_by_half_space, oto/forced_at_deadline
     on_train_end        DDP: assert every rank chose the same redundant set
@@ -176,6 +177,8 @@ class OTOCallback(Callback):
         self._val_before: dict[str, float] = {}
         self._passive = False
         self._guard = MetricGuard(self.settings.monitor, self.settings.max_metric_drop)
+        self._phases_pending = False  # on_train_start plans the phase lengths (fresh runs of our own optimizer)
+        self._build_seconds = 0.0
 
     # ------------------------------------------------------------------ small helpers
     @property
@@ -214,11 +217,28 @@ class OTOCallback(Callback):
         self._sharded = None
         if not check_strategy(trainer.strategy, self._who()) or self.subnet_payload is not None:
             return
-        x, _ = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer)
+        x, _ = self._example_inputs(trainer, pl_module, None)
         t0 = time.perf_counter()
         oto = OTO(net, to_device(x, net), mode=self.mode, **self.settings.oto_kwargs())
         self._sharded = ShardedTrace.of(oto, net)
         self._say(2, f"FSDP2: traced the full network before configure_model ({time.perf_counter() - t0:.1f}s).")
+
+    def _example_inputs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                        network: nn.Module | None) -> tuple[Any, str]:
+        """The trace's example inputs; a training batch is read without touching torch's global RNG.
+
+        Each DataLoader iterator draws its seed from the global RNG (a shuffled sampler its order too), so this extra
+        read would reshuffle the user's epochs, and a run that restores its RNG state from a checkpoint would no
+        longer resume exactly (the checkpoint's state is restored before ``on_fit_start``).  Lightning's own loading
+        of the dataloader (and its draw) happens outside the fork, as it would without this callback.
+        """
+        if self.settings.example_inputs is None and getattr(pl_module, "example_input_array", None) is None:
+            try:
+                training_loader(trainer)
+            except (TypeError, ValueError):
+                pass  # resolve_example_inputs says what is missing
+        with torch.random.fork_rng(devices=[]):
+            return resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer, network)
 
     def _install_restore_hook(self, pl_module: "pl.LightningModule") -> None:
         """Lightning restores the weights (ckpt_path) before any callback hook sees the checkpoint, so the
@@ -266,7 +286,7 @@ class OTOCallback(Callback):
         elif self._sharded is not None:
             self.oto = self._sharded.bind(net, self._who())
         else:
-            x, source = resolve_example_inputs(pl_module, self.settings.example_inputs, self._who(), trainer, net)
+            x, source = self._example_inputs(trainer, pl_module, net)
             if source == "a training batch":
                 self._say(1, f"no example_input_array: tracing with {source}, input shape(s) {describe(x)}.")
             self.oto = OTO(net, to_device(x, net), mode=self.mode, **self.settings.oto_kwargs())
@@ -278,13 +298,17 @@ class OTOCallback(Callback):
             self.optimizer_settings = {"reused_from": "OTOMixin.configure_optimizers"}
         else:
             self.optimizer = self._make_optimizer(trainer, net, user_opt)
+        self._build_seconds = time.perf_counter() - t0
         if self.settings.visualize and trainer.is_global_zero:
             self._draw(self._export_dir(trainer) / "graphs_fit_start", ("trace", "space"))
+
+    def _say_start(self) -> None:
         opt = self.optimizer
+        assert self.oto is not None and opt is not None
         self._say(1, f"{self.mode} mode: {len(self.oto.prunable_groups)} of {len(self.oto.groups)} groups removable, "
                      f"{self._asked()}; "
                      f"{type(opt).__name__} warm-up {opt.warmup_steps} + projection {opt.projection_steps} steps "
-                     f"(search space built in {time.perf_counter() - t0:.1f}s).")
+                     f"(search space built in {self._build_seconds:.1f}s).")
 
     def _asked(self) -> str:
         if self.settings.budget:
@@ -330,13 +354,11 @@ class OTOCallback(Callback):
         if "lr" not in base:
             raise ValueError(f"{self._who()}: configure_optimizers returned no optimizer, so pass lr=... to the "
                              "callback (and optionally variant/momentum/weight_decay).")
-        need_epochs = s.warmup_epochs is not None or s.projection_epochs is not None
-        phases = s.phase_lengths(steps_per_epoch(trainer) if need_epochs else None, planned_steps(trainer))
-        if phases.note:
-            rank_zero_warn(f"OTO: {phases.note}")
+        # provisional lengths: on_train_start plans the real ones (see _plan_phases)
+        provisional = {"warmup_steps": s.warmup_steps or 0,
+                       "projection_steps": s.projection_steps or max(s.pruning_periods, 1)}
         hparams = {**base, **s.search_hparams(), "target_group_sparsity": s.target_group_sparsity,
-                   "budget": s.budget, "warmup_steps": phases.warmup_steps,
-                   "projection_steps": phases.projection_steps}
+                   "budget": s.budget, **provisional}
         extra = [p for pg in user_opt.param_groups for p in pg["params"]] if user_opt is not None else []
         named = trainable_named_params(net, extra, warn_missing_from=user_opt)
         opt = self.oto.build_optimizer(s.optimizer, named, erase_ablation=s.erase_ablation, **hparams)
@@ -344,11 +366,30 @@ class OTOCallback(Callback):
         self.optimizer_settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()
                                    if not callable(v)}
         self.optimizer_settings["carried_over"] = sorted(k for k in carried if k not in explicit)
-        self.optimizer_settings["phases_scaled_to_fit"] = bool(phases.note and phases.fits)
+        self._phases_pending = True
         return opt
 
+    def _plan_phases(self, trainer: "pl.Trainer") -> None:
+        """Warm-up and projection lengths for this run's planned steps (a resumed run keeps its checkpoint's).
+
+        Planned here rather than in ``on_fit_start``: the planned steps need the training dataloader, and having
+        Lightning load it before a checkpoint is restored (which a strategy such as FSDP2's does after
+        ``on_fit_start``; the loop state always comes after it) creates the first iterator, and its draw from the
+        global RNG, before the restored RNG state, and drops a stateful dataloader's restored position.
+        """
+        assert self.optimizer is not None
+        s = self.settings
+        need_epochs = s.warmup_epochs is not None or s.projection_epochs is not None
+        phases = s.phase_lengths(steps_per_epoch(trainer) if need_epochs else None, planned_steps(trainer))
+        if phases.note:
+            rank_zero_warn(f"OTO: {phases.note}")
+        self.optimizer.set_phases(phases.warmup_steps, phases.projection_steps)
+        self.optimizer_settings.update(warmup_steps=phases.warmup_steps, projection_steps=phases.projection_steps,
+                                       phases_scaled_to_fit=bool(phases.note and phases.fits))
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """After Lightning restored the optimizer: check it agrees with this callback's saved state."""
+        """After Lightning restored the optimizer: plan the phases of a fresh search, or check a restored one agrees
+        with this callback's saved state."""
         opt = self.optimizer
         if opt is None:
             return
@@ -356,7 +397,15 @@ class OTOCallback(Callback):
         for k, v in opt.defaults.items():  # a foreign optimizer state may have dropped our keys
             group.setdefault(k, v)
         st = self._loaded_state
-        if st is not None and "redundant" in st:
+        resumed = st is not None and "redundant" in st
+        if self._phases_pending and not resumed and opt.num_steps == 0:
+            self._plan_phases(trainer)
+        elif self._phases_pending:  # restored: the checkpoint's lengths
+            self.optimizer_settings.update(warmup_steps=opt.warmup_steps, projection_steps=opt.projection_steps)
+            self.optimizer_settings.setdefault("phases_scaled_to_fit", False)
+        self._phases_pending = False
+        self._say_start()
+        if resumed:
             if (list(opt.redundant_group_ids) != list(st["redundant"])
                     or int(opt.num_steps) != int(st.get("num_steps", opt.num_steps))):
                 raise RuntimeError(
@@ -523,7 +572,9 @@ class OTOCallback(Callback):
         if n == 0:
             return 0
         try:
-            used = recalibrate_batchnorm(self.oto.model, training_loader(trainer), num_batches=n)
+            loader = training_loader(trainer)
+            with torch.random.fork_rng(devices=[]):  # reading batches draws from the user's RNG (see _example_inputs)
+                used = recalibrate_batchnorm(self.oto.model, loader, num_batches=n)
         except (TypeError, ValueError) as e:
             rank_zero_warn(f"OTO: BatchNorm recalibration skipped ({e}); set bn_recalibration_batches=0 to silence.")
             return None

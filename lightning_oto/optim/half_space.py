@@ -176,6 +176,14 @@ def _check_unit(name: str, v: Any, what: str = "[0, 1)") -> None:
         raise ValueError(f"{name} must be in {what}, got {v!r}")
 
 
+def _check_phases(warmup_steps: Any, projection_steps: Any, pruning_periods: Any) -> None:
+    _check_int("warmup_steps", warmup_steps, 0)
+    _check_int("projection_steps", projection_steps, 0)
+    _check_int("pruning_periods", pruning_periods, 1)
+    if pruning_periods > max(projection_steps, 1):
+        raise ValueError(f"pruning_periods ({pruning_periods}) cannot exceed projection_steps ({projection_steps})")
+
+
 class HalfSpaceOptimizer(torch.optim.Optimizer):
     """Base class of the half-space projected gradient family (see the module docstring).
 
@@ -374,12 +382,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             if not _finite(a[k]) or a[k] < 0:
                 raise ValueError(f"{k} must be >= 0, got {a[k]!r}")
         _check_unit("target_group_sparsity", a["target_group_sparsity"])
-        _check_int("warmup_steps", a["warmup_steps"], 0)
-        _check_int("projection_steps", a["projection_steps"], 0)
-        _check_int("pruning_periods", a["pruning_periods"], 1)
-        if a["pruning_periods"] > max(a["projection_steps"], 1):
-            raise ValueError(
-                f"pruning_periods ({a['pruning_periods']}) cannot exceed projection_steps ({a['projection_steps']})")
+        _check_phases(a["warmup_steps"], a["projection_steps"], a["pruning_periods"])
         _check_unit("epsilon (half-space threshold)", a["epsilon"])
         _check_unit("descent_margin", a["descent_margin"])
         _check_unit("saliency_ema", a["saliency_ema"])
@@ -429,6 +432,20 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} indexes its parameters at construction; add_param_group is not supported"
             )
         super().add_param_group(param_group)
+
+    def set_phases(self, warmup_steps: int, projection_steps: int) -> None:
+        """Set the warm-up and projection lengths before the first step.
+
+        ``OTOCallback`` builds the optimizer before Lightning restores a checkpoint and knows the run's
+        length only afterwards (asking earlier would load the training dataloader too early, see
+        ``docs/distributed.md``); a restored state brings its own lengths instead.
+        """
+        if self._num_steps or self._selections_done:
+            raise RuntimeError(f"{type(self).__name__}.set_phases: the search has started (step {self._num_steps}); "
+                               "the phase lengths can only change before the first step.")
+        _check_phases(warmup_steps, projection_steps, self.pruning_periods)
+        self.warmup_steps, self.projection_steps = int(warmup_steps), int(projection_steps)
+        self._reset_search_state()
 
     # ------------------------------------------------------------------ public read-only API
     @property
