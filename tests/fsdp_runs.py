@@ -1,6 +1,7 @@
 """Runs shared by tests/test_fsdp.py: the same tiny search single-process and on FSDP2 shards (2 CPU processes, gloo).
 
-Prune mode on a tiny MLP; erase mode (H2SPG) on a tiny Llama-style decoder. Workers are started with ``torch.multiprocessing.spawn`` and write what they saw to a file the test reads.
+Prune mode on a tiny MLP; erase mode (H2SPG) on a tiny Llama-style decoder. Workers are started with
+``torch.multiprocessing.spawn`` and write what they saw to a file the test reads.
 """
 from __future__ import annotations
 
