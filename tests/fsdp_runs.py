@@ -1,10 +1,12 @@
 """Runs shared by tests/test_fsdp.py: the same tiny search single-process and on FSDP2 shards (2 CPU processes, gloo).
 
-Workers are started with ``torch.multiprocessing.spawn`` and write what they saw to a file the test reads.
+Prune mode on a tiny MLP; erase mode (H2SPG) on a tiny Llama-style decoder. Workers are started with
+``torch.multiprocessing.spawn`` and write what they saw to a file the test reads.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from lightning_oto import OTO
 
 STEPS = 14
 OPT = dict(lr=0.05, target_group_sparsity=0.4, warmup_steps=4, projection_steps=6, variant="adam")
+PRUNE_SEARCH = dict(mode="prune", target_group_sparsity=0.4, warmup_steps=4, projection_steps=6)
 
 
 class TinyMLP(nn.Module):
@@ -72,6 +75,7 @@ def sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(optimizer_on_shards(rank, world), Path(out_dir) / f"rank{rank}.pt")
         torch.save(callback_on_shards(rank, world, out_dir), Path(out_dir) / f"lit{rank}.pt")
         torch.save(construction_fails_on_rank0(rank, world, out_dir), Path(out_dir) / f"fail{rank}.pt")
+        torch.save(erase_on_shards(rank, world, out_dir), Path(out_dir) / f"erase{rank}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -141,20 +145,22 @@ def loader(rank: int, world: int) -> DataLoader:
 
 def fit(strategy: Any, devices: int, export_dir: str, formats: tuple[str, ...], swap: bool,
         rank: int = 0, callback_class: type | None = None, checkpoint_dir: str | None = None,
-        ckpt_path: str | None = None) -> tuple[Any, Any]:
+        ckpt_path: str | None = None, erase: bool = False) -> tuple[Any, Any]:
+    """One Trainer.fit with OTOCallback: prune mode on the MLP, or (``erase``) erase mode on the tiny decoder."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_oto import OTOCallback
 
-    cb = (callback_class or OTOCallback)(mode="prune", target_group_sparsity=0.4, warmup_steps=4, projection_steps=6,
-                     network_attr="net", export_dir=export_dir, export_formats=formats, swap_subnet=swap,
-                     bn_recalibration_batches=0, destroy_process_group=False)
-    lit = LitMLP()
+    search = ERASE_SEARCH if erase else PRUNE_SEARCH
+    cb = (callback_class or OTOCallback)(**search, network_attr="net", export_dir=export_dir, export_formats=formats,
+                                         swap_subnet=swap, bn_recalibration_batches=0, destroy_process_group=False)
+    lit = LitDecoder() if erase else LitMLP()
+    data = decoder_loader(rank, devices) if erase else loader(rank, devices)
     extra = [ModelCheckpoint(dirpath=checkpoint_dir, every_n_epochs=1, save_top_k=-1)] if checkpoint_dir else []
-    tr = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, callbacks=[cb, *extra],
-                   logger=False, enable_checkpointing=bool(extra), enable_progress_bar=False,
+    tr = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=ERASE_STEPS if erase else STEPS,
+                   callbacks=[cb, *extra], logger=False, enable_checkpointing=bool(extra), enable_progress_bar=False,
                    enable_model_summary=False, default_root_dir=export_dir, use_distributed_sampler=False)
-    tr.fit(lit, loader(rank, devices), ckpt_path=ckpt_path)
+    tr.fit(lit, data, ckpt_path=ckpt_path)
     return cb, lit
 
 
@@ -226,3 +232,108 @@ def construction_fails_on_rank0(rank: int, world: int, out_dir: str) -> dict[str
     except Exception as e:  # noqa: BLE001 - recorded for the test
         raised = f"{type(e).__name__}: {e}"
     return {"raised": raised, "net_type": type(holder["lit"].net).__name__}
+
+
+# ---------------------------------------------------------------------------- erase mode on a Llama-style decoder
+LAYERS, VOCAB, SEQ = 4, 32, 8
+ERASE_STEPS = 8
+DATA_SEED = 7  # the search erases layers 0 and 2 whole and the attention of layers 1 and 3
+# 8 groups (each layer's attention and MLP branch); erasing 6 leaves at least two layers with neither: whole blocks go.
+# A static trace: a dynamic one costs seconds more per process, and the decision does not depend on it.
+ERASE_SEARCH = dict(mode="erase", target_group_sparsity=0.75, warmup_steps=3, projection_steps=3,
+                    dynamic_shapes="static", measure_speed=False)
+
+
+class TinyDecoder(nn.Module):
+    """``LlamaForCausalLM`` from a config (4 layers, width 16, random weights, no download) returning plain logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ, use_cache=False,
+                          attn_implementation="sdpa")
+        self.lm = LlamaForCausalLM(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids).logits
+
+
+class LitDecoder(L.LightningModule):
+    """Next-token loss; shards each decoder layer, then the whole network, in configure_model (FSDP2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyDecoder()
+        self.example_input_array = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+        self.losses: list[float] = []
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net.lm.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        logits = self.net(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def decoder_probe() -> torch.Tensor:
+    """Not the traced example; the example's shape (a static trace)."""
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def decoder_loader(rank: int, world: int) -> DataLoader:
+    """8 batches of 4 token sequences; rank r of ``world`` reads sequences r, r + world, ... (equal halves, so the
+    mean of the ranks' losses is the full batch's loss)."""
+    ids = torch.randint(0, VOCAB, (4 * ERASE_STEPS, SEQ + 1), generator=torch.Generator().manual_seed(DATA_SEED))
+    return DataLoader(TensorDataset(ids[rank::world]), batch_size=4 // world, shuffle=False)
+
+
+def erased_layers(report: dict[str, Any]) -> dict[str, list[int]]:
+    """Decoder layers whose attention / MLP / both the report lists as removed (from the removed groups' names)."""
+    parts: dict[str, set[int]] = {"self_attn": set(), "mlp": set()}
+    for g in report["removed_groups"]:
+        m = re.search(r"layers\.(\d+)\.(self_attn|mlp)\.", g["name"])
+        if m:
+            parts[m.group(2)].add(int(m.group(1)))
+    return {"attention": sorted(parts["self_attn"]), "mlp": sorted(parts["mlp"]),
+            "blocks": sorted(parts["self_attn"] & parts["mlp"])}
+
+
+def erase_record(cb: Any, lit: Any) -> dict[str, Any]:
+    """What an erase run decided, and on rank 0 the sub-network (state, outputs) and the report."""
+    out: dict[str, Any] = {"zero": cb.optimizer.zero_group_ids(), "redundant": cb.optimizer.redundant_group_ids,
+                           "losses": lit.losses, "report": cb.report,
+                           "saliency": cb.optimizer.saliency_scores.tolist()}
+    if cb.subnet is not None:
+        x = decoder_probe()
+        with torch.no_grad():
+            out.update(sub_state={k: v.detach().clone() for k, v in cb.subnet.state_dict().items()},
+                       sub_out=cb.subnet(x), full_out=cb.oto.model.eval()(x))
+    return out
+
+
+def erase_single(export_dir: str) -> dict[str, Any]:
+    return erase_record(*fit("auto", 1, export_dir, (), swap=False, erase=True))
+
+
+def erase_on_shards(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """OTOCallback in erase mode (H2SPG) under ModelParallelStrategy: rank 0 gathers, constructs and reports."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    return erase_record(*fit(strategy, world, str(Path(out_dir) / "erase"), (), swap=False, rank=rank, erase=True))

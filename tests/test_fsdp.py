@@ -1,4 +1,5 @@
-"""The half-space optimizers and OTOCallback on FSDP2 shards (2 CPU processes, gloo): the same search as one process.
+"""The half-space optimizers and OTOCallback on FSDP2 shards (2 CPU processes, gloo): the same search as one process,
+in prune mode (a tiny MLP) and in erase mode (a tiny Llama-style decoder).
 
 One spawn of two workers serves the whole file (imports dominate its cost on a shared CI machine)."""
 from __future__ import annotations
@@ -122,6 +123,43 @@ def test_construction_failure_on_rank0_raises_on_every_rank_and_swaps_nothing(sh
     assert recs[1]["raised"].startswith("SubnetMismatchError") and "another rank" in recs[1]["raised"]
     assert "simulated construction failure on rank 0" in recs[1]["raised"]
     assert all(r["net_type"].startswith("FSDP") for r in recs)  # still the sharded network: nothing swapped
+
+
+@pytest.fixture(scope="module")
+def sharded_erase(sharded):
+    """Erase mode on the tiny decoder under ModelParallelStrategy, per rank (the same spawn as ``sharded``)."""
+    return [torch.load(sharded[0]["out_dir"] / f"erase{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def single_erase(tmp_path_factory):
+    return runs.erase_single(str(tmp_path_factory.mktemp("single_erase")))
+
+
+def test_erase_mode_under_model_parallel_strategy_removes_the_same_decoder_blocks(sharded_erase, single_erase):
+    """H2SPG on a 4-layer Llama-style decoder sharded per layer: the same saliency, the same erased branches and
+    whole decoder blocks as one process of the same seed, listed in rank 0's report; the gathered sub-network has
+    no parameter of what was erased, equals the single-process one, and its outputs equal the full model's."""
+    ref = single_erase
+    erased = runs.erased_layers(ref["report"])
+    assert len(ref["zero"]) == 6 and ref["zero"] == ref["redundant"]
+    assert erased["blocks"] and erased["blocks"] != erased["attention"]  # whole blocks, and a lone attention
+    rep0, rep1 = (r["report"] for r in sharded_erase)
+    assert rep1 is None and rep0["world_size"] == 2  # only rank 0 reports
+    assert runs.erased_layers(rep0) == erased
+    assert rep0["params_sub"] == ref["report"]["params_sub"] < rep0["params_full"]
+    for r in sharded_erase:
+        assert r["zero"] == r["redundant"] == ref["zero"]
+        assert r["saliency"] == pytest.approx(ref["saliency"], rel=1e-4, abs=1e-7)
+    both = zip(sharded_erase[0]["losses"], sharded_erase[1]["losses"])
+    assert [(a + b) / 2 for a, b in both] == pytest.approx(ref["losses"], abs=1e-5)
+    sub = sharded_erase[0]["sub_state"]
+    gone = [f"layers.{i}.self_attn." for i in erased["attention"]] + [f"layers.{i}.mlp." for i in erased["mlp"]]
+    assert not [k for k in sub if any(g in k for g in gone)]
+    assert set(sub) == set(ref["sub_state"])
+    for name, t in ref["sub_state"].items():
+        torch.testing.assert_close(sub[name], t, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sharded_erase[0]["sub_out"], sharded_erase[0]["full_out"], atol=1e-5, rtol=0)
 
 
 def test_fsdp1_and_tensor_parallelism_are_refused_by_name():

@@ -319,7 +319,7 @@ def run_case(entry: Entry, mode: str) -> Outcome:
         stage = "OTO(...)"
         before = _snapshot(model)
         t = time.perf_counter()
-        oto = OTO(model, example, mode=mode)
+        oto = OTO(model, example, mode=mode, dynamic_shapes=entry.dynamic_shapes)
         out.trace_s = time.perf_counter() - t
         out.modified += _changed(model, before, "OTO(...)")
         out.groups, out.removable, out.reasons = len(oto.groups), len(oto.prunable_groups), _reasons(oto)

@@ -7,7 +7,7 @@ from torch import nn
 from lightning_oto.space.groups import Group, ParamSlice
 
 from .harness import Outcome, expected_shapes, run_case, unused_parameters
-from .zoo import BATCH, BATCH2, ONE_KERNEL, SEQ, SEQ2, ZOO, Entry, perturb
+from .zoo import BATCH, BATCH2, BATCH_ONLY, ONE_KERNEL, SEQ, SEQ2, ZOO, Entry, perturb
 
 REQUIRED = ["bert", "roberta", "distilbert", "t5_encoder", "gpt2", "llama", "mistral_gqa", "qwen2_gqa", "vit", "swin",
             "clip_vision", "whisper_encoder", "resnet_basic", "resnet_bottleneck", "mobilenet_v2", "convnext",
@@ -40,6 +40,23 @@ def test_second_inputs_change_batch_and_sequence_length():
         assert (x.shape[0], y.shape[0]) == (BATCH, BATCH2), name
         if entry.architecture in TEXT:
             assert (x.shape[1], y.shape[1]) == (SEQ, SEQ2), name
+
+
+def test_swin_entries_shift_their_windows_and_ci_traces_them_fast():
+    """Swin rolls only in every second block of a stage: one block per stage would test no shifted window.  CI
+    traces Swin with the batch alone dynamic (a dynamic image size costs ~100 s of sympy per mode); the entry
+    that keeps the default traces a second image size and runs in the soak only."""
+    from transformers.models.swin.modeling_swin import SwinLayer
+
+    swins = {name: entry for name, entry in ZOO.items() if entry.architecture == "swin"}
+    assert set(swins) == {"swin", "swin_sdpa", "swin_dynamic_image"}
+    for name, entry in swins.items():
+        model, (x,), (y,) = entry.make()
+        assert any(m.shift_size > 0 for m in model.modules() if isinstance(m, SwinLayer)), name
+        if entry.dynamic_shapes == "auto":
+            assert entry.opt_in and y.shape[-1] != x.shape[-1], name
+        else:
+            assert not entry.opt_in and entry.dynamic_shapes == BATCH_ONLY, name
 
 
 def test_models_are_returned_as_models_use_them():
