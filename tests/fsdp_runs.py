@@ -157,7 +157,10 @@ def fit(strategy: Any, devices: int, export_dir: str, formats: tuple[str, ...], 
     lit = LitDecoder() if erase else LitMLP()
     data = decoder_loader(rank, devices) if erase else loader(rank, devices)
     extra = [ModelCheckpoint(dirpath=checkpoint_dir, every_n_epochs=1, save_top_k=-1)] if checkpoint_dir else []
-    tr = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=ERASE_STEPS if erase else STEPS,
+    # prune runs stop by epochs (2 x 7 steps): under max_steps Lightning replays a batch when resuming from an
+    # end-of-epoch checkpoint (docs/distributed.md), so only max_epochs can reproduce the uninterrupted run
+    stop = dict(max_steps=ERASE_STEPS) if erase else dict(max_epochs=STEPS // 7)
+    tr = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, **stop,
                    callbacks=[cb, *extra], logger=False, enable_checkpointing=bool(extra), enable_progress_bar=False,
                    enable_model_summary=False, default_root_dir=export_dir, use_distributed_sampler=False)
     tr.fit(lit, data, ckpt_path=ckpt_path)

@@ -104,6 +104,18 @@ def test_resume_from_a_distributed_checkpoint_continues_the_search(sharded_fit, 
     assert [(a + b) / 2 for a, b in both] == pytest.approx(ref["losses"], abs=1e-5)
 
 
+def test_a_resumed_fsdp2_run_reproduces_the_uninterrupted_one(sharded_fit):
+    """Resumed from the end of epoch 0 (step 7, mid-projection), each rank's losses for steps 8-14, its zero groups
+    and its sub-network equal those of the uninterrupted FSDP2 run (the run stops by max_epochs, see fsdp_runs.fit)."""
+    for r in sharded_fit:
+        res = r["resumed"]
+        assert len(r["losses"]) == runs.STEPS and len(res["losses"]) == runs.STEPS - 7
+        assert res["losses"] == pytest.approx(r["losses"][7:], abs=1e-6)
+        assert res["zero"] == r["zero"]
+        for name, t in r["sub_state"].items():
+            torch.testing.assert_close(res["sub_state"][name], t, atol=1e-6, rtol=1e-5)
+
+
 def test_rank0_exports_once_and_the_export_loads(sharded_fit):
     from lightning_oto import load
 
