@@ -511,8 +511,40 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
         lines += ["", f"## {TASKS[task].title}", "", task_setup(task, agg, rows), ""]
         lines += table(agg, task, budgets)
     lines += ["", "## lightning_oto: budget asked vs reached (per run)", ""] + budget_lines(rows)
+    lines += cost_weight_section(out / "results" / "cost_weight.jsonl")
     lines += ["", "![accuracy vs FLOPs](quality.png)", ""]
     (out / "quality.md").write_text("\n".join(lines))
+
+
+def cost_weight_section(path: Path) -> list[str]:
+    """The ``cost_weight`` ablation written by ``benchmarks/bench_cost_weight.py``, if it was run: mean test accuracy
+    per budget and weight over its tasks and seeds (why the selection ranks by saliency alone by default)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return []
+    weights = sorted({r["cost_weight"] for r in rows})
+    keeps = sorted({r["keep"] for r in rows})
+    tasks = sorted({r["task"] for r in rows})
+    seeds = len({r["seed"] for r in rows})
+    out = ["", "## Why the budget ranks by saliency alone (`cost_weight=0`)", "",
+           f"`python benchmarks/bench_cost_weight.py` (rows: `docs/results/cost_weight.jsonl`): lightning_oto prune "
+           f"with candidates ranked by `saliency / saving**cost_weight`, everything else as above; mean test accuracy "
+           f"over {', '.join(tasks)} and {seeds} seed(s) each; params kept in brackets.", "",
+           "| FLOPs budget | " + " | ".join(f"cost_weight {w:g}" for w in weights) + " |",
+           "|---|" + "---|" * len(weights)]
+    for keep in keeps:
+        cells = []
+        for w in weights:
+            sel = [r for r in rows if r["keep"] == keep and r["cost_weight"] == w]
+            acc = 100 * sum(r["acc"] for r in sel) / len(sel)
+            params = 100 * sum(r["params"] for r in sel) / len(sel)
+            cells.append(f"{acc:.1f}% ({params:.0f}%)")
+        out.append(f"| {keep:.0%} | " + " | ".join(cells) + " |")
+    out += ["", "Weighing by cost strips the layers whose channels cost the most FLOPs (the high-resolution ones) and "
+            "keeps many more parameters; at the tight budget that cost accuracy."]
+    return out
 
 
 def load_rows(results: Path) -> list[dict[str, Any]]:
