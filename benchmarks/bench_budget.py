@@ -98,7 +98,9 @@ def table(rows: list[dict[str, object]], device: str) -> str:
              "column is what the selection counted for the budgeted key: FLOPs/params from the cost model, latency as "
              "the selection measured it on the sub-networks it built (within 5% of the asked fraction, or the best of "
              "6 tries). Erase mode removes whole operators: a budget between two operator sizes lands on the nearest "
-             "one, with a warning.", "",
+             "one, with a warning. Noise: timing the same sub/full pair again moves the measured fraction by about "
+             "0.02 on this machine (DemoNet at 0.34: 0.336-0.371 over three runs of 15), so the two latency columns "
+             "can differ by that much or more.", "",
              "| model | mode | budget | FLOPs kept | params kept | latency kept (measured) | "
              "budgeted key as the selection counted it |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -274,7 +274,7 @@ class OTO:
         costs.calibration["latency"] = (1.0 - b, b)
 
     @torch.no_grad()
-    def measured_latency_fraction(self, removed: Iterable[int], runs: int = 15) -> float:
+    def measured_latency_fraction(self, removed: Iterable[int], runs: int = 21) -> float:
         """Measured time of the sub-network without the groups ``removed`` over the full model's: built on
         a copy (the model is not touched), both timed in turn on the model's device at the example input's
         batch size (median of ``runs``).  Under DDP every rank measures and the mean is returned, so
@@ -289,7 +289,7 @@ class OTO:
         sub = self._mode.construct(copy_, [self.groups[i] for i in ids])
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         inputs = map_tensors(lambda t: t.to(device), self.example_inputs)
-        t = interleaved_times({"full": self.model, "sub": sub}, inputs, runs=runs)
+        t = interleaved_times({"full": self.model, "sub": sub}, inputs, runs=runs, warmup=3)
         return _mean_over_ranks(t["sub"] / max(t["full"], 1e-12))
 
     def _check_reachable(self, budget: dict[str, float], costs: CostModel) -> None:
@@ -323,7 +323,7 @@ class OTO:
         rep = self.compression_report(sub)
         reached = {"flops": rep["flop_ratio"], "params": rep["param_ratio"]}
         if "latency" in budget:
-            t = interleaved_times({"full": self.model, "sub": sub}, self.example_inputs, runs=15)
+            t = interleaved_times({"full": self.model, "sub": sub}, self.example_inputs, runs=21, warmup=3)
             reached["latency"] = t["sub"] / max(t["full"], 1e-12)
         return {k: {"asked": b, "reached": float(reached[k])} for k, b in budget.items()}
 
