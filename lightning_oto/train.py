@@ -257,9 +257,23 @@ def _trainer(cfg: DictConfig, out_dir: Path, use_oto: bool) -> tuple[Any, Any]:
         oto_cfg.setdefault("plot_curves", bool(cfg.get("plot_curves", True)))
         oto_cb = OTOCallback(network_attr="net", export_dir=str(out_dir / "oto"), swap_subnet=True, **oto_cfg)
         callbacks.append(oto_cb)
+    if use_oto:
+        _refuse_fsdp1(cfg.trainer)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     return oto_cb, trainer
+
+
+def _refuse_fsdp1(trainer_cfg: DictConfig) -> None:
+    """FSDP1 (``strategy=fsdp`` / ``FSDPStrategy``) is refused by name before Lightning's own error (on CPU it only
+    says FSDP needs a GPU), pointing to the FSDP2 configs OTOCallback supports."""
+    from .errors import ConfigError
+
+    strategy = trainer_cfg.get("strategy")
+    name = strategy if isinstance(strategy, str) else str((strategy or {}).get("_target_", ""))
+    if name.lower() in ("fsdp", "fsdp_cpu_offload") or name.endswith("FSDPStrategy"):
+        raise ConfigError(f"trainer.strategy={name}: OTOCallback does not support FSDPStrategy (FSDP1). Use FSDP2 "
+                          "through ModelParallelStrategy: trainer=fsdp (GPUs) or trainer=fsdp_sim (2 CPU processes).")
 
 
 def _evaluate(trainer: Any, module: Any, dm: Any) -> dict[str, Any]:

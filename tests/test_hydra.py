@@ -207,6 +207,20 @@ def test_a_bad_value_prints_its_reason_alone(tmp_path):
         "lightning_oto.train: invalid configuration: target_group_sparsity must be a number in [0, 1), got 1.5."]
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "lightning.pytorch.strategies.FSDPStrategy"])
+def test_fsdp1_is_refused_by_name_pointing_to_fsdp2(tmp_path, strategy):
+    """Lightning itself only says FSDP needs a GPU on CPU; the run names FSDP1 and the FSDP2 configs instead."""
+    from lightning_oto.errors import ConfigError
+    from lightning_oto.train import run
+
+    cfg = _compose(["experiment=demonet", *FAST, *TINY["demonet"], "trainer.accelerator=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.trainer.strategy = strategy if strategy == "fsdp" else {"_target_": strategy}
+    with pytest.raises(ConfigError, match=r"does not support FSDPStrategy \(FSDP1\).*trainer=fsdp_sim"):
+        run(cfg)
+
+
 def test_config_errors_keep_their_cause_and_bugs_stay_bugs(tmp_path, monkeypatch):
     """A bad setting is a ConfigError (HYDRA_FULL_ERROR=1 re-raises it for the traceback); an error once
     training runs is not turned into one."""
