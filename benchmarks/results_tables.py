@@ -262,9 +262,9 @@ def render(runs: Path, out: Path) -> Path:
              "the papers count MACs).",
              "One seed each: small-budget reproductions, not the papers' 300-epoch runs.", ""]
     lines += demonet_section(runs)
-    curves = runs / "demonet_erase" / "training_curves.png"
-    if curves.is_file():
-        shutil.copy(curves, docs / "demonet_erase_curves.png")
+    curves = sorted((runs / "demonet_erase").rglob("training_curves.png"))  # the callback's export dir holds it
+    if curves:
+        shutil.copy(curves[0], docs / "demonet_erase_curves.png")
     lines += regnet_section(runs, docs)
     lines += model_size_section()
     lines += ["## Quoted, not measured by this script", "",
