@@ -18,6 +18,7 @@ from .graph.inputs import map_tensors
 from .graph.trace import OpGraph, normalize_inputs, trace
 from .modes import make_mode
 from .optim.factory import DEFAULT_TARGET_SPARSITY
+from .optim.shards import from_rank0, mean_over_ranks
 from .space import controls
 from .space.costs import BUDGET_TOLERANCE, CostModel, check_budget, measure_costs
 from .space.groups import Group, group_is_zero, zero_group
@@ -27,30 +28,6 @@ from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_dif
 log = logging.getLogger("lightning_oto")
 
 MODES = ("prune", "erase")
-
-
-def _from_rank0(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank of the default process group (``obj`` itself when there is none)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _mean_over_ranks(value: float) -> float:
-    """``value`` averaged over the default process group (itself when there is none)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
 
 
 class OTO:
@@ -246,7 +223,7 @@ class OTO:
         if latency not in self._costs:
             costs = measure_costs(self.model, self.example_inputs, self.groups, latency=latency)
             if latency:  # per-operator times differ by rank: under DDP every rank selects on rank 0's
-                costs = _from_rank0(costs)
+                costs = from_rank0(costs)
                 costs.measure_latency = self.measured_latency_fraction
                 self._calibrate_latency(costs)
             self._costs[latency] = costs
@@ -290,7 +267,7 @@ class OTO:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         inputs = map_tensors(lambda t: t.to(device), self.example_inputs)
         t = interleaved_times({"full": self.model, "sub": sub}, inputs, runs=runs, warmup=3)
-        return _mean_over_ranks(t["sub"] / max(t["full"], 1e-12))
+        return mean_over_ranks(t["sub"] / max(t["full"], 1e-12), device)
 
     def _check_reachable(self, budget: dict[str, float], costs: CostModel) -> None:
         """Refuse a budget that the floors (or caps, kept groups, the hierarchy check) make unreachable.

@@ -87,15 +87,14 @@ def gather_full(net: nn.Module, skeleton: nn.Module, to_all_ranks: bool) -> nn.M
 
     One collective (all ranks call it).  The copy is fresh each time, so the sharded network stays untouched.
     """
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..optim.shards import from_rank0
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
     state = get_model_state_dict(net, options=options)
-    if to_all_ranks and dist.get_world_size() > 1:
-        box = [state if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        state = box[0]
+    if to_all_ranks:
+        state = from_rank0(state)
     if not state:
         return None
     full = copy.deepcopy(skeleton)

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["LocalState", "ShardLayout", "all_reduce_sum_", "is_sharded", "local_view", "shard_layout", "world_size"]
+__all__ = ["LocalState", "ShardLayout", "all_reduce_sum_", "from_rank0", "mean_over_ranks", "is_sharded", "local_view", "shard_layout", "world_size"]
 
 
 def world_size() -> int:
@@ -98,6 +98,23 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     if t.numel() and world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank of the default group (``obj`` itself outside ``torch.distributed``)."""
+    if world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """``value`` averaged over the default group; ``device`` is where the backend reduces (the model's)."""
+    n = world_size()
+    if n == 1:
+        return value
+    return float(all_reduce_sum_(torch.tensor([value], dtype=torch.float64, device=device)).item()) / n
 
 
 class LocalState(MutableMapping):
