@@ -243,8 +243,10 @@ def clock() -> tuple[float, float]:
 
 
 def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...],
-             log: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    """Every method on one task and seed; each row is also handed to ``log`` as soon as it exists."""
+             log: Callable[[dict[str, Any]], None], methods: tuple[str, ...] = ("prune", "erase", "tp")
+             ) -> list[dict[str, Any]]:
+    """The dense run and ``methods`` on one task and seed; each row is also handed to ``log`` as soon as it
+    exists.  Torch-Pruning is pruned to the FLOPs prune mode reached, so ``tp`` needs ``prune``."""
     rows: list[dict[str, Any]] = []
 
     def add(method: str, keep: float | None, t0: tuple[float, float], **res: Any) -> None:
@@ -260,7 +262,7 @@ def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...],
     dense, pretrained = run_dense(model, task, data, seed)
     add("dense", None, t0, **dense)
     otos = {}
-    for mode in ("prune", "erase"):
+    for mode in (m for m in ("prune", "erase") if m in methods):
         t0 = clock()
         otos[mode] = OTO(copy.deepcopy(model), data[0][:2], mode=mode)
         if not otos[mode].prunable_groups:
@@ -276,7 +278,7 @@ def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...],
                 add(f"lightning_oto {mode}", keep, t0, **res)
         reached = next((r["flops_kept"] for r in rows if r["method"] == "lightning_oto prune" and r["keep"] == keep),
                        keep)
-        for importance, scope in TP_VARIANTS:
+        for importance, scope in TP_VARIANTS if "tp" in methods else ():
             t0 = clock()
             add(f"tp {importance} {scope}", keep, t0,
                 **run_tp(pretrained, task, data, seed, importance, scope, reached, dense))
@@ -476,13 +478,15 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
         raise SystemExit(f"no result rows to write a page from (looked in {out / 'results'})")
     budgets = tuple(sorted(budgets, reverse=True))
     seeds = len({r["seed"] for r in rows})
+    sources = sorted({r["source"] for r in rows if "source" in r})
     agg = aggregate(rows)
     plot(agg, tasks, budgets, out / "quality.png", rows)
     lines = ["# Quality at a FLOPs budget: lightning_oto vs Torch-Pruning vs dense", "",
              f"Produced by `{command}` ({environment()}; {seeds} seed(s) per cell, the mean is shown with its "
              "spread over seeds as ± when there are several). The rows may come from several processes "
-             "(`--tasks`, `--budgets`, `--seed-start`); `--page-only` rebuilds this page from them. Raw rows: "
-             "`docs/results/quality/*.jsonl`. Plot: `docs/quality.png`.", "",
+             "(`--tasks`, `--budgets`, `--seed-start`, `--methods`; for the same cell the file later by name wins); "
+             "`--page-only` rebuilds this page from them. Raw rows: `docs/results/quality/*.jsonl` (this page: "
+             + ", ".join(f"`{f}`" for f in sources) + "). Plot: `docs/quality.png`.", "",
              "Every method starts from the same initial weights, sees the same batches in the same order, uses the "
              "task's optimizer with the same cosine schedule and trains the same number of epochs. FLOPs are "
              "`torch.utils.flop_counter` totals for one image (one sequence for text), measured on the constructed "
@@ -548,14 +552,15 @@ def cost_weight_section(path: Path) -> list[str]:
 
 
 def load_rows(results: Path) -> list[dict[str, Any]]:
-    """Every saved row; for the same (task, seed, method, budget) the file later by name wins (a ``--budgets``
-    rerun, ``<task>_seed<k>_budgets....jsonl``, over ``<task>_seed<k>.jsonl``); the page does not depend on mtimes."""
+    """Every saved row; for the same (task, seed, method, budget) the file later by name wins (a ``--budgets`` or
+    ``--methods`` rerun, ``<task>_seed<k>_....jsonl``, over ``<task>_seed<k>.jsonl``); the page does not depend on
+    mtimes."""
     rows: dict[tuple, dict[str, Any]] = {}
     for f in sorted(results.glob("*.jsonl")):
         for line in f.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                rows[(r["task"], r["seed"], r["method"], r["keep"])] = r
+                rows[(r["task"], r["seed"], r["method"], r["keep"])] = {**r, "source": f.name}
     return list(rows.values())
 
 
@@ -575,7 +580,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="where quality.md/png go (default docs/, quick: a temp dir)")
     ap.add_argument("--budgets", type=float, nargs="+", default=None, help=f"FLOPs fractions (default {BUDGETS})")
     ap.add_argument("--page-only", action="store_true", help="rebuild the page from the saved rows, run nothing")
+    ap.add_argument("--methods", nargs="+", default=["prune", "erase", "tp"], choices=["prune", "erase", "tp"],
+                    help="besides the dense run (tp needs prune: it is pruned to the FLOPs prune mode reached)")
     args = ap.parse_args()
+    if "tp" in args.methods and "prune" not in args.methods:
+        ap.error("--methods tp needs prune (Torch-Pruning is pruned to the FLOPs prune mode reached)")
     repo = Path(__file__).resolve().parents[1]
     if args.out is None:
         import tempfile
@@ -600,9 +609,11 @@ def run_tasks(args: argparse.Namespace, budgets: tuple[float, ...], results: Pat
         data = task.load_data(600 if args.quick else None)
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             tag = "" if args.budgets is None else "_budgets" + "_".join(f"{b:g}" for b in args.budgets)
+            if set(args.methods) != {"prune", "erase", "tp"}:
+                tag += "_" + "_".join(args.methods)
             path = results / f"{name}_seed{seed}{tag}.jsonl"
             path.write_text("")
-            run_task(task, data, seed, budgets, lambda row, path=path: save_row(row, path))
+            run_task(task, data, seed, budgets, lambda row, path=path: save_row(row, path), tuple(args.methods))
 
 
 def save_row(row: dict[str, Any], path: Path) -> None:

@@ -6,6 +6,7 @@ only in the optimizer's bookkeeping.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -100,19 +101,56 @@ def test_budget_in_periods_reaches_the_fraction_in_the_last_one():
     assert 0.5 - TOL <= rep["flop_ratio"] <= 0.5 + TOL
 
 
-def test_erase_budget_is_exact_and_the_coarse_gap_is_said():
-    """Erase groups are whole operators: the accounting is exact, and a budget between two operator sizes
-    lands on the nearest reachable size with a warning that says so."""
-    model, x = _demonet(0.5)
+def _tiny_bert() -> tuple[nn.Module, torch.Tensor]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=16, num_labels=2)
+    bert = transformers.BertForSequenceClassification(cfg).eval()
+
+    class Classify(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=ids).logits
+
+    return Classify(), torch.randint(0, 50, (2, 12))
+
+
+def _closest_combination(oto: OTO, key: str, asked: float) -> float:
+    """Brute force over every valid set of erase groups: the kept fraction nearest ``asked`` that does not
+    exceed it by more than the tolerance (the oracle for the selection's combination search)."""
+    costs = measure_costs(oto.model, oto.example_inputs, oto.groups)
+    reachable = []
+    for r in range(len(oto.groups) + 1):
+        for combo in itertools.combinations(range(len(oto.groups)), r):
+            if all(oto.hierarchy_check(frozenset(combo[:j]), combo[j]) for j in range(r)):
+                reachable.append(costs.kept_fraction(combo)[key])
+    return min((f for f in reachable if f <= asked + TOL), key=lambda f: abs(f - asked))
+
+
+@pytest.mark.parametrize("net,budget", [(_demonet_half, {"flops": 0.5}), (_tiny_bert, {"flops": 0.5}),
+                                        (_tiny_bert, {"flops": 0.7})])
+def test_erase_budget_lands_on_the_closest_combination_and_a_gap_is_said(net, budget):
+    """Erase groups are whole operators: the selection searches their combinations (a greedy order landed a
+    2-layer BERT at 27% FLOPs for a 50% budget that attention + MLP of different layers meets at 50.2%).
+    The constructed sub-network is as close as any valid combination, the accounting is exact, and a budget
+    no combination meets within the tolerance is said."""
+    model, x = net()
     oto = OTO(model, x, mode="erase")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = _search(oto, x, "h2spg", budget={"flops": 0.5})
+        opt = _search(oto, x, "h2spg", budget=budget)
     rep = oto.compression_report(oto.construct_subnet())
-    assert math.isclose(opt.budget_reached["flops"], rep["flop_ratio"], rel_tol=1e-6)
-    assert rep["flop_ratio"] <= 0.5 + TOL
-    if rep["flop_ratio"] < 0.5 - TOL:
-        assert any("nearest" in str(w.message) for w in caught)
+    (key, asked), = budget.items()
+    best = _closest_combination(oto, key, asked)
+    assert math.isclose(opt.budget_reached[key], rep["flop_ratio"], rel_tol=1e-6)
+    assert rep["flop_ratio"] <= asked + TOL
+    assert abs(rep["flop_ratio"] - asked) <= max(abs(best - asked), TOL) + 1e-9, (rep["flop_ratio"], best)
+    gap_said = any("whole operators are coarse" in str(w.message) for w in caught)
+    assert gap_said == (abs(best - asked) > TOL)
 
 
 class Branches(nn.Module):

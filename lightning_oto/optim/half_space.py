@@ -122,6 +122,11 @@ BUDGET_SLACK = BUDGET_TOLERANCE / 2
 _LATENCY_ROUNDS = 6  # sub-networks built and timed per selection to meet a latency budget as measured
 #: at most this many groups are tried for giving back after an overshoot (each try recounts the set)
 _MAX_GIVE_BACK = 128
+#: when the greedy selection misses a budget, up to this many candidates are searched exhaustively
+#: (erase mode's few whole operators); more are improved by add / drop / swap moves
+_EXHAUSTIVE_CANDIDATES = 12
+_SWAP_ROUNDS = 20
+_MOVE_CANDIDATES = 64  # beyond this the groups are fine-grained (prune mode): the greedy result stands
 
 __all__ = ["HalfSpaceOptimizer", "DHSPG", "H2SPG", "HESSO", "VARIANTS", "CandidateFilter", "cut_ratio_summary"]
 
@@ -669,7 +674,95 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         closing = self._close_the_gap(tracker, targets, skipped, accepted, rules)
         if closing:  # a large group closed the gap: the small ones before it may be surplus now
             chosen = self._drop_surplus(chosen + closing, targets)
-        return chosen
+        return self._search_combinations(scores, targets, chosen)
+
+    def _budget_key(self, fractions: Mapping[str, float], targets: Mapping[str, float],
+                    cost: float) -> tuple[float, float, bool, float]:
+        """Order of preference between two selections: within ``BUDGET_TOLERANCE`` of every target (over it
+        first, then under it), then at or below the targets (``BUDGET_SLACK`` allowed), then the least
+        saliency removed."""
+        over = max(fractions[k] - t for k, t in targets.items())
+        under = max(t - fractions[k] for k, t in targets.items())
+        return (round(max(0.0, over - BUDGET_TOLERANCE), 9), round(max(0.0, under - BUDGET_TOLERANCE), 9),
+                over > BUDGET_SLACK, cost)
+
+    def _search_combinations(self, scores: torch.Tensor, targets: dict[str, float], chosen: list[int]) -> list[int]:
+        """Whole operators are coarse: the greedy order can land far from a budget that another combination
+        meets (a 2-layer BERT asked to keep 50% of its FLOPs kept 27%; attention of one layer plus the MLP of
+        another keeps 50.2%).  When the greedy result misses a target by more than the tolerance, look for
+        the combination that meets every target with the least saliency removed: every valid subset of up
+        to ``_EXHAUSTIVE_CANDIDATES`` candidates, else add / drop / swap moves from the greedy result.  The
+        search counts savings as additive; the winner replaces the greedy result only if its exact count
+        is better."""
+        ids, base = self._index.group_ids, set(self._redundant_ids)
+        s = scores.tolist()
+        lo, hi = (min(s), max(s)) if s else (0.0, 0.0)
+        weight = [v - lo + 1e-3 * ((hi - lo) or 1.0) for v in s]
+
+        def exact_key(positions: Iterable[int]) -> tuple[float, float, bool, float]:
+            positions = list(positions)
+            fr = self.cost_model.kept_fraction(base | {ids[p] for p in positions})
+            return self._budget_key(fr, targets, sum(weight[p] for p in positions))
+
+        greedy_key = exact_key(chosen)
+        if greedy_key[:3] == (0.0, 0.0, False):
+            return chosen
+        tracker = self.cost_model.tracker(base)
+        start, rules, ex = tracker.fractions(), self._acceptance_rules(), self._redundant.tolist()
+        cands = [p for p in range(len(ids)) if not ex[p] and any(tracker.saving(ids[p])[k] > 0 for k in targets)]
+        save = {p: tracker.saving(ids[p]) for p in cands}
+
+        def key(sel: Iterable[int]) -> tuple[float, float, bool, float]:
+            sel = list(sel)
+            fr = {k: start[k] - sum(save[p][k] for p in sel) for k in targets}
+            return self._budget_key(fr, targets, sum(weight[p] for p in sel))
+
+        def valid(sel: Sequence[int]) -> bool:
+            acc = set(base)
+            for p in sel:
+                if not all(rule(frozenset(acc), ids[p]) for rule in rules):
+                    return False
+                acc.add(ids[p])
+            return True
+
+        if len(cands) <= _EXHAUSTIVE_CANDIDATES:
+            best = min(self._valid_subsets(cands, base, rules), key=key)
+        elif len(cands) > _MOVE_CANDIDATES:
+            return chosen
+        else:
+            best = self._improve_by_moves(chosen, cands, key, valid)
+        return best if exact_key(best) < greedy_key else chosen
+
+    def _valid_subsets(self, cands: list[int], base: set[int], rules: list[CandidateFilter]) -> list[list[int]]:
+        """Every subset of ``cands`` whose members pass the acceptance rules when added in order."""
+        ids, out = self._index.group_ids, []
+
+        def grow(i: int, sel: list[int], acc: frozenset) -> None:
+            out.append(list(sel))
+            for j in range(i, len(cands)):
+                gid = ids[cands[j]]
+                if all(rule(acc, gid) for rule in rules):
+                    grow(j + 1, sel + [cands[j]], acc | {gid})
+
+        grow(0, [], frozenset(base))
+        return out
+
+    @staticmethod
+    def _improve_by_moves(chosen: list[int], cands: list[int], key: Callable[[Iterable[int]], tuple],
+                          valid: Callable[[Sequence[int]], bool]) -> list[int]:
+        """Best-improvement local search: drop one, add one or swap one chosen for one candidate."""
+        current = list(chosen)
+        for _ in range(_SWAP_ROUNDS):
+            out = [p for p in cands if p not in current]
+            moves = ([[q for q in current if q != p] for p in current] + [current + [p] for p in out]
+                     + [[q for q in current if q != a] + [b] for a in current for b in out])
+            here = key(current)
+            better = sorted((m for m in moves if key(m) < here), key=key)
+            step = next((m for m in better if valid(m)), None)
+            if step is None:
+                break
+            current = step
+        return current
 
     def _close_the_gap(self, tracker: Any, targets: dict[str, float], skipped: list[int], accepted: set[int],
                        rules: list[CandidateFilter]) -> list[int]:
@@ -717,8 +810,10 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         if (short or over) and not self._warned_short:
             self._warned_short = True
             why = (f"cannot be met by groups that pass {self._rules_name()}; the sub-network keeps {short}" if short
-                   else f"falls between the groups' sizes (whole operators are coarse); the nearest keeps {over}")
-            warnings.warn(f"{type(self).__name__}: the budget {targets} {why}.", stacklevel=5)
+                   else "falls between the sizes its groups can reach (whole operators are coarse); the closest "
+                        f"valid combination keeps {over}")
+            asked = {k: round(t, 4) for k, t in targets.items()}
+            warnings.warn(f"{type(self).__name__}: the budget {asked} {why}.", stacklevel=5)
 
     def _score(self, stats: GroupStats) -> torch.Tensor:
         s = self._saliency_fn(stats)
