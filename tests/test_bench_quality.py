@@ -84,3 +84,17 @@ def test_findings_say_plainly_where_lightning_oto_is_below():
     rows[1]["acc"] = 0.99
     text = "\n".join(bq.findings(bq.aggregate(rows), ["resnet"], (0.5,)))
     assert "at or above the best Torch-Pruning variant" in text and "below dense" not in text
+
+
+def test_the_page_shows_the_cut_norms_the_optimizer_recorded():
+    """The per-run table and the summary read ``cut_norm_ratio`` as ``cut_ratio_summary`` writes it (the page
+    once showed '–' for every run because it looked for another key)."""
+    from lightning_oto.optim.half_space import cut_ratio_summary
+
+    cuts = cut_ratio_summary([0.004, 0.008, 0.3], by_half_space=2, at_deadline=1)
+    r = dict(task="resnet", seed=0, method="lightning_oto prune", keep=0.5, acc=0.9, flops_kept=0.5, params_kept=0.5,
+             zeroed_by_half_space=2, forced_at_deadline=1, cut_norm_ratio=cuts)
+    assert bq.cut_cell(r) == "8.0e-03, 3.0e-01"
+    line = bq.cut_norm_line([r, {**r, "method": "tp magnitude uniform"}])
+    assert "1 lightning_oto runs and 3 groups" in line and "1 above 0.1" in line and "1 forced" in line
+    assert bq.cut_cell({**r, "cut_norm_ratio": cut_ratio_summary([])}) == "–"
