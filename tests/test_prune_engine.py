@@ -16,10 +16,26 @@ def _call(m, x):
     return m(*x) if isinstance(x, tuple) else m(x)
 
 
+_TRACED: dict[str, OTO] = {}
+
+
+def traced(name: str) -> tuple[nn.Module, object, OTO]:
+    """A fresh copy of zoo model ``name`` with its example input, and an OTO over that copy.
+
+    Each model is traced once per test session: the two tests below share the search space (prune mode
+    never reads the trace's own tensors, it slims the model it is given).
+    """
+    if name not in _TRACED:
+        _TRACED[name] = OTO(*make(name), mode="prune")
+    oto = OTO.__new__(OTO)
+    oto.__dict__.update(_TRACED[name].__dict__)
+    oto.model = copy.deepcopy(_TRACED[name].model)
+    return oto.model, oto.example_inputs, oto
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_random_half_zero_gives_exact_smaller_subnet(name):
-    model, x = make(name)
-    oto = OTO(model, x, mode="prune")
+    model, x, oto = traced(name)
     assert oto.prunable_groups, "every zoo model has something prunable"
     zeroed = oto.random_set_zero_groups(fraction=0.5, seed=3)
     assert len(zeroed) == round(0.5 * len(oto.prunable_groups))
@@ -47,8 +63,7 @@ def test_random_half_zero_gives_exact_smaller_subnet(name):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_each_group_is_zero_invariant(name):
     """Zeroing one group changes nothing once its structure (and dependents) are removed."""
-    model, x = make(name)
-    oto = OTO(model, x)
+    model, x, oto = traced(name)
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(0)
     sample = torch.randperm(len(oto.prunable_groups), generator=gen)[:6].tolist()
