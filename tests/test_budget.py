@@ -6,7 +6,6 @@ only in the optimizer's bookkeeping.
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -17,6 +16,7 @@ from torch import nn
 import lightning_oto.oto
 
 from arch_zoo import make
+from oto_copies import traced_copy
 from lightning_oto import OTO, OTOCallback
 from lightning_oto.lightning.settings import OTOSettings
 from lightning_oto.models.demonet import DemoNet
@@ -39,20 +39,9 @@ def _resnet() -> tuple[nn.Module, torch.Tensor]:
     return make("resnet_tiny")
 
 
-_TRACED: dict[object, OTO] = {}
-
-
 def _traced(net) -> tuple[nn.Module, torch.Tensor, OTO]:
-    """``OTO(*net(), mode="prune")`` over a fresh copy of the model: each ``net`` is traced once per session.
-
-    The copy shares the search space (groups and floors come from shapes) and gets its own model and cost
-    cache; prune mode never reads the trace's own tensors (it slims the model it is given).
-    """
-    if net not in _TRACED:
-        _TRACED[net] = OTO(*net(), mode="prune")
-    oto = OTO.__new__(OTO)
-    oto.__dict__.update(_TRACED[net].__dict__)
-    oto.model, oto._costs = copy.deepcopy(_TRACED[net].model), {}
+    """``OTO(*net(), mode="prune")`` over a fresh copy of the model; each ``net`` is traced once (:mod:`oto_copies`)."""
+    oto = traced_copy(net, net)
     return oto.model, oto.example_inputs[0], oto
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from arch_zoo import ZOO, make
+from oto_copies import traced_copy
 from lightning_oto import OTO, TraceError
 from lightning_oto.space.groups import zero_group
 
@@ -16,20 +17,10 @@ def _call(m, x):
     return m(*x) if isinstance(x, tuple) else m(x)
 
 
-_TRACED: dict[str, OTO] = {}
-
-
-def traced(name: str) -> tuple[nn.Module, object, OTO]:
-    """A fresh copy of zoo model ``name`` with its example input, and an OTO over that copy.
-
-    Each model is traced once per test session: the two tests below share the search space (prune mode
-    never reads the trace's own tensors, it slims the model it is given).
-    """
-    if name not in _TRACED:
-        _TRACED[name] = OTO(*make(name), mode="prune")
-    oto = OTO.__new__(OTO)
-    oto.__dict__.update(_TRACED[name].__dict__)
-    oto.model = copy.deepcopy(_TRACED[name].model)
+def traced(name: str) -> tuple[nn.Module, tuple, OTO]:
+    """A fresh copy of zoo model ``name``, its example input and an OTO over it: the two exactness tests
+    below share one trace per model (:mod:`oto_copies`)."""
+    oto = traced_copy(name, lambda: make(name))
     return oto.model, oto.example_inputs, oto
 
 

@@ -13,7 +13,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from unittest import mock
 
 import torch
 from torch import nn
@@ -311,8 +311,7 @@ def _dead_in(out: Outcome, sub: nn.Module, example: tuple, unused: set[str]) -> 
         out.backward_error = _short(e)
 
 
-@contextlib.contextmanager
-def _reusing(graph: OpGraph | None) -> Iterator[None]:
+def _reusing(graph: OpGraph | None) -> contextlib.AbstractContextManager:
     """``OTO(...)`` reads ``graph`` instead of tracing again (``None``: it traces as usual).
 
     The trace does not depend on the mode, and torch.export is most of a case's time.  Prune mode never
@@ -320,18 +319,8 @@ def _reusing(graph: OpGraph | None) -> Iterator[None]:
     same seeded model serves it; erase mode builds its sub-network from the program: it must trace itself.
     """
     if graph is None:
-        yield
-        return
-    real = oto_facade.trace
-
-    def traced_before(model: nn.Module, example_inputs: object, dynamic_shapes: object = None) -> OpGraph:
-        return graph
-
-    oto_facade.trace = traced_before
-    try:
-        yield
-    finally:
-        oto_facade.trace = real
+        return contextlib.nullcontext()
+    return mock.patch.object(oto_facade, "trace", lambda model, example_inputs, dynamic_shapes=None: graph)
 
 
 def run_case(entry: Entry, mode: str, trace: OpGraph | None = None) -> Outcome:
