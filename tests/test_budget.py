@@ -17,6 +17,7 @@ from torch import nn
 import lightning_oto.oto
 
 from arch_zoo import make
+from oto_copies import traced_copy
 from lightning_oto import OTO, OTOCallback
 from lightning_oto.lightning.settings import OTOSettings
 from lightning_oto.models.demonet import DemoNet
@@ -37,6 +38,12 @@ def _demonet_half() -> tuple[nn.Module, torch.Tensor]:
 
 def _resnet() -> tuple[nn.Module, torch.Tensor]:
     return make("resnet_tiny")
+
+
+def _traced(net) -> tuple[nn.Module, torch.Tensor, OTO]:
+    """``OTO(*net(), mode="prune")`` over a fresh copy of the model; each ``net`` is traced once (:mod:`oto_copies`)."""
+    oto = traced_copy(net, net)
+    return oto.model, oto.example_inputs[0], oto
 
 
 def _search(oto: OTO, x: torch.Tensor, opt_name: str, steps: int = 5, **kwargs) -> torch.optim.Optimizer:
@@ -72,8 +79,7 @@ def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     (_resnet, "dhspg", {"flops": 0.6, "params": 0.6}),
 ])
 def test_prune_budget_is_met_by_the_constructed_subnet(net, opt_name, budget):
-    model, x = net()
-    oto = OTO(model, x, mode="prune")
+    model, x, oto = _traced(net)
     opt = _search(oto, x, opt_name, budget=budget)
     rep = oto.compression_report(oto.construct_subnet())
     reached = {"flops": rep["flop_ratio"], "params": rep["param_ratio"]}
@@ -86,8 +92,7 @@ def test_prune_budget_is_met_by_the_constructed_subnet(net, opt_name, budget):
 
 
 def test_budget_in_periods_reaches_the_fraction_in_the_last_one():
-    model, x = _resnet()
-    oto = OTO(model, x, mode="prune")
+    model, x, oto = _traced(_resnet)
     opt = oto.dhspg(lr=0.01, budget={"flops": 0.5}, warmup_steps=1, projection_steps=4, pruning_periods=2)
     kept = []
     for _ in range(6):
@@ -248,9 +253,8 @@ def test_attention_keeps_a_head():
     ([0.5], "mapping"),
 ])
 def test_bad_budget_is_refused_before_training(budget, match):
-    model, x = _resnet()
+    model, x, oto = _traced(_resnet)
     before = _snapshot(model)
-    oto = OTO(model, x, mode="prune")
     with pytest.raises(ValueError, match=match):
         oto.dhspg(budget=budget)
     with pytest.raises(ValueError, match=match):
@@ -259,8 +263,7 @@ def test_bad_budget_is_refused_before_training(budget, match):
 
 
 def test_budget_and_target_together_are_refused():
-    model, x = _resnet()
-    oto = OTO(model, x, mode="prune")
+    model, x, oto = _traced(_resnet)
     with pytest.raises(ValueError, match="not both"):
         oto.dhspg(budget={"flops": 0.5}, target_group_sparsity=0.5)
     with pytest.raises(ValueError, match="not both"):
@@ -278,8 +281,7 @@ def test_budget_below_the_floors_names_the_floor_and_touches_nothing():
 
 
 def test_latency_budget_on_a_model_that_cannot_run_on_its_device_is_refused():
-    model, x = _resnet()
-    oto = OTO(model, x, mode="prune")
+    model, x, oto = _traced(_resnet)
     before = _snapshot(model)
 
     def no_kernel(*args, **kwargs):

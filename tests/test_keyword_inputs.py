@@ -61,14 +61,24 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 1e-4
 EXAMPLE, OTHER = tokens(2, 8, seed=1), tokens(3, 5, seed=2)  # OTHER: another batch size and sequence length
 
 
-@pytest.fixture(scope="module", params=["prune", "erase"])
+_COMPRESSED: dict[str, tuple] = {}
+
+
+def compress(mode: str) -> tuple:
+    """(mode, model, oto, sub): tiny BERT on keyword inputs, half its groups removed; built once per mode."""
+    if mode not in _COMPRESSED:
+        model = tiny_bert()
+        oto = OTO(model, EXAMPLE, mode=mode)
+        assert oto.dynamic_dims == [[0, 1], [0, 1]]  # batch and sequence length of both keyword inputs
+        assert oto.random_set_zero_groups(fraction=0.5, seed=0)
+        sub = oto.construct_subnet(verify_inputs=[OTHER]).eval()
+        _COMPRESSED[mode] = (mode, model, oto, sub)
+    return _COMPRESSED[mode]
+
+
+@pytest.fixture(params=["prune", "erase"])
 def compressed(request):
-    model = tiny_bert()
-    oto = OTO(model, EXAMPLE, mode=request.param)
-    assert oto.dynamic_dims == [[0, 1], [0, 1]]  # batch and sequence length of both keyword inputs
-    assert oto.random_set_zero_groups(fraction=0.5, seed=0)
-    sub = oto.construct_subnet(verify_inputs=[OTHER]).eval()
-    return request.param, model, oto, sub
+    return compress(request.param)
 
 
 def test_subnetwork_equals_full_model_on_keyword_inputs(compressed):
@@ -109,26 +119,31 @@ print(json.dumps(result))
 """
 
 
-def test_export_loads_in_a_fresh_process_with_the_same_keywords(compressed, tmp_path):
-    mode, model, oto, sub = compressed
-    formats = ("torch", "onnx") if mode == "erase" else ("torch",)  # ONNX once: it is the slow exporter
-    paths = oto.export(sub, tmp_path, formats=formats)
-    files = ["subnet.pt2"] + (["subnet.onnx"] if "onnx" in formats else [])
-    if "onnx" in formats:
-        import onnx
+def test_export_loads_in_a_fresh_process_with_the_same_keywords(tmp_path):
+    """Both modes' exports load in one fresh process (one interpreter start) and take the same keywords."""
+    files, expected = [], {}
+    for mode in ("prune", "erase"):
+        _, model, oto, sub = compress(mode)
+        formats = ("torch", "onnx") if mode == "erase" else ("torch",)  # ONNX once: it is the slow exporter
+        paths = oto.export(sub, tmp_path / mode, formats=formats)
+        names = [f"{mode}/subnet.pt2"] + ([f"{mode}/subnet.onnx"] if "onnx" in formats else [])
+        if "onnx" in formats:
+            import onnx
 
-        proto = onnx.load(str(tmp_path / "subnet.onnx"))
-        assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
-        assert float(paths["onnx_check_error"]) <= 1e-4
+            proto = onnx.load(str(tmp_path / mode / "subnet.onnx"))
+            assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+            assert float(paths["onnx_check_error"]) <= 1e-4
+        expected.update({name: leaves(sub, OTHER) for name in names})
+        assert_same(leaves(sub, OTHER), leaves(model, OTHER))
+        files += names
     torch.save(OTHER, tmp_path / "other.pt")
     proc = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(tmp_path), str(tmp_path / "other.pt"),
                            *files], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = leaves(sub, OTHER)
-    assert_same(expected, leaves(model, OTHER))
+    assert sorted(loaded) == sorted(files) and len(files) == 3
     for name in files:
-        assert_same([torch.tensor(t) for t in loaded[name]["outputs"]], expected)
+        assert_same([torch.tensor(t) for t in loaded[name]["outputs"]], expected[name])
         assert loaded[name]["call"] == "keywords"
         assert [(i["name"], i["shape"], i["example_shape"], i["dtype"]) for i in loaded[name]["inputs"]] == [
             ("input_ids", [None, None], [2, 8], "int64"), ("attention_mask", [None, None], [2, 8], "int64")]

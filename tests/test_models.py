@@ -141,6 +141,7 @@ def test_small_variants_run() -> None:
 
 def test_calibrate_batchnorm_tames_untrained_darts() -> None:
     """Un-averaged DARTS node sums blow up in eval mode with fresh BN statistics; calibration fixes it."""
+    torch.manual_seed(0)  # the weights drawn from whatever state earlier tests left failed it on some orders
     model = DartsNetwork(C=4, layers=4, steps=3, stem_stride=2, image_size=16).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from arch_zoo import ZOO, make
+from oto_copies import traced_copy
 from lightning_oto import OTO, TraceError
 from lightning_oto.space.groups import zero_group
 
@@ -16,10 +17,16 @@ def _call(m, x):
     return m(*x) if isinstance(x, tuple) else m(x)
 
 
+def traced(name: str) -> tuple[nn.Module, tuple, OTO]:
+    """A fresh copy of zoo model ``name``, its example input and an OTO over it: the two exactness tests
+    below share one trace per model (:mod:`oto_copies`)."""
+    oto = traced_copy(name, lambda: make(name))
+    return oto.model, oto.example_inputs, oto
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_random_half_zero_gives_exact_smaller_subnet(name):
-    model, x = make(name)
-    oto = OTO(model, x, mode="prune")
+    model, x, oto = traced(name)
     assert oto.prunable_groups, "every zoo model has something prunable"
     zeroed = oto.random_set_zero_groups(fraction=0.5, seed=3)
     assert len(zeroed) == round(0.5 * len(oto.prunable_groups))
@@ -47,8 +54,7 @@ def test_random_half_zero_gives_exact_smaller_subnet(name):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_each_group_is_zero_invariant(name):
     """Zeroing one group changes nothing once its structure (and dependents) are removed."""
-    model, x = make(name)
-    oto = OTO(model, x)
+    model, x, oto = traced(name)
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(0)
     sample = torch.randperm(len(oto.prunable_groups), generator=gen)[:6].tolist()

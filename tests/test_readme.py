@@ -79,16 +79,23 @@ def test_main_command_terminal_is_quiet(main_command):
     assert "OTO compression summary" in output and "test_acc" in output  # Lightning's test table is shown
 
 
-def test_readme_load_and_predict_runs_word_for_word(main_command):
+@pytest.fixture(scope="module")
+def fresh_process(main_command):
+    """One fresh Python process (it never trained) runs the README's snippet word for word, then
+    :data:`LOAD_AND_PREDICT` on the same run: one interpreter start for both checks."""
     run_dir, _ = main_command
     snippet = readme_snippet()
-    assert f'lightning_oto.load("{README_RUN / "oto"}")' in snippet
     root = Path(str(run_dir)[: -len(str(README_RUN))])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", snippet + SNIPPET_RESULT], capture_output=True, text=True,
-                          timeout=300, cwd=root, env=env)
+    proc = subprocess.run([sys.executable, "-c", snippet + SNIPPET_RESULT + LOAD_AND_PREDICT, str(run_dir)],
+                          capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(root / "snippet_result.pt")
+    return snippet, torch.load(root / "snippet_result.pt"), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_readme_load_and_predict_runs_word_for_word(fresh_process):
+    snippet, got, _ = fresh_process
+    assert f'lightning_oto.load("{README_RUN / "oto"}")' in snippet
     meta, images, pred = got["meta"], got["images"], got["pred"]
     assert meta["inputs"][0]["example_shape"] == [2, 1, 16, 16]  # the callback's example: 2 digits at image_size
     assert meta["inputs"][0]["shape"][0] is None  # the batch stays dynamic: the snippet ran 16 images
@@ -96,13 +103,10 @@ def test_readme_load_and_predict_runs_word_for_word(main_command):
     assert int(pred.min()) >= 0 and int(pred.max()) < meta["num_classes"] == 10
 
 
-def test_main_command_export_loads_in_a_fresh_process(main_command):
+def test_main_command_export_loads_in_a_fresh_process(main_command, fresh_process):
     run_dir, _ = main_command
     recorded = json.loads((run_dir / "result.json").read_text())
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, str(run_dir)], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    loaded = fresh_process[2]
     assert loaded["raw_range"][0] >= 0.0 and loaded["raw_range"][1] <= 1.0 + 1e-6  # what the README calls images
     assert loaded["normalisation_error"] <= 1e-5  # wrong mean/std in the metadata fail here
     assert loaded["test_acc"] == pytest.approx(recorded["test_acc"], abs=1e-6)

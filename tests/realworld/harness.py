@@ -6,18 +6,21 @@ per stage and recorded as text: one failing stage must not hide what the others 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from torch import nn
 
+import lightning_oto.oto as oto_facade
 from lightning_oto import OTO
-from lightning_oto.graph.trace import op_name
+from lightning_oto.graph.trace import OpGraph, op_name
 from lightning_oto.space.groups import Group
 from lightning_oto.subnet.plan import plan_keeping_one
 from lightning_oto.subnet.verify import allowed_error, output_difference, tensor_leaves
@@ -59,6 +62,7 @@ class Outcome:
     flops_sub: int | None = None
     trace_s: float | None = None
     construct_s: float | None = None
+    graph: OpGraph | None = field(default=None, repr=False, compare=False)  # the trace, for the other mode
 
     @property
     def exact(self) -> bool:
@@ -307,8 +311,25 @@ def _dead_in(out: Outcome, sub: nn.Module, example: tuple, unused: set[str]) -> 
         out.backward_error = _short(e)
 
 
-def run_case(entry: Entry, mode: str) -> Outcome:
-    """Build, zero half the removable groups, construct, and measure; never raises for the model's sake."""
+def _reusing(graph: OpGraph | None) -> contextlib.AbstractContextManager:
+    """``OTO(...)`` reads ``graph`` instead of tracing again (``None``: it traces as usual).
+
+    The trace does not depend on the mode, and torch.export is most of a case's time.  Prune mode never
+    reads the program's tensors (it slims the user's own model), so a trace of another instance of the
+    same seeded model serves it; erase mode builds its sub-network from the program: it must trace itself.
+    """
+    if graph is None:
+        return contextlib.nullcontext()
+    return mock.patch.object(oto_facade, "trace", lambda model, example_inputs, dynamic_shapes=None: graph)
+
+
+def run_case(entry: Entry, mode: str, trace: OpGraph | None = None) -> Outcome:
+    """Build, zero half the removable groups, construct, and measure; never raises for the model's sake.
+
+    ``trace``: a prune-mode case may reuse the trace of an earlier case of the same entry (``Outcome.graph``).
+    """
+    if trace is not None and mode != "prune":
+        raise ValueError("only prune mode can reuse another case's trace: erase builds on the program's tensors")
     out = Outcome(entry.name, mode)
     model, example, second = entry.make()
     out.params_full = sum(p.numel() for p in model.parameters())
@@ -319,8 +340,10 @@ def run_case(entry: Entry, mode: str) -> Outcome:
         stage = "OTO(...)"
         before = _snapshot(model)
         t = time.perf_counter()
-        oto = OTO(model, example, mode=mode, dynamic_shapes=entry.dynamic_shapes)
+        with _reusing(trace):
+            oto = OTO(model, example, mode=mode, dynamic_shapes=entry.dynamic_shapes)
         out.trace_s = time.perf_counter() - t
+        out.graph = oto.graph
         out.modified += _changed(model, before, "OTO(...)")
         out.groups, out.removable, out.reasons = len(oto.groups), len(oto.prunable_groups), _reasons(oto)
         stage = "random_set_zero_groups"

@@ -1,6 +1,7 @@
 """The real-world suite's own tools: the zoo is what the issue lists, and the checks can fail."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -132,3 +133,26 @@ def test_control_model_passes_every_check_in_both_modes():
     for mode in ("prune", "erase"):
         out = run_case(ZOO["fixture_residual_mlp"], mode)
         assert out.failures() == [] and out.removed > 0, (mode, out.failures())
+
+
+def test_prune_on_the_erase_trace_measures_what_its_own_trace_does():
+    """The suite runs prune mode on erase mode's trace: the same groups, removal and outputs as tracing afresh,
+    and no second torch.export (a call would hit the guard below)."""
+    import lightning_oto.graph.trace as trace_module
+
+    entry = ZOO["fixture_cat_inplace_branches"]
+    fresh = run_case(entry, "prune")
+    erase = run_case(entry, "erase")
+    real, calls = trace_module._export, []
+    trace_module._export = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        reused = run_case(entry, "prune", trace=erase.graph)
+    finally:
+        trace_module._export = real
+    assert reused.graph is erase.graph and calls == []
+    assert fresh.failures() == reused.failures() == [] and fresh.removed > 0
+    same = ("groups", "removable", "zeroed", "removed", "params_expected", "params_sub", "flops_full", "flops_sub")
+    assert {k: getattr(reused, k) for k in same} == {k: getattr(fresh, k) for k in same}
+    assert reused.err == fresh.err and reused.err2 == fresh.err2
+    with pytest.raises(ValueError, match="prune mode"):
+        run_case(entry, "erase", trace=erase.graph)
