@@ -5,6 +5,7 @@ One spawn of two workers serves the whole file (imports dominate its cost on a s
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fsdp_runs as runs
+from run_once import run_once
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
               pytest.mark.slow]
@@ -26,8 +28,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """What each of the two FSDP2 ranks saw (trained on its half of every batch)."""
-    out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(runs.sharded_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    def spawn(out: Path) -> Path:
+        mp.spawn(runs.sharded_worker, args=(2, _free_port(), str(out)), nprocs=2)
+        return out
+
+    out = run_once(tmp_path_factory, "fsdp_spawn", spawn)  # once, even when both xdist workers need it
     recs = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for r in recs:
         r["out_dir"] = out

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from run_once import run_once
+
 REPO = Path(__file__).parents[1]
 TINY = ["data=digits", "data.max_samples=96", "data.batch_size=16", "data.image_size=16",
         "++model.kwargs.width_mult=0.25", "trainer.max_epochs=2", "threads=1"]
@@ -58,13 +60,17 @@ def readme_snippet() -> str:
 
 @pytest.fixture(scope="module")
 def main_command(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("readme") / README_RUN  # where the README's snippet looks
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONWARNINGS", None)  # the entry point itself must keep the terminal quiet
-    proc = subprocess.run([sys.executable, "-m", "lightning_oto.train", *TINY, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc.stdout + proc.stderr
+    def train(folder: Path) -> tuple[Path, str, int, str]:
+        run_dir = folder / README_RUN  # where the README's snippet looks
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("PYTHONWARNINGS", None)  # the entry point itself must keep the terminal quiet
+        proc = subprocess.run([sys.executable, "-m", "lightning_oto.train", *TINY, f"hydra.run.dir={run_dir}"],
+                              capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+        return run_dir, proc.stdout + proc.stderr, proc.returncode, proc.stderr[-3000:]
+
+    run_dir, output, code, tail = run_once(tmp_path_factory, "readme_main_command", train)  # once per session
+    assert code == 0, tail
+    return run_dir, output
 
 
 def test_main_command_terminal_is_quiet(main_command):
