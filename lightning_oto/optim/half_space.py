@@ -62,26 +62,28 @@ the weight's, so undamped it holds a fading group near ``lr / |w|`` of its size.
 ``d = g`` and it is the paper's bound); measured along the processed direction instead, Adam's
 redundant groups end up aligned with ``-d`` and the bound pins lambda to ``|d|``.
 
-Cost relative to a ``torch.optim.SGD(momentum=0.9)`` step depends on the projection window.  Lambda and the
+Cost relative to a ``torch.optim.SGD(momentum=0.9)`` / ``torch.optim.Adam`` step depends on the projection window.  Lambda and the
 half-space test run every ``projection_interval`` steps, by default ``window // 25`` clipped to 1..16
 (``window`` = projection steps per pruning period), so short windows pay more per step.
-``benchmarks/bench_optim_step.py`` times every phase and interval against SGD in the same rounds.
+``benchmarks/bench_optim_step.py`` times every phase and interval against SGD (Adam with ``--adam``) in the
+same rounds.
 Measured 2026-12-03 (CPU, 2 torch threads, 6.6M parameters, 3,520 channel groups, every parameter
-holding redundant rows, 20 rounds x 80 interleaved steps; median of the per-round ratios to
-``SGD(momentum=0.9)``; other jobs shared the 2 cores for part of the run):
+holding redundant rows, interleaved blocks of 80 steps; median of the per-round ratios).  "x SGD": the
+SGD variant against ``SGD(momentum=0.9)``, 20 rounds (other jobs shared the 2 cores for part of the
+run); "x Adam": the Adam variant against ``torch.optim.Adam`` (``--adam``), 10 rounds on a quiet machine:
 
-=================================  ==========================  =========
-phase (projection interval)        default at windows (steps)  x SGD
-=================================  ==========================  =========
-warm-up                            any                         1.09
-projection, interval 16            400 and more                1.12
-projection, interval 8             200 - 224                   1.26
-projection, interval 4             100 - 124                   1.52
-projection, interval 2             50 - 74                     2.08
-projection, interval 1             under 50                    3.22
-hybrid                             after projection            0.92
-H2SPG projection (interval 16)     400 and more                1.06
-=================================  ==========================  =========
+=================================  ==========================  =========  ==========
+phase (projection interval)        default at windows (steps)  x SGD      x Adam
+=================================  ==========================  =========  ==========
+warm-up                            any                         1.09       1.21
+projection, interval 16            400 and more                1.12       1.23
+projection, interval 8             200 - 224                   1.26       1.41
+projection, interval 4             100 - 124                   1.52       1.62
+projection, interval 2             50 - 74                     2.08       2.03
+projection, interval 1             under 50                    3.22       2.63
+hybrid                             after projection            0.92       1.21
+H2SPG projection (interval 16)     400 and more                1.06       1.24
+=================================  ==========================  =========  ==========
 
 Run the benchmark on your machine before quoting a figure.
 
