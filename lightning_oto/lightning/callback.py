@@ -272,7 +272,7 @@ class OTOCallback(Callback):
             self.oto, self.optimizer = None, None
             self._say(1, "the checkpoint holds a compressed sub-network; training it further without a new search.")
             return
-        self._restore_guard()
+        self._guard.restore((self._loaded_state or {}).get("metric_guard"))  # a resumed fit keeps its reference
         net = resolve_network(pl_module, self.network_attr)
         self.network = net
         self._warn_spawned(trainer)
@@ -669,7 +669,7 @@ class OTOCallback(Callback):
             "world_size": trainer.world_size, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
         }
         rep["phase"] = rep["phase_reached"]  # older name
-        rep.update(self._guard_report())
+        rep.update(self._guard.report())
         rep["speed"] = self._speed_report(trainer, sub, rep.get("flops_full"), rep.get("flops_sub"))
         if self._rank_redundant is not None and len(self._rank_redundant) > 1:
             rep["redundant_group_ids_per_rank"] = self._rank_redundant
@@ -730,16 +730,11 @@ class OTOCallback(Callback):
         if guard_validation(self._guard, trainer, self.optimizer, self.settings.stop_on_metric_drop, self._who()):
             self._say(1, "stop_on_metric_drop: stopping the fit.")
 
-    def _guard_report(self) -> dict[str, Any]:
-        """The report's guard entries: ``metric_guard`` (the record) and ``degraded``."""
-        return self._guard.report()
-
-    def _guard_state(self) -> dict[str, Any]:
-        return self._guard.state()
-
-    def _restore_guard(self) -> None:
-        """A resumed fit keeps its dense reference (the checkpoint's callback state)."""
-        self._guard.restore((self._loaded_state or {}).get("metric_guard"))
+    @property
+    def metric_guard(self) -> MetricGuard:
+        """The accuracy guard of this fit (dense reference, every phase's metric, the first drop); an
+        :class:`OTOMixin` module on the same trainer reports this one instead of its own."""
+        return self._guard
 
     def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._record_metrics(trainer, "test")
@@ -849,7 +844,7 @@ class OTOCallback(Callback):
             "space_hash": self.space_id, "num_groups": len(self.oto.groups) if self.oto is not None else None,
             "phase": opt.phase, "phase_code": PHASE_CODES[opt.phase], "num_steps": int(opt.num_steps),
             "redundant": list(opt.redundant_group_ids), "target_group_sparsity": self.settings.target_group_sparsity,
-            "compressed": self.subnet_payload is not None, "metric_guard": self._guard_state(),
+            "compressed": self.subnet_payload is not None, "metric_guard": self._guard.state(),
             **self._sharded_search_state(),
         }
 

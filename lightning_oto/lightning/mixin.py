@@ -207,7 +207,7 @@ class OTOMixin:
         """The accuracy guard of the current search (settings ``monitor`` and ``max_metric_drop``); when an
         :class:`OTOCallback` drives the fit, the callback's guard (one record, one announcement)."""
         cb = self._oto_callback()
-        return cb._guard if cb is not None else self._oto_own_guard()
+        return cb.metric_guard if cb is not None else self._oto_own_guard()
 
     def _oto_own_guard(self) -> MetricGuard:
         if self._oto_guard is None:
@@ -220,7 +220,7 @@ class OTOMixin:
         the guard it carries (the callback imports this module, so this module does not import it)."""
         trainer = self._oto_trainer()
         callbacks = getattr(trainer, "callbacks", None) or []
-        return next((cb for cb in callbacks if isinstance(getattr(cb, "_guard", None), MetricGuard)), None)
+        return next((cb for cb in callbacks if isinstance(getattr(cb, "metric_guard", None), MetricGuard)), None)
 
     def on_validation_end(self) -> None:
         """Watch each validation of a fit as :class:`OTOCallback` does (the user's hook still runs)."""
