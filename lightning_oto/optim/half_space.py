@@ -165,6 +165,14 @@ def cut_ratio_summary(ratios: Sequence[float], by_half_space: int = 0,
             "forced_at_deadline": at_deadline}
 
 
+def _positive(scores: torch.Tensor) -> list[float]:
+    """Saliencies shifted to start just above zero (a ratio or a sum of them then means the same for any
+    score scale)."""
+    s = scores.tolist()
+    lo, hi = (min(s), max(s)) if s else (0.0, 0.0)
+    return [v - lo + 1e-3 * ((hi - lo) or 1.0) for v in s]
+
+
 def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
@@ -646,14 +654,12 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         ids = self._index.group_ids
         tracker = self.cost_model.tracker(self._redundant_ids)
         ex = self._redundant.tolist()
-        s = scores.tolist()
-        lo, hi = (min(s), max(s)) if s else (0.0, 0.0)
-        floor = lo - 1e-3 * ((hi - lo) or 1.0)
+        weight = _positive(scores)
         ranked = []
         for pos, gid in enumerate(ids):
             gain = sum(tracker.saving(gid)[k] for k in targets) if not ex[pos] else 0.0
             if gain > 0:
-                ranked.append(((s[pos] - floor) / gain ** self.cost_weight, pos))
+                ranked.append((weight[pos] / gain ** self.cost_weight, pos))
         ranked.sort()
         rules = self._acceptance_rules()
         accepted, chosen, skipped = set(self._redundant_ids), [], []
@@ -678,7 +684,8 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
             chosen = self._drop_surplus(chosen + closing, targets)
         return self._search_combinations(scores, targets, chosen)
 
-    def _budget_key(self, fractions: Mapping[str, float], targets: Mapping[str, float],
+    @staticmethod
+    def _budget_key(fractions: Mapping[str, float], targets: Mapping[str, float],
                     cost: float) -> tuple[float, float, bool, float]:
         """Order of preference between two selections: within ``BUDGET_TOLERANCE`` of every target (over it
         first, then under it), then at or below the targets (``BUDGET_SLACK`` allowed), then the least
@@ -697,9 +704,7 @@ class HalfSpaceOptimizer(torch.optim.Optimizer):
         search counts savings as additive; the winner replaces the greedy result only if its exact count
         is better."""
         ids, base = self._index.group_ids, set(self._redundant_ids)
-        s = scores.tolist()
-        lo, hi = (min(s), max(s)) if s else (0.0, 0.0)
-        weight = [v - lo + 1e-3 * ((hi - lo) or 1.0) for v in s]
+        weight = _positive(scores)
 
         def exact_key(positions: Iterable[int]) -> tuple[float, float, bool, float]:
             positions = list(positions)
