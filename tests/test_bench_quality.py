@@ -98,3 +98,19 @@ def test_the_page_shows_the_cut_norms_the_optimizer_recorded():
     line = bq.cut_norm_line([r, {**r, "method": "tp magnitude uniform"}])
     assert "1 lightning_oto runs and 3 groups" in line and "1 above 0.1" in line and "1 forced" in line
     assert bq.cut_cell({**r, "cut_norm_ratio": cut_ratio_summary([])}) == "–"
+
+
+def test_a_methods_rerun_replaces_only_its_own_cells(tmp_path):
+    """``--methods erase`` writes ``<task>_seed<k>_erase.jsonl``; the page takes its cells over the full run's
+    (the later file by name) and keeps every other cell, and names both files as its sources."""
+    import json
+
+    def row(method, acc):
+        return dict(task="resnet", seed=0, method=method, keep=0.5, acc=acc, flops_kept=0.5, params_kept=0.5)
+
+    (tmp_path / "resnet_seed0.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in (row("lightning_oto erase", 0.90), row("lightning_oto prune", 0.95))))
+    (tmp_path / "resnet_seed0_erase.jsonl").write_text(json.dumps(row("lightning_oto erase", 0.97)))
+    rows = {r["method"]: r for r in bq.load_rows(tmp_path)}
+    assert rows["lightning_oto erase"]["acc"] == 0.97 and rows["lightning_oto erase"]["source"].endswith("_erase.jsonl")
+    assert rows["lightning_oto prune"]["acc"] == 0.95 and rows["lightning_oto prune"]["source"] == "resnet_seed0.jsonl"
