@@ -84,6 +84,14 @@ def test_findings_say_plainly_where_lightning_oto_is_below():
     rows[1]["acc"] = 0.99
     text = "\n".join(bq.findings(bq.aggregate(rows), ["resnet"], (0.5,)))
     assert "at or above the best Torch-Pruning variant" in text and "below dense" not in text
+    rows += [{**r, "task": "vgg"} for r in rows]
+    rows[-3]["acc"] = 0.96  # vgg: lightning_oto prune 1 point below the best Torch-Pruning variant
+    head = "\n".join(bq.summary(bq.aggregate(rows), ["resnet", "vgg"], (0.5,)))
+    assert "below in 1 of 2 (task, budget) cells" in head and "mean difference +0.5 points" in head
+    assert "Mean per task: resnet +2.0, vgg -1.0." in head
+    rows += [{**rows[0], "seed": 1, "acc": 0.95}]  # resnet dense: 98% on seed 0, 95% on seed 1
+    spread = bq.seed_spread_lines(rows, ["resnet", "vgg"])
+    assert len(spread) == 1 and "resnet: the dense accuracy depends on the seed (98.0% (seed 0), 95.0% (seed 1))" in spread[0]
 
 
 def test_the_page_shows_the_cut_norms_the_optimizer_recorded():
@@ -114,3 +122,33 @@ def test_a_methods_rerun_replaces_only_its_own_cells(tmp_path):
     rows = {r["method"]: r for r in bq.load_rows(tmp_path)}
     assert rows["lightning_oto erase"]["acc"] == 0.97 and rows["lightning_oto erase"]["source"].endswith("_erase.jsonl")
     assert rows["lightning_oto prune"]["acc"] == 0.95 and rows["lightning_oto prune"]["source"] == "resnet_seed0.jsonl"
+
+
+def test_the_word_vote_label_is_the_negation_aware_majority():
+    """Recount every sequence token by token: a sentiment word votes its polarity, flipped by a "not" right
+    before it.  The negations must matter (the task needs attention between neighbours), and the data must not
+    depend on the global RNG."""
+    from quality_tasks import NOT, SENTIMENT, word_vote_data
+
+    torch.manual_seed(1)
+    x, y, xt, yt = word_vote_data(400)
+    torch.manual_seed(2)
+    assert torch.equal(word_vote_data(400)[0], x)
+    for ids, labels in ((x, y), (xt, yt)):
+        flips = 0
+        for seq, label in zip(ids.tolist(), labels.tolist()):
+            votes = [(1 if t < 10 + SENTIMENT else -1) * (-1 if seq[j - 1] == NOT else 1)
+                     for j, t in enumerate(seq) if 10 <= t < 10 + 2 * SENTIMENT]
+            assert len(votes) in (1, 3, 5) and label == int(sum(votes) > 0)
+            naive = sum(1 if t < 10 + SENTIMENT else -1 for t in seq if 10 <= t < 10 + 2 * SENTIMENT)
+            flips += label != int(naive > 0)
+        assert flips > 0.2 * len(labels)
+
+
+def test_the_half_width_resnet_is_the_resnet_at_half_width():
+    from quality_tasks import TASKS, ResNetDigits
+
+    full, thin = ResNetDigits(), TASKS["resnet_thin"].make_model()
+    widths = [m.out_channels for m in full.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in thin.modules() if isinstance(m, nn.Conv2d)] == [round(w / 2) for w in widths]
+    assert sum(p.numel() for p in full.parameters()) == 98_618  # the resnet task's model is unchanged
