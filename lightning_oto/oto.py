@@ -22,7 +22,7 @@ from .optim.shards import from_rank0, mean_over_ranks
 from .space import controls
 from .space.costs import BUDGET_TOLERANCE, CostModel, check_budget, measure_costs
 from .space.groups import Group, group_is_zero, zero_group
-from .subnet.timing import interleaved_times
+from .subnet.timing import dense_stand_in, interleaved_times
 from .subnet.verify import DEFAULT_ATOL, DEFAULT_RTOL, check_outputs, output_difference
 
 log = logging.getLogger("lightning_oto")
@@ -269,10 +269,11 @@ class OTO:
 
     def _latency_ratio(self, sub: nn.Module, runs: int = 21) -> float:
         """Time of ``sub`` over the full model's: interleaved eval forwards of the example input on the model's
-        device (median of ``runs``; this process only)."""
+        device (median of ``runs``; this process only).  The full model is timed as the dense model it stands
+        for (:func:`~lightning_oto.subnet.timing.dense_stand_in`: its zero groups refilled)."""
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         inputs = map_tensors(lambda t: t.to(device), self.example_inputs)
-        t = interleaved_times({"full": self.model, "sub": sub}, inputs, runs=runs, warmup=3)
+        t = interleaved_times({"full": dense_stand_in(self.model), "sub": sub}, inputs, runs=runs, warmup=3)
         return t["sub"] / max(t["full"], 1e-12)
 
     def _check_reachable(self, budget: dict[str, float], costs: CostModel) -> None:
@@ -388,7 +389,8 @@ class OTO:
         if batches and sub is None:
             raise ValueError("speed needs the sub-network: compression_report(sub, speed=...)")
         rep = compression_report(self._mode.reference(self.model), sub, self.example_inputs, self.groups,
-                                 self.zero_group_ids(), speed_batch_sizes=batches, speed_of=self.model)
+                                 self.zero_group_ids(), speed_batch_sizes=batches,
+                                 speed_of=dense_stand_in(self.model) if batches else None)
         rep["params_full"] = sum(p.numel() for p in self.model.parameters())
         if sub is not None:
             rep["param_ratio"] = rep["params_sub"] / max(1, rep["params_full"])

@@ -4,9 +4,14 @@ FLOPs removed are not time saved: small or odd widths run slower per FLOP.  The 
 times both networks on the device they sit on, at batch 1 and at the training batch size: after
 ``warmup`` untimed forwards, ``runs`` rounds time one forward of each network in turn
 (interleaved, so a busy machine slows both alike) and the median per network is kept.
+
+The full model is timed as the dense model it stands for (:func:`dense_stand_in`): after training its
+removed groups are exactly zero, and on CPU that alone made DemoNet's forward 6% faster than the same
+network with dense weights, which understated every speed-up and overstated a latency kept.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any, Sequence
@@ -29,6 +34,25 @@ def batch_of(inputs: ModelInputs, batch: int) -> ModelInputs:
         return t
 
     return map_tensors(rows, inputs)
+
+
+@torch.no_grad()
+def dense_stand_in(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose exactly-zero parameter entries are refilled with small seeded noise (the global
+    RNG is untouched), to be timed in place of the dense model; ``model`` itself when nothing is zero or its
+    parameters are not plain tensors (sharded: copying them is not this function's business)."""
+    params = list(model.parameters())
+    if not any(bool((p == 0).any()) for p in params) or any(type(p.data) is not torch.Tensor for p in params):
+        return model
+    stand_in = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    for p in stand_in.parameters():
+        zero = p == 0
+        if bool(zero.any()):
+            scale = float(p[~zero].abs().mean()) if bool((~zero).any()) else 1e-2
+            noise = torch.randn(int(zero.sum()), generator=gen, dtype=torch.float32) * scale
+            p[zero] = noise.to(device=p.device, dtype=p.dtype)
+    return stand_in
 
 
 def _sync(device: torch.device) -> None:
@@ -105,8 +129,8 @@ def run_speed_report(full: nn.Module, sub: nn.Module, inputs: Any, train_batch: 
     """The report's ``speed`` entry, the same for OTOCallback and OTOMixin: ``sub`` timed against ``full`` at
     batch 1 and at the training batch size (when known), next to the FLOP reduction."""
     batches = (1,) if train_batch is None else (1, train_batch)
-    return speed_vs_flops(measure_speedup(full, sub, inputs, batches), flops_full, flops_sub)
+    return speed_vs_flops(measure_speedup(dense_stand_in(full), sub, inputs, batches), flops_full, flops_sub)
 
 
-__all__ = ["batch_of", "interleaved_times", "loader_batch_size", "measure_speedup", "run_speed_report",
+__all__ = ["batch_of", "dense_stand_in", "interleaved_times", "loader_batch_size", "measure_speedup", "run_speed_report",
            "speed_vs_flops"]
