@@ -2,7 +2,8 @@
 
 A random half (``--fraction``) of the prunable groups of a ResNet-50-layout net and of a MobileNetV2-layout net
 (both handwritten, random weights) is zeroed with ``round_to`` in {1, 8, 16, 32}; each sub-network is
-timed against the full model with the compression report's own measurement
+timed against the full model (as the dense model it stands for: :func:`~lightning_oto.subnet.timing.dense_stand_in`
+refills the zeroed groups, as the compression report does) with the report's own measurement
 (:func:`lightning_oto.subnet.timing.measure_speedup`: median of interleaved runs after warm-up,
 ``torch.inference_mode``) at batch 1 and 8.  Printed: FLOP reduction (full / sub), measured speed-up,
 and the speed-up as a fraction of the FLOP reduction (1.0 = time follows FLOPs).
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from bench_engine import ResNet50
 from lightning_oto import OTO
 from lightning_oto.subnet.report import count_flops
-from lightning_oto.subnet.timing import measure_speedup, speed_vs_flops
+from lightning_oto.subnet.timing import dense_stand_in, measure_speedup, speed_vs_flops
 
 
 class InvertedResidual(nn.Module):
@@ -94,7 +95,7 @@ def main() -> None:
     for name in args.models:
         for r in args.round_to:
             full, sub = sub_network(makes[name], r, x, args.seed, args.fraction)
-            speed = measure_speedup(full, sub, (x,), batch_sizes=(1, 8), runs=args.runs)
+            speed = measure_speedup(dense_stand_in(full), sub, (x,), batch_sizes=(1, 8), runs=args.runs)
             speed = speed_vs_flops(speed, count_flops(full, (x[:1],)), count_flops(sub, (x[:1],)))
             b1, b8 = speed["batches"]["1"], speed["batches"]["8"]
             print(f"| {name} | {r} | {speed['flop_reduction']:.2f}x | {b1['speedup']:.2f}x | "
