@@ -37,12 +37,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; returns the result dict (also written to result.json)."""
     from .lightning.terminal import quiet_terminal
 
-    quiet_terminal()
     out_dir = Path(cfg.paths.output_dir)
+    compofa = cfg.get("task", "oto") == "compofa"
+    use_oto = not compofa and bool(cfg.oto.get("enabled", True))
+    if use_oto:
+        _check_oto_settings(cfg, out_dir)  # before quiet_terminal, which imports Lightning
+    quiet_terminal()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("task", "oto") == "compofa":
+    if compofa:
         return _run_compofa(cfg, out_dir)
-    use_oto = bool(cfg.oto.get("enabled", True))
     result = _run_one(cfg, out_dir, use_oto)
     if cfg.get("baseline", False) and use_oto:
         base = _baseline(cfg, out_dir)
@@ -249,19 +252,36 @@ def _trainer(cfg: DictConfig, out_dir: Path, use_oto: bool) -> tuple[Any, Any]:
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None and "_target_" in c]
     oto_cb = None
     if use_oto:
-        oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
-        oto_cfg.pop("enabled", None)
-        oto_cfg["budget"] = asked_budget(oto_cfg)
-        if oto_cfg["budget"]:  # a budget set on the command line replaces the config's default sparsity
-            oto_cfg.pop("target_group_sparsity", None)
-        oto_cfg.setdefault("plot_curves", bool(cfg.get("plot_curves", True)))
-        oto_cb = OTOCallback(network_attr="net", export_dir=str(out_dir / "oto"), swap_subnet=True, **oto_cfg)
+        oto_cb = OTOCallback(**_callback_kwargs(cfg, out_dir))
         callbacks.append(oto_cb)
     if use_oto:
         _refuse_fsdp1(cfg.trainer)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     return oto_cb, trainer
+
+
+def _callback_kwargs(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """The ``OTOCallback`` arguments of a run: the ``oto`` group, the run's export folder, the swap."""
+    oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
+    oto_cfg.pop("enabled", None)
+    oto_cfg["budget"] = asked_budget(oto_cfg)
+    if oto_cfg["budget"]:  # a budget set on the command line replaces the config's default sparsity
+        oto_cfg.pop("target_group_sparsity", None)
+    oto_cfg.setdefault("plot_curves", bool(cfg.get("plot_curves", True)))
+    return dict(network_attr="net", export_dir=str(out_dir / "oto"), swap_subnet=True, **oto_cfg)
+
+
+def _check_oto_settings(cfg: DictConfig, out_dir: Path) -> None:
+    """Refuse a bad ``oto`` value before Lightning is even imported (seconds sooner; the callback checks the
+    same settings again when it is built)."""
+    from .errors import ConfigError
+    from .lightning.settings import OTOSettings
+
+    try:
+        OTOSettings.from_kwargs(**_callback_kwargs(cfg, out_dir))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).strip() or type(e).__name__) from e
 
 
 def _refuse_fsdp1(trainer_cfg: DictConfig) -> None:

@@ -207,6 +207,30 @@ def test_a_bad_value_prints_its_reason_alone(tmp_path):
         "lightning_oto.train: invalid configuration: target_group_sparsity must be a number in [0, 1), got 1.5."]
 
 
+def test_a_bad_oto_value_is_refused_before_lightning_is_imported(tmp_path):
+    """The oto settings are checked first: the user waits for torch, not for Lightning, to read the reason."""
+    script = f"""
+import sys
+from hydra import compose, initialize_config_module
+from lightning_oto.errors import ConfigError
+from lightning_oto.train import run
+with initialize_config_module(config_module="lightning_oto.conf", version_base="1.3"):
+    cfg = compose(config_name="config", overrides=["data=synthetic", "oto.budget.flops=1.5",
+                                                   "paths.output_dir={tmp_path}"])
+try:
+    run(cfg)
+except ConfigError as e:
+    print("refused:", e)
+print("lightning imported:", "lightning" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("refused: ") and "flops" in lines[0] and "1.5" in lines[0], lines
+    assert lines[-1] == "lightning imported: False"
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "lightning.pytorch.strategies.FSDPStrategy"])
 def test_fsdp1_is_refused_by_name_pointing_to_fsdp2(tmp_path, strategy):
     """Lightning itself only says FSDP needs a GPU on CPU; the run names FSDP1 and the FSDP2 configs instead."""

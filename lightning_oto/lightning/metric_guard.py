@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 #: the metrics tried, in order, when ``monitor`` is not given
 DEFAULT_MONITORS = ("val_acc", "val_accuracy", "val/acc", "val/accuracy", "val_loss", "val/loss")
@@ -151,6 +150,8 @@ def guard_validation(guard: MetricGuard, trainer: Any, optimizer: Any, stop_on_d
     name = guard.pick(metrics)
     if name is None:
         if guard.monitor is not None and not guard.missing_said:
+            from lightning.pytorch.utilities import rank_zero_warn  # here: settings load without Lightning
+
             guard.missing_said = True
             rank_zero_warn(f"{who}: monitor={guard.monitor!r} is not among the logged metrics "
                            f"{sorted(metrics)}; the accuracy guard is off.")
