@@ -114,7 +114,7 @@ def selection(keep: float) -> dict[str, Any]:
 
 
 def run_oto(oto: OTO, init: dict[str, torch.Tensor], task: Task, data: Data, seed: int, keep: float,
-            dense: dict[str, float]) -> dict[str, Any]:
+            dense: dict[str, float], oto_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``oto.model`` from ``init`` with DHSPG (prune) / H2SPG (erase), construct, measure."""
     ask = selection(keep)
     oto.model.load_state_dict(init)
@@ -124,7 +124,7 @@ def run_oto(oto: OTO, init: dict[str, torch.Tensor], task: Task, data: Data, see
     if task.optimizer == "sgd":
         hp["momentum"] = 0.9
     make = oto.dhspg if oto.mode == "prune" else oto.h2spg
-    opt = make(**hp, **ask)
+    opt = make(**hp, **ask, **(oto_kwargs or {}))
     train(oto.model, opt, data, task, seed, range(task.epochs), task.epochs * spe)
     sub = oto.construct_subnet()
     out = measure(sub, dense, data)
@@ -245,8 +245,8 @@ def clock() -> tuple[float, float]:
 
 
 def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...],
-             log: Callable[[dict[str, Any]], None], methods: tuple[str, ...] = ("prune", "erase", "tp")
-             ) -> list[dict[str, Any]]:
+             log: Callable[[dict[str, Any]], None], methods: tuple[str, ...] = ("prune", "erase", "tp"),
+             oto_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The dense run and ``methods`` on one task and seed; each row is also handed to ``log`` as soon as it
     exists.  Torch-Pruning is pruned to the FLOPs prune mode reached, so ``tp`` needs ``prune``."""
     rows: list[dict[str, Any]] = []
@@ -274,7 +274,9 @@ def run_task(task: Task, data: Data, seed: int, budgets: tuple[float, ...],
             if oto.prunable_groups:
                 t0 = clock()
                 try:
-                    res = run_oto(oto, init, task, data, seed, keep, dense)
+                    res = run_oto(oto, init, task, data, seed, keep, dense, oto_kwargs)
+                    if oto_kwargs:
+                        res["oto_kwargs"] = oto_kwargs
                 except ValueError as e:  # a budget the search space cannot reach is refused before training
                     res = {"note": f"refused: {str(e).split(';')[0]}"}
                 add(f"lightning_oto {mode}", keep, t0, **res)
@@ -645,7 +647,12 @@ def main() -> None:
     ap.add_argument("--page-only", action="store_true", help="rebuild the page from the saved rows, run nothing")
     ap.add_argument("--methods", nargs="+", default=["prune", "erase", "tp"], choices=["prune", "erase", "tp"],
                     help="besides the dense run (tp needs prune: it is pruned to the FLOPs prune mode reached)")
+    ap.add_argument("--oto-kwargs", default=None, metavar="JSON",
+                    help='an ablation: extra optimizer arguments for lightning_oto, e.g. \'{"pruning_periods": 3}\' '
+                         "(use with --out: the rows must not mix with the page's)")
     args = ap.parse_args()
+    if args.oto_kwargs and args.out is None:
+        ap.error("--oto-kwargs needs --out (an ablation's rows must not land in docs/results/quality)")
     if "tp" in args.methods and "prune" not in args.methods:
         ap.error("--methods tp needs prune (Torch-Pruning is pruned to the FLOPs prune mode reached)")
     repo = Path(__file__).resolve().parents[1]
@@ -676,7 +683,8 @@ def run_tasks(args: argparse.Namespace, budgets: tuple[float, ...], results: Pat
                 tag += "_" + "_".join(args.methods)
             path = results / f"{name}_seed{seed}{tag}.jsonl"
             path.write_text("")
-            run_task(task, data, seed, budgets, lambda row, path=path: save_row(row, path), tuple(args.methods))
+            run_task(task, data, seed, budgets, lambda row, path=path: save_row(row, path), tuple(args.methods),
+                     json.loads(args.oto_kwargs) if args.oto_kwargs else None)
 
 
 def save_row(row: dict[str, Any], path: Path) -> None:
