@@ -23,6 +23,7 @@ constructed / pruned model; "kept" is the fraction of the dense model's FLOPs or
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import functools
 import itertools
@@ -444,7 +445,7 @@ def plot(agg: dict, tasks: list[str], budgets: tuple[float, ...], path: Path, ro
     cols = min(2, len(tasks))
     nrows = math.ceil(len(tasks) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.6 * nrows), squeeze=False)
-    seeds = len({r["seed"] for r in rows})
+    seeds = seed_count(rows)
     for ax, task in zip(axes.flat, tasks):
         t = task_as_run(task, rows)
         for method in METHOD_ORDER:
@@ -489,6 +490,19 @@ def task_setup(task: str, agg: dict, rows: list[dict[str, Any]]) -> str:
 def cut_cell(r: dict[str, Any]) -> str:
     c = r.get("cut_norm_ratio") or {}
     return "–" if not c.get("cut") else f"{c['median']:.1e}, {c['max']:.1e}"
+
+
+def seed_count(rows: list[dict[str, Any]]) -> str:
+    """How many seeds each task has: "4", or "4 (bert_vote: 8)" when a task has more or fewer."""
+    per_task = collections.Counter()
+    for task, seed in {(r["task"], r["seed"]) for r in rows}:
+        per_task[task] += 1
+    if not per_task:
+        return "0"
+    freq = collections.Counter(per_task.values())
+    usual = max(freq, key=lambda n: (freq[n], -n))  # the most common count (a tie: the smaller)
+    odd = ", ".join(f"{t}: {n}" for t, n in sorted(per_task.items()) if n != usual)
+    return f"{usual} ({odd})" if odd else str(usual)
 
 
 def seed_spread_lines(rows: list[dict[str, Any]], tasks: list[str], points: float = 2.0) -> list[str]:
@@ -538,7 +552,7 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
     if not tasks:
         raise SystemExit(f"no result rows to write a page from (looked in {out / 'results'})")
     budgets = tuple(sorted(budgets, reverse=True))
-    seeds = len({r["seed"] for r in rows})
+    seeds = seed_count(rows)
     sources = sorted({r["source"] for r in rows if "source" in r})
     agg = aggregate(rows)
     plot(agg, tasks, budgets, out / "quality.png", rows)

@@ -91,6 +91,7 @@ def test_findings_say_plainly_where_lightning_oto_is_below():
     assert "Mean per task: resnet +2.0, vgg -1.0." in head
     rows += [{**rows[0], "seed": 1, "acc": 0.95}]  # resnet dense: 98% on seed 0, 95% on seed 1
     spread = bq.seed_spread_lines(rows, ["resnet", "vgg"])
+    assert bq.seed_count(rows) == "1 (resnet: 2)"
     assert len(spread) == 1 and "resnet: the dense accuracy depends on the seed (98.0% (seed 0), 95.0% (seed 1))" in spread[0]
 
 
