@@ -362,8 +362,7 @@ def test_a_lucky_timing_is_timed_again_before_the_latency_budget_counts_as_met(m
     reached = opt.budget_reached["latency"]
     assert abs(reached - 0.5) <= 0.05 * 0.5 and reached != 0.5  # the mean of a lucky and a true reading
     kept_truth = 2 * reached - 0.5
-    assert any(math.isclose(kept_truth, t, rel_tol=1e-9) for t in truth)
-    assert abs(truth[1] - 0.5) > 0.05 * 0.5  # the first try alone was off: its lucky reading would have ended it
+    assert any(math.isclose(kept_truth, t, rel_tol=1e-9) for t in truth)  # (old code: the lucky 0.5 itself)
 
 
 def test_latency_budget_without_measurement_meets_the_modelled_fraction(monkeypatch):
