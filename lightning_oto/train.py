@@ -40,13 +40,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     compofa = cfg.get("task", "oto") == "compofa"
     use_oto = not compofa and bool(cfg.oto.get("enabled", True))
-    if use_oto:
-        _check_oto_settings(cfg, out_dir)  # before quiet_terminal, which imports Lightning
+    settings = _oto_settings(cfg, out_dir) if use_oto else None  # before quiet_terminal, which imports Lightning
     quiet_terminal()
     out_dir.mkdir(parents=True, exist_ok=True)
     if compofa:
         return _run_compofa(cfg, out_dir)
-    result = _run_one(cfg, out_dir, use_oto)
+    result = _run_one(cfg, out_dir, settings)
     if cfg.get("baseline", False) and use_oto:
         base = _baseline(cfg, out_dir)
         result.update(baseline_test_acc=base.get("test_acc"), baseline_params=base.get("params_full"),
@@ -68,7 +67,7 @@ def _baseline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             log.info("dense baseline: reusing %s (trained once per sweep)", saved)
             return json.loads(saved.read_text())
         log.info("dense baseline: training into %s", base_dir)
-        return _run_one(_dense_copy(cfg, base_dir), base_dir, use_oto=False)
+        return _run_one(_dense_copy(cfg, base_dir), base_dir, settings=None)
 
 
 def _baseline_dir(cfg: DictConfig, out_dir: Path) -> Path:
@@ -130,19 +129,20 @@ def asked_budget(oto_cfg: dict[str, Any]) -> dict[str, float] | None:
     return budget or None
 
 
-def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
-    """Train (compressing with the OTOCallback when ``use_oto``), validate and test; the result dict."""
+def _run_one(cfg: DictConfig, out_dir: Path, settings: Any) -> dict[str, Any]:
+    """Train (compressing with an OTOCallback of ``settings``; None: dense), validate and test; the result dict."""
     import lightning as L
     import torch
 
     from .errors import InvalidSubnetError
 
+    use_oto = settings is not None
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(max(1, int(cfg.get("threads") or torch.get_num_threads())))
     with _config_errors():
         dm, module = _data_and_module(cfg)
-        oto_cb, trainer = _trainer(cfg, out_dir, use_oto)
+        oto_cb, trainer = _trainer(cfg, out_dir, settings)
     oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
     result: dict[str, Any] = {
         "experiment": cfg.get("experiment_name", "default"), "model": cfg.model.name, "data": cfg.data.name,
@@ -187,17 +187,21 @@ def _run_one(cfg: DictConfig, out_dir: Path, use_oto: bool) -> dict[str, Any]:
 @contextmanager
 def _config_errors() -> Iterator[None]:
     """Errors raised while the run's objects are built from the config are bad settings: a ``ConfigError``
-    (carrying the original as its cause).  Errors after that (training, export) stay what they are."""
+    (carrying the original as its cause).  Errors after that (training, export) stay what they are.
+    Lightning's ``MisconfigurationException`` counts only once Lightning is loaded (the settings are
+    checked before it is)."""
     from hydra.errors import InstantiationException
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from .errors import ConfigError
 
+    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
+    bad = (ValueError, TypeError, KeyError, InstantiationException) + (
+        (lightning_errors.MisconfigurationException,) if lightning_errors is not None else ())
     try:
         yield
     except ConfigError:
         raise
-    except (ValueError, TypeError, KeyError, InstantiationException, MisconfigurationException) as e:
+    except bad as e:
         reason = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(reason.strip() or type(e).__name__) from e
 
@@ -244,44 +248,36 @@ def _data_and_module(cfg: DictConfig) -> tuple[Any, Any]:
     return dm, module
 
 
-def _trainer(cfg: DictConfig, out_dir: Path, use_oto: bool) -> tuple[Any, Any]:
+def _trainer(cfg: DictConfig, out_dir: Path, settings: Any) -> tuple[Any, Any]:
     from hydra.utils import instantiate
 
     from .lightning import OTOCallback
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None and "_target_" in c]
     oto_cb = None
-    if use_oto:
-        oto_cb = OTOCallback(**_callback_kwargs(cfg, out_dir))
+    if settings is not None:
+        oto_cb = OTOCallback(settings=settings)
         callbacks.append(oto_cb)
-    if use_oto:
         _refuse_fsdp1(cfg.trainer)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     return oto_cb, trainer
 
 
-def _callback_kwargs(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """The ``OTOCallback`` arguments of a run: the ``oto`` group, the run's export folder, the swap."""
+def _oto_settings(cfg: DictConfig, out_dir: Path) -> Any:
+    """The run's ``OTOSettings`` (the ``oto`` group, the run's export folder, the swap), checked before Lightning
+    is even imported: a bad value is refused seconds sooner."""
+    from .lightning.settings import OTOSettings
+
     oto_cfg = OmegaConf.to_container(cfg.oto, resolve=True)
     oto_cfg.pop("enabled", None)
     oto_cfg["budget"] = asked_budget(oto_cfg)
     if oto_cfg["budget"]:  # a budget set on the command line replaces the config's default sparsity
         oto_cfg.pop("target_group_sparsity", None)
     oto_cfg.setdefault("plot_curves", bool(cfg.get("plot_curves", True)))
-    return dict(network_attr="net", export_dir=str(out_dir / "oto"), swap_subnet=True, **oto_cfg)
-
-
-def _check_oto_settings(cfg: DictConfig, out_dir: Path) -> None:
-    """Refuse a bad ``oto`` value before Lightning is even imported (seconds sooner; the callback checks the
-    same settings again when it is built)."""
-    from .errors import ConfigError
-    from .lightning.settings import OTOSettings
-
-    try:
-        OTOSettings.from_kwargs(**_callback_kwargs(cfg, out_dir))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e).strip() or type(e).__name__) from e
+    with _config_errors():
+        return OTOSettings.from_kwargs(network_attr="net", export_dir=str(out_dir / "oto"), swap_subnet=True,
+                                       **oto_cfg)
 
 
 def _refuse_fsdp1(trainer_cfg: DictConfig) -> None:
