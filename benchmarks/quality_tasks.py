@@ -133,8 +133,8 @@ class ResNetDigits(nn.Module):
 
     def __init__(self, num_classes: int = 10, scale: float = 1.0) -> None:
         super().__init__()
-        s, i = (round(w * scale) for w in (16, 28, 40)), (round(w * scale) for w in (24, 20, 32, 24, 48, 40))
-        (w1, w2, w3), (i1, i2, i3, i4, i5, i6) = s, i
+        w1, w2, w3 = (round(w * scale) for w in (16, 28, 40))
+        i1, i2, i3, i4, i5, i6 = (round(w * scale) for w in (24, 20, 32, 24, 48, 40))
         self.stem = conv_bn(1, w1)
         self.layers = nn.Sequential(
             BasicBlock(w1, i1, w1), BasicBlock(w1, i2, w1),
