@@ -80,14 +80,21 @@ def test_unprunable_reasons_are_reported():
     assert all(not g.prunable and "output" in g.reason for g in out)
 
 
-def test_layernorm_over_channels_is_unprunable():
-    """The model width is normalised by LayerNorm: kept. The MLP hidden channels and the heads go."""
+def test_layernorm_width_goes_with_its_norm_entries():
+    """The model width is normalised by LayerNorm modules: a width channel goes with its entries in both norms
+    (the slimmed norms keep the full width's statistics, tests/test_hidden_width.py), as do the MLP hidden
+    channels and the heads."""
     model, x = make("transformer_mlp")
     oto = OTO(model, x)
-    prunable_params = {s.name for g in oto.prunable_groups for s in g.slices}
-    assert prunable_params == {"fc1.weight", "fc1.bias", "attn.in_proj_weight", "attn.in_proj_bias"}
     width = [g for g in oto.groups if any(s.name == "emb.weight" for s in g.slices)]
-    assert len(width) == 16 and all(not g.prunable and "normalizes over the channel" in g.reason for g in width)
+    assert len(width) == 16 and all(g.prunable for g in width)
+    for g in width:
+        assert {s.name for s in g.slices} == {"emb.weight", "emb.bias", "ln1.weight", "ln1.bias", "ln2.weight",
+                                              "ln2.bias", "attn.out_proj.weight", "attn.out_proj.bias",
+                                              "fc2.weight", "fc2.bias"}
+        assert {s.name for s in g.dependents} == {"attn.in_proj_weight", "fc1.weight", "head.weight"}
+    prunable_params = {s.name for g in oto.prunable_groups for s in g.slices}
+    assert {"fc1.weight", "fc1.bias", "attn.in_proj_weight", "attn.in_proj_bias"} <= prunable_params
     heads = [g for g in oto.prunable_groups if any(s.name == "attn.in_proj_weight" for s in g.slices)]
     assert len(heads) == 2  # nn.MultiheadAttention(16, 2): one group per head
     for g in heads:

@@ -119,6 +119,11 @@ def _fix_attributes(m: nn.Module, old: dict[str, int]) -> None:
         per = old["num_channels"] // old["num_groups"]
         m.num_channels = m.weight.shape[0]
         m.num_groups = m.num_channels // per
+    elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and isinstance(w, torch.Tensor) \
+            and tuple(w.shape) != tuple(m.normalized_shape):
+        m.full_width = getattr(m, "full_width", m.normalized_shape[-1])
+        m.normalized_shape = tuple(w.shape)
+        m.__class__ = PrunedLayerNorm if isinstance(m, nn.LayerNorm) else PrunedRMSNorm
     elif isinstance(m, nn.PReLU):
         m.num_parameters = m.weight.shape[0]
     elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
@@ -128,6 +133,39 @@ def _fix_attributes(m: nn.Module, old: dict[str, int]) -> None:
             m.num_heads = heads
             m.embed_dim = m.kdim = m.vdim = width
             m.__class__ = PrunedMultiheadAttention
+
+
+class PrunedLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` after its removed channels: they were exactly zero in the full model, so they added
+    nothing to the sums, but the mean and variance were taken over ``full_width`` channels.  Same maths on
+    the kept ones: ``mean = sum / full_width``, and each removed channel adds ``mean**2`` to the variance."""
+
+    full_width: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n, k = self.full_width, x.shape[-1]
+        h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mean = h.sum(-1, keepdim=True) / n
+        centred = h - mean
+        var = (centred.square().sum(-1, keepdim=True) + (n - k) * mean.square()) / n
+        y = (centred * torch.rsqrt(var + self.eps)).to(x.dtype)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class PrunedRMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` after its removed (exactly zero) channels: the mean square is still over ``full_width``."""
+
+    full_width: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        y = (h * torch.rsqrt(h.square().sum(-1, keepdim=True) / self.full_width + eps)).to(x.dtype)
+        return y * self.weight if self.weight is not None else y
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -208,7 +246,7 @@ def _trial(model: nn.Module, inputs: tuple, space: PruneSpace, ids: Sequence[int
     """None when removing groups ``ids`` gives an exact sub-network; else what went wrong."""
     try:
         full = copy.deepcopy(model)
-        params = dict(full.named_parameters())
+        params = dict(full.named_parameters(remove_duplicate=False))  # tied weights: every name
         for i in ids:
             zero_group(space.groups[i], params)
         sub = prune_subnet(full, space, [space.groups[i] for i in ids])
@@ -243,4 +281,5 @@ def confirm_literal_sizes(model: nn.Module, inputs: tuple, space: PruneSpace, ma
         space.unprunable_ops.setdefault(site.where, "a size written in the forward does not follow the channels")
 
 
-__all__ = ["slim_copy", "prune_subnet", "confirm_literal_sizes", "mismatch_hint", "PrunedMultiheadAttention"]
+__all__ = ["slim_copy", "prune_subnet", "confirm_literal_sizes", "mismatch_hint", "PrunedLayerNorm", "PrunedMultiheadAttention",
+           "PrunedRMSNorm"]

@@ -98,9 +98,15 @@ class GroupNorm(Rule):
 
 
 class LayerNorm(Rule):
-    """layer_norm / rms_norm over the trailing ``normalized_shape`` dims.  Over the channels it is not
-    exact to drop one (the statistics change), so those channels are kept; over other dims each channel
-    is normalised alone, zero stays zero, and a bias makes it non-zero."""
+    """layer_norm / rms_norm over the trailing ``normalized_shape`` dims.
+
+    Over other dims each channel is normalised alone: zero stays zero, and a bias makes it non-zero.
+    Over the channels, dropping one changes the statistics of the others, unless the dropped channel is
+    exactly zero at the input (so it adds nothing to the sums) and the statistics keep dividing by the
+    full width.  The slimmed copy of an ``nn.LayerNorm`` / ``nn.RMSNorm`` module does that
+    (:class:`~lightning_oto.subnet.slim.PrunedLayerNorm`), so there a channel whose input is zero with
+    its group goes with its ``weight`` / ``bias`` entries: this is how a transformer's hidden size is
+    pruned exactly.  A functional call (no module to rewrite) keeps its channels."""
 
     kind = "accessory"
 
@@ -112,13 +118,43 @@ class LayerNorm(Rule):
             return
         k = len(call["normalized_shape"])
         if t.cdim >= len(xs) - k:
-            ctx.el.mark(t.elems, f"{ctx.describe(call)} normalizes over the channel dimension")
-            ctx.set(call, t.not_zero(call.node.op))
+            if not self._prunable_width(ctx, call, t, xs, k):
+                ctx.el.mark(t.elems, f"{ctx.describe(call)} normalizes over the channel dimension")
+                ctx.set(call, t.not_zero(call.node.op))
             return
         ctx.param(call.args.get("weight"))
         b = call.args.get("bias")
         ctx.param(b)
         ctx.set(call, t.moved(t.cdim) if b is None else t.not_zero(f"{call.node.op} bias"))
+
+    @staticmethod
+    def _prunable_width(ctx: "Context", call: Call, t: TensorChannels, xs: tuple[int, ...], k: int) -> bool:
+        """Channels normalised together by a module whose slimmed copy keeps the full width's statistics:
+        each goes with its affine entries; a channel not zero at the input is kept (it feeds the sums)."""
+        from torch import nn
+
+        module = ctx._module(call.node.module) if call.node.module else None
+        if k != 1 or t.cdim != len(xs) - 1 or type(module) not in (nn.LayerNorm, nn.RMSNorm):
+            return False
+        wn = ctx.param_name(call.args.get("weight"))
+        if wn is None:  # no affine weight: a removed channel would come out as -mean / std, not zero
+            return False
+        bn = ctx.param_name(call.args.get("bias")) if call.args.get("bias") is not None else None
+        if call.args.get("bias") is not None and bn is None:
+            return False
+        for c, (e, zero) in enumerate(zip(t.elems, t.zi)):
+            for name in (wn, bn):
+                if name:
+                    ctx.el.add_var(e, name, 0, c)
+            if not zero:
+                ctx.el.mark([e], f"{ctx.describe(call)} normalizes over the channel dimension and this channel is "
+                                 f"not zero at its input ({t.taint or 'not zero-invariant'})")
+        # a forward may derive sizes from this width (``b, n, c = x.shape`` ... ``reshape(b, n, heads, c // heads)``)
+        # that the trace records as numbers: one trial construction confirms the width may shrink
+        ctx.literal_sites.append((f"width {len(t.elems)} normalised by {ctx.describe(call)}",
+                                  [e for e, zero in zip(t.elems, t.zi) if zero]))
+        ctx.set(call, TensorChannels(t.cdim, list(t.elems), list(t.zi), t.taint))
+        return True
 
     def zero_output(self, call: Call, is_zero: IsZero) -> bool:
         w, b = call.args.get("weight"), call.args.get("bias")
