@@ -584,9 +584,10 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
         "- Erase mode removes whole blocks, so the FLOPs it can reach are few and coarse; it is compared with dense "
         "and with the budget, not with Torch-Pruning at equal FLOPs. The VGG-style net has no residual or concat "
         "joint, so erase mode finds nothing to remove there.",
-        "- On BERT, lightning_oto's prune mode removes attention heads and FFN channels but keeps the hidden size "
-        "(LayerNorm normalises over it, so those channels are not zero-invariant); Torch-Pruning also narrows the "
-        "hidden size.", ""]
+        "- On BERT, lightning_oto's prune mode removes attention heads, FFN channels and hidden-size channels (a "
+        "hidden channel goes through the LayerNorm modules exactly: it is zero there, and the slimmed norms keep "
+        "dividing by the full width). Torch-Pruning narrows the hidden size too, by slicing the LayerNorms, which "
+        "changes their statistics until fine-tuning repairs it.", ""]
     lines += ["## Per task and budget: where lightning_oto is below Torch-Pruning or dense, or missed the budget",
               "", "Every comparison is listed; those where lightning_oto loses say *below*.", ""]
     lines += [f"- {f}" for f in findings(agg, tasks, budgets)] or ["- nowhere in this run."]
