@@ -268,8 +268,13 @@ def confirm_literal_sizes(model: nn.Module, inputs: tuple, space: PruneSpace, ma
     picks = [next(g for g in s.groups if space.groups[g].prunable) for s in sites]
     if _trial(model, inputs, space, sorted(set(picks))) is None:
         return
-    for n, (site, pick) in enumerate(zip(sites, picks)):
-        why = _trial(model, inputs, space, [pick]) if n < max_trials else "too many sizes to check"
+    tried = 0
+    for site in sites:
+        pick = next((g for g in site.groups if space.groups[g].prunable), None)
+        if pick is None:  # kept by an earlier site (the norms of one width share its groups)
+            continue
+        why = _trial(model, inputs, space, [pick]) if tried < max_trials else "too many sizes to check"
+        tried += 1
         if why is None:
             continue
         for g in site.groups:
