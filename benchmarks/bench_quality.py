@@ -519,6 +519,43 @@ def seed_spread_lines(rows: list[dict[str, Any]], tasks: list[str], points: floa
     return lines
 
 
+#: two-sided 95% quantile of Student's t by degrees of freedom (a paired interval over a handful of seeds)
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
+        12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13}
+
+
+def paired_seed_differences(rows: list[dict[str, Any]], agg: dict, task: str,
+                            budgets: tuple[float, ...]) -> dict[int, float]:
+    """Per seed: lightning_oto prune minus the best Torch-Pruning variant of each budget (best by its mean over
+    seeds, as in the summary) on the same seed, in points, averaged over the budgets both have on that seed."""
+    acc = {(r["seed"], r["method"], r["keep"]): r["acc"] for r in rows if r["task"] == task and "acc" in r}
+    per_seed: dict[int, list[float]] = {}
+    for keep in budgets:
+        tp = best_tp(agg, task, keep)
+        if tp is None:
+            continue
+        for (seed, method, k), a in acc.items():
+            if method == "lightning_oto prune" and k == keep and (seed, tp[0], keep) in acc:
+                per_seed.setdefault(seed, []).append((a - acc[(seed, tp[0], keep)]) * 100)
+    return {seed: statistics.mean(ds) for seed, ds in sorted(per_seed.items())}
+
+
+def paired_line(rows: list[dict[str, Any]], agg: dict, tasks: list[str], budgets: tuple[float, ...]) -> str:
+    """Whether the seeds tell the methods apart: the mean paired difference per task with its 95% t-interval."""
+    parts = []
+    for task in tasks:
+        d = list(paired_seed_differences(rows, agg, task, budgets).values())
+        if len(d) < 2:
+            continue
+        m, half = statistics.mean(d), T975.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+        parts.append(f"{task} {m:+.1f} [{m - half:+.1f}, {m + half:+.1f}]")
+    if not parts:
+        return "- Paired by seed: fewer than two seeds per task."
+    return ("- Paired by seed (lightning_oto prune minus the best variant, on the same seed's initial weights and "
+            "batches, averaged over the budgets; 95% t-interval over the seeds): " + ", ".join(parts) + ". An "
+            "interval that contains 0 means these seeds do not tell the two methods apart.")
+
+
 def cut_norm_line(rows: list[dict[str, Any]]) -> str:
     """The issue's goal for cuts, over every lightning_oto run: median at most 1e-2, none above 0.1."""
     cuts = [r["cut_norm_ratio"] for r in rows
@@ -575,7 +612,8 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
              f"{TP_GLOBAL_MAX_RATIO} for global ranking, the classifier ignored, BERT heads pruned whole) is "
              "pruned to the FLOPs lightning_oto's prune mode *reached* at that budget (bisection on "
              "`pruning_ratio`), so the prune-mode comparison is at equal FLOPs.", ""]
-    lines += ["## Summary", ""] + summary(agg, tasks, budgets) + seed_spread_lines(rows, tasks) + [cut_norm_line(rows),
+    lines += ["## Summary", ""] + summary(agg, tasks, budgets) + [paired_line(rows, agg, tasks, budgets)] + \
+        seed_spread_lines(rows, tasks) + [cut_norm_line(rows),
         f"- {seeds} seed(s) per cell; on the digit tasks one test image is 0.22 points, so differences of a point or "
         "less are within noise.",
         "- resnet_thin and bert_vote are there because the four other tasks saturate (every method, dense "

@@ -95,6 +95,24 @@ def test_findings_say_plainly_where_lightning_oto_is_below():
     assert len(spread) == 1 and "resnet: the dense accuracy depends on the seed (98.0% (seed 0), 95.0% (seed 1))" in spread[0]
 
 
+def test_the_paired_interval_compares_each_seed_with_the_same_seed():
+    def row(seed, method, acc, keep=0.5):
+        return dict(task="bert_vote", seed=seed, method=method, keep=keep, acc=acc, flops_kept=0.5,
+                    params_kept=0.5, flops=1, params=1)
+
+    # seed 0 is easy for every method, seed 1 hard: lightning_oto is 1 and 3 points above the best variant
+    rows = [row(0, "lightning_oto prune", 0.99), row(0, "tp taylor global", 0.98), row(0, "tp magnitude uniform", 0.90),
+            row(1, "lightning_oto prune", 0.83), row(1, "tp taylor global", 0.80), row(1, "tp magnitude uniform", 0.81)]
+    agg = bq.aggregate(rows)
+    assert bq.best_tp(agg, "bert_vote", 0.5)[0] == "tp taylor global"  # best by the mean over seeds
+    diffs = bq.paired_seed_differences(rows, agg, "bert_vote", (0.5,))
+    assert diffs == pytest.approx({0: 1.0, 1: 3.0})
+    # mean 2, sd sqrt(2), t(1 df) 12.71: half width 12.71 * sqrt(2) / sqrt(2)
+    assert "bert_vote +2.0 [-10.7, +14.7]" in bq.paired_line(rows, agg, ["bert_vote"], (0.5,))
+    one_seed = [r for r in rows if r["seed"] == 0]
+    assert "fewer than two seeds" in bq.paired_line(one_seed, bq.aggregate(one_seed), ["bert_vote"], (0.5,))
+
+
 def test_the_page_shows_the_cut_norms_the_optimizer_recorded():
     """The per-run table and the summary read ``cut_norm_ratio`` as ``cut_ratio_summary`` writes it (the page
     once showed '–' for every run because it looked for another key)."""
