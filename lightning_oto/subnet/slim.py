@@ -138,22 +138,24 @@ def _fix_attributes(m: nn.Module, old: dict[str, int]) -> None:
 class PrunedLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` after its removed channels: they were exactly zero in the full model, so they added
     nothing to the sums, but the mean and variance were taken over ``full_width`` channels.  Same maths on
-    the kept ones: ``mean = sum / full_width``, and each removed channel adds ``mean**2`` to the variance."""
+    the kept ones: with ``r = kept / full_width``, the full mean is ``r`` times the kept channels' mean ``m``,
+    and each removed channel adds ``(r m)**2`` to the variance.  (``torch.var_mean`` would be one call, but on
+    CPU it is several times slower than the two means here; ``benchmarks/bench_pruned_norm.py``.)"""
 
     full_width: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        n, k = self.full_width, x.shape[-1]
+        r = x.shape[-1] / self.full_width
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        mean = h.sum(-1, keepdim=True) / n
+        mean = r * h.mean(-1, keepdim=True)
         centred = h - mean
-        var = (centred.square().sum(-1, keepdim=True) + (n - k) * mean.square()) / n
+        var = r * centred.square().mean(-1, keepdim=True) + (1.0 - r) * mean.square()
         y = (centred * torch.rsqrt(var + self.eps)).to(x.dtype)
+        if self.weight is not None and self.bias is not None:
+            return torch.addcmul(self.bias, y, self.weight)
         if self.weight is not None:
-            y = y * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+            return y * self.weight
+        return y if self.bias is None else y + self.bias
 
 
 class PrunedRMSNorm(nn.RMSNorm):
