@@ -4,7 +4,8 @@ A hidden channel whose every producer is zero is zero at each ``nn.LayerNorm`` /
 nothing to the sums, so the other channels keep their statistics as long as these still divide by the full
 width.  The slimmed copy swaps such a norm for ``PrunedLayerNorm`` / ``PrunedRMSNorm`` (same maths on the kept
 channels), and the width goes with the embedding columns and every norm's entries.  A forward that derives a
-size from the width (``b, n, c = x.shape``) is caught by a trial construction and keeps it.
+size from the width (``b, n, c = x.shape``) is caught by a trial construction and keeps it.  ``transformers``'
+own RMSNorm classes (``LlamaRMSNorm`` and its copies, decomposed in the trace) are matched as one module call.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 import lightning_oto
 from lightning_oto import OTO
 from lightning_oto.space.groups import zero_group
-from lightning_oto.subnet.slim import PrunedLayerNorm, PrunedRMSNorm
+from lightning_oto.subnet.slim import PrunedLayerNorm, PrunedRMSNorm, PrunedVarianceRMSNorm
 
 hf = pytest.importorskip("transformers")
 
@@ -219,3 +220,56 @@ def test_pruned_layer_norm_matches_the_full_norm_on_zero_channels(dtype):
     # dividing by the kept width instead (a plain LayerNorm of the smaller size) is wrong by far more
     plain = F.layer_norm(x[..., kept].float(), (8,), small.weight.float(), small.bias.float(), full.eps)
     assert (plain - full(x)[..., kept].float()).abs().max() > 0.1
+
+
+class CausalLM(nn.Module):
+    """A decoder LM as a user calls it: token ids in, the logits out."""
+
+    def __init__(self, name: str, attn: str = "sdpa", tie: bool = False) -> None:
+        super().__init__()
+        cls, cfg_cls = {"llama": (hf.LlamaForCausalLM, hf.LlamaConfig), "qwen2": (hf.Qwen2ForCausalLM, hf.Qwen2Config),
+                        "gemma": (hf.GemmaForCausalLM, hf.GemmaConfig)}[name]
+        cfg = cfg_cls(**TEXT, num_key_value_heads=2, head_dim=8, use_cache=False, tie_word_embeddings=tie,
+                      attn_implementation=attn)
+        self.lm = cls(cfg)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids).logits
+
+
+def decoder_width(oto: OTO) -> list:
+    return [g for g in oto.groups if any(s.name.endswith("embed_tokens.weight") or s.name.endswith("lm_head.weight")
+                                         and s.dim == 1 for s in g.slices)]
+
+
+@pytest.mark.parametrize("name,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_decoder_rms_norm_width_is_pruned_exactly(name, attn):
+    """``LlamaRMSNorm`` and its copies are decomposed in the trace; matched as one module call, the hidden size
+    goes with their weight entries and the slimmed copy keeps the full width's mean square."""
+    torch.manual_seed(0)
+    oto = OTO(perturb(CausalLM(name, attn)), ids(2, 16))
+    width = decoder_width(oto)
+    assert len(width) == 32 and all(g.prunable for g in width)
+    assert sum(n.endswith("layernorm.weight") or n.endswith("model.norm.weight")
+               for n in {s.name for s in width[0].slices}) == 5  # 2 per layer and the final norm
+    oto.random_set_zero_groups(0.5, seed=1)
+    sub = oto.construct_subnet()
+    norm = sub.lm.model.norm
+    assert type(norm) is PrunedVarianceRMSNorm and norm.full_width == 32 and norm.weight.shape[0] < 32
+    assert sub.oto_verification_error <= 1e-5
+    other = ids(3, 11, seed=2)
+    with torch.no_grad():
+        assert (oto.model(other) - sub(other)).abs().max() <= 1e-5
+
+
+def test_decoder_width_stays_where_the_maths_or_the_weights_differ():
+    """Gemma's RMSNorm scales by ``1 + weight`` (not matched: its mean keeps the width); tied input and output
+    embeddings are one tensor sliced two ways, which the trial construction finds inexact: kept, with why."""
+    torch.manual_seed(0)
+    gemma = OTO(perturb(CausalLM("gemma")), ids(2, 16))
+    assert all(not g.prunable and "reduces over the channels" in g.reason for g in decoder_width(gemma))
+    tied = OTO(perturb(CausalLM("llama", tie=True)), ids(2, 16))
+    width = decoder_width(tied)
+    assert len(width) == 32 and all(not g.prunable and "trial construction" in g.reason for g in width)
+    tied.random_set_zero_groups(0.5, seed=1)
+    assert tied.construct_subnet().oto_verification_error <= 1e-5

@@ -27,6 +27,7 @@ from ..graph.trace import OpGraph, OpNode, concrete_shape
 from .channels import ChannelElements, ParamRef, TensorChannels, merge_slots
 from .groups import Group
 from .rules import MODULE_RULES, Call, ModuleRule, module_rule_for, rule_for
+from .rules.registry import MODULE_RULE_MATCHERS
 
 log = logging.getLogger("lightning_oto")
 
@@ -309,7 +310,7 @@ class ChannelAnalysis:
     # ------------------------------------------------------------------ module rules
     def _module_calls(self) -> dict[int, tuple[ModuleRule, str, nn.Module, list[OpNode]]]:
         """First node id -> (rule, path, module, nodes) of each call of a module that has a module rule."""
-        if self.model is None or not MODULE_RULES:
+        if self.model is None or not (MODULE_RULES or MODULE_RULE_MATCHERS):
             return {}
         calls: dict[str, tuple[ModuleRule, str, nn.Module, list[OpNode]]] = {}
         for node in self.g.nodes:
@@ -320,7 +321,7 @@ class ChannelAnalysis:
                     mod = self.model.get_submodule(path) if path else self.model
                 except AttributeError:
                     continue
-                rule = module_rule_for(type(mod))
+                rule = module_rule_for(type(mod), mod)
                 if rule is not None:
                     calls.setdefault(key, (rule, path, mod, []))[3].append(node)
                     break

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..space.groups import Group, zero_group
+from ..space.rules.norms import is_variance_rms_norm
 from ..space.prune import PruneSpace
 from .plan import plan_keeping_one, removal_plan  # noqa: F401 - removal_plan kept importable from here
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, allowed_error, output_difference
@@ -90,6 +91,8 @@ def _sizes(m: nn.Module) -> dict[str, int]:
               "out_features", "num_features", "num_parameters"):
         if hasattr(m, k) and isinstance(getattr(m, k), int):
             out[k] = getattr(m, k)
+    if is_variance_rms_norm(m):
+        out["rms_width"] = getattr(m, "full_width", m.weight.shape[0])
     return out
 
 
@@ -124,6 +127,9 @@ def _fix_attributes(m: nn.Module, old: dict[str, int]) -> None:
         m.full_width = getattr(m, "full_width", m.normalized_shape[-1])
         m.normalized_shape = tuple(w.shape)
         m.__class__ = PrunedLayerNorm if isinstance(m, nn.LayerNorm) else PrunedRMSNorm
+    elif "rms_width" in old and w.shape[0] != old["rms_width"]:
+        m.full_width = old["rms_width"]
+        m.__class__ = PrunedVarianceRMSNorm
     elif isinstance(m, nn.PReLU):
         m.num_parameters = m.weight.shape[0]
     elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
@@ -168,6 +174,19 @@ class PrunedRMSNorm(nn.RMSNorm):
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         y = (h * torch.rsqrt(h.square().sum(-1, keepdim=True) / self.full_width + eps)).to(x.dtype)
         return y * self.weight if self.weight is not None else y
+
+
+class PrunedVarianceRMSNorm(nn.Module):
+    """A ``transformers`` RMSNorm (``LlamaRMSNorm`` ...) after its removed (exactly zero) channels: the same
+    float32 maths, with the mean square still over ``full_width``."""
+
+    full_width: int
+    variance_epsilon: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.square().sum(-1, keepdim=True) / self.full_width + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -289,4 +308,4 @@ def confirm_literal_sizes(model: nn.Module, inputs: tuple, space: PruneSpace, ma
 
 
 __all__ = ["slim_copy", "prune_subnet", "confirm_literal_sizes", "mismatch_hint", "PrunedLayerNorm", "PrunedMultiheadAttention",
-           "PrunedRMSNorm"]
+           "PrunedRMSNorm", "PrunedVarianceRMSNorm"]

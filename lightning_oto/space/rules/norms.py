@@ -2,9 +2,10 @@
 layer / RMS norm (over trailing dimensions)."""
 from __future__ import annotations
 
+import torch
 
 from ..channels import TensorChannels
-from .registry import Call, Context, IsZero, Rule, add
+from .registry import MODULE_RULE_MATCHERS, Call, Context, IsZero, ModuleRule, Rule, add
 
 
 def uses_input_statistics(call: Call) -> bool:
@@ -161,8 +162,57 @@ class LayerNorm(Rule):
         return (is_zero(call.input) or (w is not None and is_zero(w))) and (b is None or is_zero(b))
 
 
+def is_variance_rms_norm(module: "torch.nn.Module") -> bool:
+    """``transformers``' RMSNorm, copied into every model file (``LlamaRMSNorm``, ``MistralRMSNorm``, ...):
+    ``weight * x / sqrt(mean(x**2) + variance_epsilon)`` over the last dim, no bias."""
+    w = getattr(module, "weight", None)
+    return type(module).__name__.endswith("RMSNorm") and isinstance(w, torch.nn.Parameter) and w.dim() == 1 \
+        and isinstance(getattr(module, "variance_epsilon", None), float) and getattr(module, "bias", None) is None
+
+
+class VarianceRMSNorm(ModuleRule):
+    """A ``transformers`` RMSNorm module over the hidden size, as one call (its forward is decomposed into
+    ``pow``, ``mean``, ``rsqrt``, ``mul``): a channel zero at the input goes with its ``weight`` entry, and the
+    slimmed copy keeps dividing by the full width (:class:`~lightning_oto.subnet.slim.PrunedVarianceRMSNorm`).
+    A class whose maths differ (Gemma's ``1 + weight``) fails the trial construction and keeps its width."""
+
+    kind = "accessory"
+
+    def module_channels(self, ctx: "Context", path: str, module: "torch.nn.Module", calls: list[Call],
+                        inputs: list, outputs: list) -> None:
+        weight = f"{path}.weight" if path else "weight"
+        t = ctx.channels(inputs[0]) if len(inputs) == 1 else None
+        xs = ctx.shape(inputs[0]) if len(inputs) == 1 else None
+        # besides the result, the forward's ``x.to(float32)`` of the input may be read outside (a float32 model's
+        # residual reads it: the cast is the input itself); it carries the input's channels
+        casts = [o for o in outputs if o.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)
+                 and o.args and o.args[0] is (inputs[0] if inputs else None)]
+        results = [o for o in outputs if o not in casts]
+        if t is None or xs is None or len(results) != 1 or not ctx.take_params(calls, [weight]) \
+                or t.cdim != len(xs) - 1 or len(t.elems) != module.weight.shape[0]:
+            ctx.refuse_module(calls, inputs, outputs, f"{path} ({type(module).__name__}) is not an RMSNorm over "
+                                                      "the last dimension of one input")
+            return
+        for c, (e, zero) in enumerate(zip(t.elems, t.zi)):
+            ctx.el.add_var(e, weight, 0, c)
+            if not zero:
+                ctx.el.mark([e], f"{path} ({type(module).__name__}) normalizes over the channel dimension and this "
+                                 f"channel is not zero at its input ({t.taint or 'not zero-invariant'})")
+        ctx.literal_sites.append((f"width {len(t.elems)} normalised by {path} ({type(module).__name__})",
+                                  [e for e, zero in zip(t.elems, t.zi) if zero]))
+        for c in calls:
+            ctx.info[c.node.name] = None
+        for o in casts:
+            ctx.info[o.name] = t
+        ctx.info[results[0].name] = TensorChannels(t.cdim, list(t.elems), list(t.zi), t.taint)
+
+
+_rms = VarianceRMSNorm()
+_rms.ops = ("transformers RMSNorm",)
+MODULE_RULE_MATCHERS.append((is_variance_rms_norm, _rms))
+
 add(BatchNorm(), "batch_norm", "instance_norm")
 add(GroupNorm(), "group_norm")
 add(LayerNorm(), "layer_norm", "rms_norm")
 
-__all__ = ["BatchNorm", "GroupNorm", "LayerNorm"]
+__all__ = ["BatchNorm", "GroupNorm", "LayerNorm", "VarianceRMSNorm", "is_variance_rms_norm"]

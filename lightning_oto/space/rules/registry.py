@@ -301,10 +301,20 @@ def rule_for(target: Any) -> Rule:
     return REGISTRY.get(canonical_op(target), CONSERVATIVE)
 
 
-def module_rule_for(module_type: type) -> ModuleRule | None:
+#: module rules found by what a module is rather than by its class: ``(matches(module), rule)``, for a module
+#: every model library defines its own copy of (``transformers``' ``LlamaRMSNorm``, ``MistralRMSNorm``, ...)
+MODULE_RULE_MATCHERS: list[tuple[Callable[[torch.nn.Module], bool], ModuleRule]] = []
+
+
+def module_rule_for(module_type: type, module: torch.nn.Module | None = None) -> ModuleRule | None:
+    """The module rule of a class (its own or a base class's), else the first matcher ``module`` passes."""
     for cls in module_type.__mro__:
         if cls in MODULE_RULES:
             return MODULE_RULES[cls]
+    if module is not None:
+        for matches, rule in MODULE_RULE_MATCHERS:
+            if matches(module):
+                return rule
     return None
 
 
