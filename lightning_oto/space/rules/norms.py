@@ -132,10 +132,8 @@ class LayerNorm(Rule):
     def _prunable_width(ctx: "Context", call: Call, t: TensorChannels, xs: tuple[int, ...], k: int) -> bool:
         """Channels normalised together by a module whose slimmed copy keeps the full width's statistics:
         each goes with its affine entries; a channel not zero at the input is kept (it feeds the sums)."""
-        from torch import nn
-
         module = ctx._module(call.node.module) if call.node.module else None
-        if k != 1 or t.cdim != len(xs) - 1 or type(module) not in (nn.LayerNorm, nn.RMSNorm):
+        if k != 1 or t.cdim != len(xs) - 1 or type(module) not in (torch.nn.LayerNorm, torch.nn.RMSNorm):
             return False
         wn = ctx.param_name(call.args.get("weight"))
         if wn is None:  # no affine weight: a removed channel would come out as -mean / std, not zero
@@ -174,7 +172,8 @@ class VarianceRMSNorm(ModuleRule):
     """A ``transformers`` RMSNorm module over the hidden size, as one call (its forward is decomposed into
     ``pow``, ``mean``, ``rsqrt``, ``mul``): a channel zero at the input goes with its ``weight`` entry, and the
     slimmed copy keeps dividing by the full width (:class:`~lightning_oto.subnet.slim.PrunedVarianceRMSNorm`).
-    A class whose maths differ (Gemma's ``1 + weight``) fails the trial construction and keeps its width."""
+    Gemma's (``1 + weight``, an ``eps`` attribute) is not matched; any other matched class whose maths differ
+    fails the trial construction and keeps its width."""
 
     kind = "accessory"
 
