@@ -239,11 +239,20 @@ def _op_node(nid: int, fx: torch.fx.Node, index: dict[torch.fx.Node, int], ph_pa
     return node
 
 
+def _canonical_names(ph_param: dict[str, str], state: dict[str, Any]) -> dict[str, str]:
+    """A tied parameter (an LM head sharing the embedding) reaches the program as one placeholder per name; each
+    is named as ``model.named_parameters()`` names it, by its first name, so the groups and every lookup agree."""
+    first: dict[int, str] = {}
+    for name, t in state.items():
+        first.setdefault(id(t), name)
+    return {ph: first.get(id(state[name]), name) if name in state else name for ph, name in ph_param.items()}
+
+
 def build_graph(program: Any) -> OpGraph:
     """Convert an ExportedProgram into an OpGraph in one pass over its fx nodes."""
     dynamic_dims = dynamic.symbolic_dims(program)
     sig = program.graph_signature
-    ph_param = dict(sig.inputs_to_parameters)
+    ph_param = _canonical_names(dict(sig.inputs_to_parameters), program.state_dict)
     ph_buffer = dict(sig.inputs_to_buffers)
     ph_const = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
     param_shapes, buffer_shapes = _state_shapes(program, ph_param.values(), ph_buffer.values())
