@@ -267,7 +267,7 @@ def _trial(model: nn.Module, inputs: tuple, space: PruneSpace, ids: Sequence[int
     """None when removing groups ``ids`` gives an exact sub-network; else what went wrong."""
     try:
         full = copy.deepcopy(model)
-        params = dict(full.named_parameters(remove_duplicate=False))  # tied weights: every name
+        params = dict(full.named_parameters())
         for i in ids:
             zero_group(space.groups[i], params)
         sub = prune_subnet(full, space, [space.groups[i] for i in ids])

@@ -98,6 +98,22 @@ class GroupNorm(Rule):
         return is_zero(call.input) and (b is None or is_zero(b))
 
 
+def normalised_width(ctx: "Context", t: TensorChannels, affine: list[str], where: str) -> TensorChannels:
+    """The channels a norm module normalises together, when its slimmed copy keeps the full width's statistics:
+    channel ``c`` goes with entry ``c`` of each ``affine`` parameter, a channel not zero at the input is kept (it
+    feeds the sums), and one trial construction confirms the width may shrink (a forward may read sizes from it,
+    ``b, n, c = x.shape`` ... ``reshape(b, n, heads, c // heads)``, which the trace records as numbers).  Returns
+    the output's channels: zero where the input's are."""
+    for c, (e, zero) in enumerate(zip(t.elems, t.zi)):
+        for name in affine:
+            ctx.el.add_var(e, name, 0, c)
+        if not zero:
+            ctx.el.mark([e], f"{where} normalizes over the channel dimension and this channel is not zero at its "
+                             f"input ({t.taint or 'not zero-invariant'})")
+    ctx.literal_sites.append((f"width {len(t.elems)} normalised by {where}", [e for e, z in zip(t.elems, t.zi) if z]))
+    return TensorChannels(t.cdim, list(t.elems), list(t.zi), t.taint)
+
+
 class LayerNorm(Rule):
     """layer_norm / rms_norm over the trailing ``normalized_shape`` dims.
 
@@ -141,18 +157,7 @@ class LayerNorm(Rule):
         bn = ctx.param_name(call.args.get("bias")) if call.args.get("bias") is not None else None
         if call.args.get("bias") is not None and bn is None:
             return False
-        for c, (e, zero) in enumerate(zip(t.elems, t.zi)):
-            for name in (wn, bn):
-                if name:
-                    ctx.el.add_var(e, name, 0, c)
-            if not zero:
-                ctx.el.mark([e], f"{ctx.describe(call)} normalizes over the channel dimension and this channel is "
-                                 f"not zero at its input ({t.taint or 'not zero-invariant'})")
-        # a forward may derive sizes from this width (``b, n, c = x.shape`` ... ``reshape(b, n, heads, c // heads)``)
-        # that the trace records as numbers: one trial construction confirms the width may shrink
-        ctx.literal_sites.append((f"width {len(t.elems)} normalised by {ctx.describe(call)}",
-                                  [e for e, zero in zip(t.elems, t.zi) if zero]))
-        ctx.set(call, TensorChannels(t.cdim, list(t.elems), list(t.zi), t.taint))
+        ctx.set(call, normalised_width(ctx, t, [n for n in (wn, bn) if n], ctx.describe(call)))
         return True
 
     def zero_output(self, call: Call, is_zero: IsZero) -> bool:
@@ -192,18 +197,12 @@ class VarianceRMSNorm(ModuleRule):
             ctx.refuse_module(calls, inputs, outputs, f"{path} ({type(module).__name__}) is not an RMSNorm over "
                                                       "the last dimension of one input")
             return
-        for c, (e, zero) in enumerate(zip(t.elems, t.zi)):
-            ctx.el.add_var(e, weight, 0, c)
-            if not zero:
-                ctx.el.mark([e], f"{path} ({type(module).__name__}) normalizes over the channel dimension and this "
-                                 f"channel is not zero at its input ({t.taint or 'not zero-invariant'})")
-        ctx.literal_sites.append((f"width {len(t.elems)} normalised by {path} ({type(module).__name__})",
-                                  [e for e, zero in zip(t.elems, t.zi) if zero]))
+        out = normalised_width(ctx, t, [weight], f"{path} ({type(module).__name__})")
         for c in calls:
             ctx.info[c.node.name] = None
         for o in casts:
             ctx.info[o.name] = t
-        ctx.info[results[0].name] = TensorChannels(t.cdim, list(t.elems), list(t.zi), t.taint)
+        ctx.info[results[0].name] = out
 
 
 _rms = VarianceRMSNorm()
@@ -214,4 +213,4 @@ add(BatchNorm(), "batch_norm", "instance_norm")
 add(GroupNorm(), "group_norm")
 add(LayerNorm(), "layer_norm", "rms_norm")
 
-__all__ = ["BatchNorm", "GroupNorm", "LayerNorm", "VarianceRMSNorm", "is_variance_rms_norm"]
+__all__ = ["BatchNorm", "GroupNorm", "LayerNorm", "VarianceRMSNorm", "is_variance_rms_norm", "normalised_width"]
