@@ -89,6 +89,17 @@ def test_findings_say_plainly_where_lightning_oto_is_below():
     head = "\n".join(bq.summary(bq.aggregate(rows), ["resnet", "vgg"], (0.5,)))
     assert "below in 1 of 2 (task, budget) cells" in head and "mean difference +0.5 points" in head
     assert "Mean per task: resnet +2.0, vgg -1.0." in head
+    # dense is 98% on both tasks, the best variant 97% on each: the margin a lossless compression would have
+    assert "the dense model itself, over the same cells: mean +1.0 points above the best variant, at or below " \
+           "it in 0 of 2" in head and "needs it to beat" not in head
+    rows[-4]["acc"] = 0.972  # vgg dense 97.2%: mean margin (1.0 + 0.2) / 2
+    head = "\n".join(bq.summary(bq.aggregate(rows), ["resnet", "vgg"], (0.5,)))
+    assert "mean +0.6 points above" in head
+    rows[-4]["acc"] = 0.96
+    head = "\n".join(bq.summary(bq.aggregate(rows), ["resnet", "vgg"], (0.5,)))
+    assert "mean +0.0 points above the best variant, at or below it in 1 of 2" in head
+    assert "a mean of +0.5 needs it to beat the dense model" in head
+    rows[-4]["acc"] = 0.98
     rows += [{**rows[0], "seed": 1, "acc": 0.95}]  # resnet dense: 98% on seed 0, 95% on seed 1
     spread = bq.seed_spread_lines(rows, ["resnet", "vgg"])
     assert bq.seed_count(rows) == "1 (resnet: 2)"
