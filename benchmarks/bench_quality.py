@@ -73,11 +73,13 @@ def torch_optimizer(task: Task, params: Any) -> torch.optim.Optimizer:
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, data: Data, task: Task, seed: int,
           epochs: range, total_steps: int) -> None:
-    """Plain loop over ``epochs``; the global step (for the lr) is counted from epoch 0."""
+    """Plain loop over ``epochs``; the global step (for the lr) is counted from epoch 0.  The global generator
+    (dropout) is seeded by (seed, epoch) too, so a run does not depend on which runs came before it."""
     x, y = data[0], data[1]
     per_epoch = len(epoch_batches(len(y), task.batch_size, seed, 0))
     model.train()
     for epoch in epochs:
+        torch.manual_seed(seed * 1000 + epoch)
         for i, idx in enumerate(epoch_batches(len(y), task.batch_size, seed, epoch)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * per_epoch + i, total_steps, task.lr)

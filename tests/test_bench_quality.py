@@ -182,3 +182,19 @@ def test_the_half_width_resnet_is_the_resnet_at_half_width():
     widths = [m.out_channels for m in full.modules() if isinstance(m, nn.Conv2d)]
     assert [m.out_channels for m in thin.modules() if isinstance(m, nn.Conv2d)] == [round(w / 2) for w in widths]
     assert sum(p.numel() for p in full.parameters()) == 98_618  # the resnet task's model is unchanged
+
+
+def test_a_run_with_dropout_does_not_depend_on_the_runs_before_it():
+    """The page merges rows of separate reruns (``--budgets``, ``--methods``): the dropout masks a run draws
+    must come from its seed and epoch, not from what the process ran before."""
+    data = digits_data(128)
+
+    def trained(draw_before: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+        torch.rand(draw_before)  # an earlier run consumed the global generator
+        opt = bq.torch_optimizer(TINY, model.parameters())
+        bq.train(model, opt, data, TINY, seed=3, epochs=range(2), total_steps=2 * len(data[1]) // TINY.batch_size)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(trained(0), trained(1000))
