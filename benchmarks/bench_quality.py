@@ -1,7 +1,8 @@
 """Accuracy at a FLOPs budget: lightning_oto (prune, erase) against Torch-Pruning and the dense model.
 
 Per task (``quality_tasks.TASKS``) and seed, every method starts from the same initial weights, sees
-the same batches in the same order (a per-epoch permutation seeded by the seed), uses the same
+the same batches in the same order (a per-epoch permutation seeded by the seed; dropout draws from a
+generator seeded the same way), uses the same
 optimizer (the task's SGD or AdamW with the same cosine learning-rate schedule) and trains the same
 total number of epochs:
 
@@ -617,7 +618,8 @@ def write_page(rows: list[dict[str, Any]], budgets: tuple[float, ...], out: Path
              "(`--tasks`, `--budgets`, `--seed-start`, `--methods`; for the same cell the file later by name wins); "
              "`--page-only` rebuilds this page from them. Raw rows: `docs/results/quality/*.jsonl` (this page: "
              + ", ".join(f"`{f}`" for f in sources) + "). Plot: `docs/quality.png`.", "",
-             "Every method starts from the same initial weights, sees the same batches in the same order, uses the "
+             "Every method starts from the same initial weights, sees the same batches in the same order (dropout, "
+             "where a model has it, draws from a generator seeded by seed and epoch), uses the "
              "task's optimizer with the same cosine schedule and trains the same number of epochs. FLOPs are "
              "`torch.utils.flop_counter` totals for one image (one sequence for text), measured on the constructed "
              "sub-network / the pruned model, as a fraction of the dense model. Accuracy is on a held-out test split "
